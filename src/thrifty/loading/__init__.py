@@ -1,0 +1,1 @@
+"""Loading models and tokenizers from Hugging Face directories and GGUF files."""

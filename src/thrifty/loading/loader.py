@@ -1,0 +1,54 @@
+"""load_model: a name, a Hugging Face directory or a GGUF file -> (model, tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from thrifty.errors import ThriftyError
+from thrifty.loading.default import resolve_model_path
+from thrifty.loading.hf import load_hf_config, load_hf_state_dict
+from thrifty.loading.build import build_model
+from thrifty.model import CausalLM
+from thrifty.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ThriftyError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    name_or_path: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device | None = None,
+) -> tuple[CausalLM, Tokenizer]:
+    """Load a model and its tokenizer, ready for inference (eval mode, no grad needed).
+
+    name_or_path: None or "smollm2-135m-instruct" for the built-in default model, a
+    Hugging Face model directory, or a .gguf file.
+    """
+    path = resolve_model_path(None if name_or_path is None else str(name_or_path))
+    if path.is_dir():
+        config = load_hf_config(path)
+        state = load_hf_state_dict(path)
+        tokenizer = Tokenizer.from_hf_dir(path)
+    else:
+        from thrifty.loading.gguf import load_gguf  # the gguf package is only needed here
+
+        config, state, tokenizer = load_gguf(path)
+    model = build_model(config, state, source=str(path))
+    model.to(device=device or default_device(), dtype=parse_dtype(dtype))
+    return model.eval(), tokenizer
