@@ -13,3 +13,22 @@ def default_gguf_path() -> Path:
     from thrifty.loading.default import resolve_model_path
 
     return resolve_model_path(None)
+
+
+@pytest.fixture(scope="session")
+def default_model_fp32(default_gguf_path: Path):
+    """Our model and tokenizer for the default GGUF, in float32 (loaded once)."""
+    from thrifty.loading.loader import load_model
+
+    return load_model(default_gguf_path, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(default_gguf_path: Path):
+    """transformers' own GGUF loading of the default model, float32: the reference."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        default_gguf_path.parent, gguf_file=default_gguf_path.name, dtype=torch.float32)
+    return model.eval()

@@ -10,6 +10,7 @@ import shutil
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import pre_tokenizers, processors
@@ -265,3 +266,69 @@ def test_from_hf_dir_errors(saved_dir, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ThriftyError, match="no usable 'eos_token'"):
         Tokenizer.from_hf_dir(tmp_path)
+
+
+# ---------------------------------------------------------------- SentencePiece ("llama") GGUF vocabularies
+
+
+def _write_vocab_gguf(path: Path, model: str, tokens: list[str], types: list[int], **keys) -> Path:
+    """A GGUF holding only a tokenizer (and a placeholder tensor)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(model)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    for key, value in keys.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_sentencepiece_gguf_matches_transformers(tmp_path):
+    """A tiny SPM vocabulary (tokenizer.ggml.model = "llama", as in Llama 2 / Mistral GGUFs):
+    scored pieces, byte-fallback tokens, control tokens."""
+    from transformers import AutoTokenizer
+
+    pieces = ["\u2581", "a", "b", "c", "d", "e", "h", "l", "o", "r", "t", "w", "s", "i", "n", "g",
+              "\u2581t", "he", "\u2581the", "ll", "\u2581he", "llo", "\u2581hello", "\u2581w", "or", "\u2581wor",
+              "ld", "\u2581world", "in", "ing", "\u2581s", "\u2581sing", "\u2581\u2581", "\u2581\u2581\u2581"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    path = _write_vocab_gguf(tmp_path / "spm.gguf", "llama", tokens, types, token_scores=scores,
+                             bos_token_id=1, eos_token_id=2, unk_token_id=0)
+
+    ours = Tokenizer.from_gguf(open_gguf(path), path)
+    hf = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    texts = ["hello world", " hello  world", "the thing sings", "héllo 日本 world!", "hello</s>world",
+             "<s>the", "  ", "", "\n", "wing", "a b c d e"]
+    for text in texts:
+        assert ours.encode(text) == hf(text, add_special_tokens=False)["input_ids"], text
+        assert ours.encode(text, add_special_tokens=True) == hf(text)["input_ids"], text
+        assert ours.decode(ours.encode(text)) == hf.decode(ours.encode(text), skip_special_tokens=True), text
+    assert ours.add_bos_token and ours.bos_token_id == 1 and ours.stop_token_ids == [2]
+    assert ours.decode(ours.encode("héllo 日本 world")) == "héllo 日本 world"
+
+
+def test_gguf_tokenizer_errors_and_warnings(tmp_path):
+    tokens, types = ["a", "b", "</s>"], [1, 1, 3]
+    bad = _write_vocab_gguf(tmp_path / "bad.gguf", "gpt2", tokens, types, token_merges=["a b"], eos_token_id=2)
+    with pytest.raises(ThriftyError, match=r"bad\.gguf: tokenizer\.ggml\.merges does not fit"):
+        Tokenizer.from_gguf(open_gguf(bad), bad)
+    tokens, types = ["a", "b", "</s>", "ab"], [1, 1, 3, 1]
+    bert = _write_vocab_gguf(tmp_path / "bert.gguf", "bert", tokens, types, eos_token_id=2)
+    with pytest.raises(ThriftyError, match=r"bert\.gguf: tokenizer type 'bert' .*not supported"):
+        Tokenizer.from_gguf(open_gguf(bert), bert)
+    no_eos = _write_vocab_gguf(tmp_path / "noeos.gguf", "gpt2", tokens, types, token_merges=["a b"])
+    with pytest.raises(ThriftyError, match=r"noeos\.gguf: tokenizer\.ggml\.eos_token_id is missing"):
+        Tokenizer.from_gguf(open_gguf(no_eos), no_eos)
+    odd = _write_vocab_gguf(tmp_path / "odd.gguf", "gpt2", tokens, types, token_merges=["a b"],
+                            eos_token_id=2, tokenizer_pre="some-future-pre")
+    with pytest.warns(UserWarning, match="unknown pre-tokenizer type 'some-future-pre'"):
+        tok = Tokenizer.from_gguf(open_gguf(odd), odd)
+    assert tok.encode("ab</s>b") == [3, 2, 1]

@@ -22,7 +22,7 @@ import jinja2.ext
 import jinja2.nodes
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from thrifty.errors import ThriftyError
 
@@ -40,12 +40,12 @@ class Tokenizer:
     token, found by rendering a probe conversation.
     """
 
-    backend: tokenizers.Tokenizer
+    backend: tokenizers.Tokenizer = field(repr=False)
     eos_token_id: int
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     unk_token_id: int | None = None
-    chat_template: str | None = None
+    chat_template: str | None = field(default=None, repr=False)
     add_bos_token: bool = False
     add_eos_token: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
@@ -447,8 +447,10 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 _GPT2_PRE = ("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "roberta-bpe",
@@ -456,12 +458,15 @@ _GPT2_PRE = ("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docli
 # llama.cpp's STARCODER group: every digit on its own ("\p{N}"), then the GPT-2 regex.
 _DIGITS_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2")
 _LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-               "dbrx", "smaug-bpe")
-_QWEN2_PRE = ("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "kormo")
+               "jina-v5-nano")
+_LLAMA3_SPLIT_PRE = _LLAMA3_PRE + ("dbrx", "smaug-bpe")
+_QWEN2_PRE = ("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "kormo", "f2llmv2")
 _GPT4O_PRE = ("gpt-4o", "llama4", "minimax-m2")
-# Pre-types for which llama.cpp both adds BOS by default and matches whole words first.
-_ADDS_BOS_PRE = _LLAMA3_PRE[:9] + ("tekken",)
-_IGNORE_MERGES_PRE = _LLAMA3_PRE[:9] + ("tekken",)
+# Pre-types for which llama.cpp adds BOS unless the file says otherwise...
+_ADDS_BOS_PRE = _LLAMA3_PRE + ("tekken", "chameleon")
+# ...and for which it takes a pre-token that is itself in the vocabulary whole, skipping
+# merges (tokenizers' BPE ignore_merges, as in Llama 3's own tokenizer.json).
+_IGNORE_MERGES_PRE = _LLAMA3_PRE + ("tekken",)
 
 
 def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
@@ -478,7 +483,7 @@ def _pre_tokenizer(pre: str | None, path: Path) -> pre_tokenizers.PreTokenizer:
     if pre in _DIGITS_PRE:
         # Exactly the pre-tokenizer in SmolLM2's (and StarCoder's) own tokenizer.json.
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
-    if pre in _LLAMA3_PRE:
+    if pre in _LLAMA3_SPLIT_PRE:
         return _split_then_bytes(_LLAMA3_SPLIT)
     if pre in _QWEN2_PRE:
         return _split_then_bytes(_QWEN2_SPLIT)
@@ -532,9 +537,13 @@ def _byte_level_bpe(tokens: list[str], token_types: list[int], merges: list[str]
         left, _, right = m.partition(" ")
         pairs.append((left, right))
     ignore = pre in _IGNORE_MERGES_PRE
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore))
-    if pre in _QWEN2_PRE:
-        backend.normalizer = normalizers.NFC()  # Qwen2's own tokenizer.json normalizes to NFC
+    try:
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore))
+    except Exception as e:  # tokenizers raises a bare Exception for merges that do not fit the vocabulary
+        raise ThriftyError(f"{path}: tokenizer.ggml.merges does not fit tokenizer.ggml.tokens ({e}); "
+                           "the file is damaged. Re-convert or re-download it.") from e
+    # No normalizer, even for Qwen2 (whose tokenizer.json has NFC): llama.cpp and
+    # transformers' GGUF loader apply none, and NFC text is unaffected either way.
     backend.pre_tokenizer = _pre_tokenizer(pre, path)
     backend.decoder = decoders.ByteLevel()
     _add_gguf_special_tokens(backend, tokens, token_types)
@@ -556,14 +565,14 @@ def _add_gguf_special_tokens(backend: tokenizers.Tokenizer, tokens: list[str], t
 
 def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, token_types: list[int],
                        add_space_prefix: bool) -> tokenizers.Tokenizer:
-    """llama.cpp's SPM vocabulary as a byte-fallback BPE, the way transformers' LlamaTokenizer
-    runs a sentencepiece model: merges rank by the merged token's score, unknown bytes
-    fall back to <0xNN> tokens, spaces are written as U+2581."""
+    """llama.cpp's SPM vocabulary as a byte-fallback BPE, built like transformers' LlamaTokenizer
+    (what transformers itself does for these files): merges ranked by the merged token's
+    score, unknown characters fall back to <0xNN> byte tokens, spaces are written as U+2581."""
     if scores is None:
         scores = [-float(i) for i in range(len(tokens))]
     vocab = {t: i for i, t in enumerate(tokens)}
     unk = next((t for t, k in zip(tokens, token_types) if k == _UNKNOWN), None)
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(tokens, scores, token_types),
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(tokens, scores),
                                               unk_token=unk, fuse_unk=True, byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="\u2581", prepend_scheme="first" if add_space_prefix else "never", split=False)
@@ -575,15 +584,15 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, token_type
     return backend
 
 
-def _merges_from_scores(tokens: list[str], scores: list[float], token_types: list[int]) -> list[tuple[str, str]]:
-    """Every split of a normal token into two vocabulary pieces is a merge, ranked by
-    the merged token's score (sentencepiece's BPE merges the best-scoring pair first)."""
-    vocab = {t: i for i, t in enumerate(tokens) if token_types[i] == _NORMAL}
-    ranked = []
-    for tok, i in vocab.items():
-        for cut in range(1, len(tok)):
-            left, right = tok[:cut], tok[cut:]
-            if left in vocab and right in vocab:
-                ranked.append((-scores[i], vocab[left], vocab[right], left, right))
-    ranked.sort()
-    return [(left, right) for *_, left, right in ranked]
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Every split of a token into two vocabulary pieces is a merge, ranked by the merged
+    token's score (sentencepiece merges the best-scoring pair first); ties broken as
+    transformers' generate_merges breaks them, so both tokenize alike."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked: list[tuple[str, str, float]] = []
+    for tok, score in dict(zip(tokens, scores)).items():
+        local = [(tok[:c], tok[c:]) for c in range(1, len(tok)) if tok[:c] in vocab and tok[c:] in vocab]
+        local.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        ranked += [(left, right, score) for left, right in local]
+    ranked.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable, like sorted()
+    return [(left, right) for left, right, _ in ranked]

@@ -150,8 +150,8 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         raise
     except Exception as e:  # anything the parser trips on means a damaged file
         raise ThriftyError(
-            f"{path}: the GGUF file is truncated or corrupt ({type(e).__name__}: {e}). "
-            "Download it again (an interrupted download is the usual cause)."
+            f"{path}: the GGUF file is truncated or corrupt; download it again (an interrupted download "
+            f"is the usual cause). File size: {path.stat().st_size} bytes; reader error: {type(e).__name__}: {e}"
         ) from e
     return reader
 
@@ -209,11 +209,9 @@ def _config_from_metadata(reader: gguf.GGUFReader, arch: str, tensors: dict[str,
     if rope_dim is not None and rope_dim != head_dim:
         raise ThriftyError(f"{path}: '{arch}.rope.dimension_count' = {rope_dim} but heads are {head_dim} wide; "
                            "partial rotary embeddings are not supported.")
-    # The embedding matrix is the truth for vocab_size; metadata and token list normally agree with it.
-    embd_rows = int(tensors["token_embd.weight"].shape[-1])
-    vocab_size = get("vocab_size") or tokenizer.vocab_size
-    if vocab_size != embd_rows:
-        vocab_size = embd_rows
+    # The embedding matrix decides vocab_size: '{arch}.vocab_size' is often absent, and the
+    # token list (which converters pad to the embedding size) is only a proxy for it.
+    vocab_size = int(tensors["token_embd.weight"].shape[-1])
     sliding = get("attention.sliding_window")
     model_type = arch
     if arch == "llama" and sliding:

@@ -1,0 +1,116 @@
+"""The generation engine against transformers and against itself (batching, caching)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from thrifty.generation import generate, generate_tokens, render_prompt
+from thrifty.loading.build import build_model
+from thrifty.loading.hf import load_hf_config, load_hf_state_dict
+from thrifty.sampling import SamplingParams
+from tiny_models import save_hf_model
+
+GREEDY = SamplingParams(temperature=0.0)
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "What is 12 * 7? Answer with a number.",
+    "List three primary colors.",
+]
+
+
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                            do_sample=False, eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_greedy_equals_transformers_on_default_model(default_model_fp32, hf_gguf_model) -> None:
+    model, tokenizer = default_model_fp32
+    for prompt in CHAT_PROMPTS:
+        ids = render_prompt(tokenizer, prompt, chat=True, system_prompt=None)
+        expected = hf_greedy(hf_gguf_model, ids, 48, tokenizer.eos_token_id)
+        (got,), (reason,) = generate_tokens(model, [ids], max_new_tokens=48, sampling=GREEDY,
+                                             stop_token_ids=[tokenizer.eos_token_id])
+        assert got == expected, prompt
+        assert reason == ("stop" if got[-1] == tokenizer.eos_token_id else "length")
+
+
+def test_chat_answer_is_correct(default_model_fp32) -> None:
+    model, tokenizer = default_model_fp32
+    (completion,) = generate(model, tokenizer, "What is the capital of France?", max_new_tokens=30)
+    assert "Paris" in completion.text
+    assert completion.finish_reason == "stop"
+    assert completion.token_ids[-1] in tokenizer.stop_token_ids
+
+
+def test_batched_mixed_lengths_equal_one_by_one(default_model_fp32) -> None:
+    model, tokenizer = default_model_fp32
+    prompt_ids = [render_prompt(tokenizer, p, True, None) for p in CHAT_PROMPTS]
+    assert len({len(p) for p in prompt_ids}) > 1  # really mixed lengths
+    batched, batched_reasons = generate_tokens(model, prompt_ids, max_new_tokens=32, sampling=GREEDY,
+                                               stop_token_ids=tokenizer.stop_token_ids)
+    for ids, got, reason in zip(prompt_ids, batched, batched_reasons):
+        (alone,), (alone_reason,) = generate_tokens(model, [ids], max_new_tokens=32, sampling=GREEDY,
+                                                    stop_token_ids=tokenizer.stop_token_ids)
+        assert got == alone
+        assert reason == alone_reason
+
+
+def test_kv_cache_decoding_equals_full_recomputation(default_model_fp32) -> None:
+    model, tokenizer = default_model_fp32
+    ids = render_prompt(tokenizer, "Tell me a story about a robot.", True, None)
+    (generated,), _ = generate_tokens(model, [ids], max_new_tokens=24, sampling=GREEDY)
+    full = torch.tensor([ids + generated])
+    with torch.no_grad():
+        logits = model(full)[0, len(ids) - 1:-1]
+    # Each cached decoding step chose the argmax of what a full forward pass computes.
+    assert logits.argmax(-1).tolist() == generated
+
+
+def test_group_prefill_matches_separate_prompts(default_model_fp32) -> None:
+    model, tokenizer = default_model_fp32
+    ids = render_prompt(tokenizer, "Name a fruit.", True, None)
+    (single,), _ = generate_tokens(model, [ids], max_new_tokens=12, sampling=GREEDY)
+    grouped, _ = generate_tokens(model, [ids], max_new_tokens=12, sampling=GREEDY, num_return_sequences=3)
+    assert grouped == [single] * 3
+
+
+def test_sampling_is_reproducible_with_seed(default_model_fp32) -> None:
+    model, tokenizer = default_model_fp32
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, num_return_sequences=4)
+    first = generate(model, tokenizer, ["Say something.", "Pick a colour."], seed=7, **kwargs)
+    again = generate(model, tokenizer, ["Say something.", "Pick a colour."], seed=7, **kwargs)
+    other = generate(model, tokenizer, ["Say something.", "Pick a colour."], seed=8, **kwargs)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert [c.token_ids for c in first] != [c.token_ids for c in other]
+    assert [(c.prompt_index, c.sample_index) for c in first] == [(p, s) for p in range(2) for s in range(4)]
+    # Samples of one prompt differ from each other: each row has its own randomness.
+    assert len({tuple(c.token_ids) for c in first[:4]}) > 1
+
+
+def test_stop_string_and_length_limit(default_model_fp32) -> None:
+    model, tokenizer = default_model_fp32
+    (full,) = generate(model, tokenizer, "What is the capital of France?", max_new_tokens=30)
+    assert "Paris" in full.text
+    (cut,) = generate(model, tokenizer, "What is the capital of France?", max_new_tokens=30, stop=["Paris"])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index("Paris")]
+    (short,) = generate(model, tokenizer, "What is the capital of France?", max_new_tokens=3)
+    assert short.finish_reason == "length" and len(short.token_ids) == 3
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+def test_left_padded_batch_equals_transformers_greedy(family: str, tmp_path: Path) -> None:
+    """Tiny models: mixed prompt lengths, enough tokens to cross Mistral's sliding window."""
+    reference = save_hf_model(family, tmp_path)
+    ours = build_model(load_hf_config(tmp_path), load_hf_state_dict(tmp_path), str(tmp_path)).eval()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (3, 9, 6)]
+    got, _ = generate_tokens(ours, prompts, max_new_tokens=12, sampling=GREEDY)
+    for ids, tokens in zip(prompts, got):
+        assert tokens == hf_greedy(reference, ids, 12, eos=None)
