@@ -1,0 +1,159 @@
+"""Losses over the language-model head that never build the full [tokens x vocab] logits.
+
+For SmolLM2's 49k vocabulary, 4096 tokens of fp32 logits take 800 MB, and plain
+autograd keeps them and their softmax for backward: more than the 135M model itself.
+Here the head is applied a chunk of rows at a time inside one autograd Function that
+saves only its inputs and one logsumexp per row, and recomputes each chunk's logits
+in backward. Extra memory is a few [chunk x vocab] buffers, whatever the sequence length.
+
+Both public functions are the same computation, log p(token | hidden) for one token per
+row: cross-entropy is its negated sum over labelled rows, GRPO wants it per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from thrifty.errors import ThriftyError
+
+IGNORE_INDEX = -100
+
+# Default chunk: about 16M logits per chunk (64 MB in fp32), i.e. 341 rows of SmolLM2's
+# 49k vocabulary or 110 of Qwen's 152k. Big enough that the matmuls run near full speed.
+_CHUNK_LOGITS = 1 << 24
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(1, _CHUNK_LOGITS // vocab_size)
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of `hidden @ weight.T` against `labels`, as (loss_sum, num_tokens).
+
+    hidden: [..., H] final hidden states (fp32 or bf16); weight: [V, H] the lm_head weight;
+    labels: [...] target ids, already aligned with hidden (position t predicts labels[t];
+    thrifty.data's batches come shifted), `ignore_index` where there is no loss.
+
+    Returns the *sum* of per-token losses (fp32 scalar) and the number of labelled tokens
+    (int64 scalar), not the mean: with gradient accumulation, packing and several ranks,
+    the right token-weighted mean divides by the token count of the whole optimizer step,
+    which only the trainer knows. `loss_sum / num_tokens` equals F.cross_entropy's mean.
+    """
+    hidden, labels = _flatten(hidden, weight, labels)
+    # Rows without a label cost nothing, so drop them before the head: with completion-only
+    # loss that is most of every prompt. (index_select's backward scatters the grads back.)
+    rows = (labels != ignore_index).nonzero().squeeze(1)
+    targets = labels.index_select(0, rows)
+    _check_targets(targets, weight.shape[0])
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    log_probs = _ChunkedTokenLogProbs.apply(hidden.index_select(0, rows), weight, targets, chunk, 1.0)
+    return -log_probs.sum(), torch.tensor(rows.numel(), device=labels.device)
+
+
+def selective_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T / temperature)[token_ids], fp32, shaped like token_ids.
+
+    Differentiable w.r.t. hidden (and weight if it requires grad); the per-token log-probs
+    GRPO's ratios and KL need. temperature should match the one used for sampling, so
+    the log-probs are those of the distribution the tokens were drawn from.
+    """
+    if temperature <= 0:
+        raise ThriftyError(f"temperature must be positive for log-probs, got {temperature}.")
+    shape = token_ids.shape
+    hidden, token_ids = _flatten(hidden, weight, token_ids)
+    _check_targets(token_ids, weight.shape[0])
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    log_probs = _ChunkedTokenLogProbs.apply(hidden, weight, token_ids, chunk, float(temperature))
+    return log_probs.view(shape)
+
+
+def _flatten(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Big matmuls must be 2-D: a 3-D bf16 input against a large weight can fall into a
+    # bmm over an expanded weight, hundreds of times slower (see DESIGN.md).
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and lm_head weight ({weight.dtype}) must share a dtype.")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} does not match the weight's {weight.shape[1]}.")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    ids = ids.reshape(-1)
+    if ids.numel() != hidden.shape[0]:
+        raise ValueError(f"{ids.numel()} token ids for {hidden.shape[0]} hidden rows.")
+    return hidden, ids
+
+
+def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
+        bad = int(targets.max()) if int(targets.max()) >= vocab_size else int(targets.min())
+        raise ThriftyError(
+            f"token id {bad} is outside the model's vocabulary of {vocab_size} tokens: the data was "
+            "tokenized with a different tokenizer than this model's. Tokenize with the model's own tokenizer."
+        )
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    # The matmul runs in the model's dtype (bf16 is 2x faster here); softmax statistics in fp32.
+    logits = (hidden @ weight.t()).float()
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits
+
+
+class _ChunkedTokenLogProbs(torch.autograd.Function):
+    """log p(target_i | hidden_i) for each row, chunk by chunk, with logits recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, temperature):  # type: ignore[no-untyped-def]
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            logits = _chunk_logits(hidden[start:end], weight, temperature)
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            out[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Accumulate the weight grad in fp32: it sums over every token of the batch.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        n, size, temperature = hidden.shape[0], ctx.chunk_size, ctx.temperature
+        for start in range(0, n, size):
+            end = min(start + size, n)
+            h = hidden[start:end]
+            # d log p_t / d logits = onehot(t) - softmax; built in place in the logits buffer.
+            g = _chunk_logits(h, weight, temperature)
+            g.sub_(lse[start:end, None]).exp_().neg_()
+            rows = torch.arange(end - start, device=g.device)
+            g[rows, targets[start:end]] += 1.0
+            g.mul_((grad_out[start:end] / temperature)[:, None])
+            g = g.to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[start:end] = g @ weight
+            if need_weight:
+                if g.dtype == torch.float32:
+                    grad_weight.addmm_(g.t(), h)
+                else:
+                    grad_weight += (g.t() @ h).float()
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
