@@ -64,7 +64,6 @@ def render_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool, system_promp
     return ids
 
 
-@torch.inference_mode()
 def generate(
     model: CausalLM,
     tokenizer: Tokenizer,
@@ -130,6 +129,7 @@ def cut_at_stop_string(text: str, stop: Sequence[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
+@torch.inference_mode()
 def generate_tokens(
     model: CausalLM,
     prompt_ids: list[list[int]],

@@ -15,6 +15,7 @@ from torch import nn
 
 from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
+from thrifty.fused_linear import fused_for_inference
 from thrifty.kv_cache import KVCache
 
 
@@ -27,10 +28,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 even for bf16 activations, as the reference does: the
         # mean of squares loses too much precision in bf16.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -96,9 +95,10 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         # [batch, heads, seq, head_dim] for SDPA; cos/sin broadcast over heads.
@@ -113,6 +113,13 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not torch.is_grad_enabled():
+            fused = fused_for_inference(self, [self.q_proj, self.k_proj, self.v_proj])
+            if fused is not None:
+                return fused.split(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -122,7 +129,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = up = None
+        if not torch.is_grad_enabled():
+            fused = fused_for_inference(self, [self.gate_proj, self.up_proj])
+            if fused is not None:
+                gate, up = fused.split(x)
+        if gate is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
