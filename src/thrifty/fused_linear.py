@@ -10,6 +10,8 @@ layout once, instead of being re-laid-out by every call.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,17 @@ class FusedLinear:
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.prepacked = False
+
+    # The fused weight is derived data (and an opaque oneDNN tensor that cannot be
+    # copied or pickled): copies start without it and rebuild it on first use.
+    def __getstate__(self) -> dict:
+        return {"layers": self.layers}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["layers"])  # type: ignore[misc]
+
+    def __deepcopy__(self, memo: dict) -> FusedLinear:
+        return FusedLinear([copy.deepcopy(layer, memo) for layer in self.layers])
 
     def source_key(self) -> tuple:
         return tuple((layer.weight.data_ptr(), layer.weight._version, layer.weight.dtype)
@@ -81,6 +94,7 @@ def fused_for_inference(owner: nn.Module, layers: list[nn.Module]) -> FusedLinea
     not state) and is rebuilt when any of the layers is swapped for another module.
     """
     if not all(type(layer) is nn.Linear for layer in layers):
+        owner.__dict__.pop("_fused_for_inference", None)  # free a stale fused copy
         return None
     cached = owner.__dict__.get("_fused_for_inference")
     if cached is None or any(a is not b for a, b in zip(cached.layers, layers)):

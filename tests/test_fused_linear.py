@@ -1,0 +1,61 @@
+"""The inference-only fused projections agree with the modules they stand for."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from thrifty.loading.build import build_model
+from thrifty.loading.hf import load_hf_config, load_hf_state_dict
+from tiny_models import save_hf_model
+
+
+@pytest.fixture
+def tiny(tmp_path: Path):
+    save_hf_model("qwen2", tmp_path)  # q/k/v biases exercise the fused bias
+    return build_model(load_hf_config(tmp_path), load_hf_state_dict(tmp_path), str(tmp_path)).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_inference_equals_module_forward(tiny, dtype: torch.dtype) -> None:
+    model = tiny.to(dtype)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.enable_grad():
+        separate = model(ids).detach()  # grad mode: plain nn.Linear calls
+    with torch.no_grad():
+        fused = model(ids)
+    assert "_fused_for_inference" in model.model.layers[0].self_attn.__dict__
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (fused.float() - separate.float()).abs().max().item() <= tolerance
+
+
+def test_fused_copy_follows_weight_updates_and_swaps(tiny) -> None:
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(1))
+    attn = tiny.model.layers[0].self_attn
+    with torch.no_grad():
+        before = tiny(ids)
+        attn.q_proj.weight.mul_(2.0)  # in place: the fused copy must notice
+        after = tiny(ids)
+        with torch.enable_grad():
+            expected = tiny(ids).detach()
+    assert not torch.allclose(before, after)
+    assert (after - expected).abs().max().item() <= 1e-5
+    # A non-Linear replacement (as LoRA or quantization does) drops the stale copy.
+    attn.k_proj = nn.Sequential(attn.k_proj)
+    with torch.no_grad():
+        tiny(ids)
+    assert "_fused_for_inference" not in attn.__dict__
+
+
+def test_model_with_fused_cache_deep_copies(tiny) -> None:
+    ids = torch.tensor([[5, 6, 7]])
+    model = tiny.to(torch.bfloat16)
+    with torch.no_grad():
+        original = model(ids)
+        clone = copy.deepcopy(model)
+        assert torch.equal(clone(ids), original)
+    assert clone.model.layers[0].mlp.__dict__["_fused_for_inference"].layers[0] is clone.model.layers[0].mlp.gate_proj
