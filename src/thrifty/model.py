@@ -170,8 +170,9 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # A buffer, so .to(device) moves it; not saved with the weights.
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        # Deliberately not a buffer: model.to(bfloat16) would round the frequencies,
+        # and RoPE at long positions needs them in float32 (as the reference keeps them).
+        self.inv_freq = rope_inverse_frequencies(config)
 
     @property
     def device(self) -> torch.device:
@@ -183,6 +184,8 @@ class CausalLM(nn.Module):
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape [batch, 1, seq, head_dim] for integer positions [batch, seq]."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
         angles = positions.unsqueeze(-1).float() * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
         return angles.cos().to(dtype), angles.sin().to(dtype)

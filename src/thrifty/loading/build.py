@@ -33,6 +33,6 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str
     model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Buffers computed in __init__ were created on meta: recompute them for real.
+    # Tensors computed in __init__ were created on meta: recompute them for real.
     model.inv_freq = rope_inverse_frequencies(config)
     return model

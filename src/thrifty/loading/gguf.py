@@ -58,8 +58,11 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 _DERIVED_TENSORS = ("rope_freqs.weight",)
 
 
-def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Read a GGUF file: (config, float32 tensors with Hugging Face names, tokenizer)."""
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Read a GGUF file: (config, tensors with Hugging Face names, tokenizer).
+
+    Each tensor is dequantized to float32 and converted to `dtype` before the next one
+    is read, so loading in bf16 never holds the whole model in float32."""
     path = Path(path)
     reader = open_gguf(path)
     arch = metadata_value(reader, "general.architecture")
@@ -72,7 +75,7 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokeniz
     tokenizer = Tokenizer.from_gguf(reader, path)
     tensors = {t.name: t for t in reader.tensors}
     config = _config_from_metadata(reader, arch, tensors, tokenizer, path)
-    weights = _dequantize_all(tensors, config, arch, path)
+    weights = _dequantize_all(tensors, config, arch, path, dtype)
     return config, weights, tokenizer
 
 
@@ -316,7 +319,7 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _dequantize_all(tensors: dict[str, Any], config: ModelConfig, arch: str,
-                    path: Path) -> dict[str, torch.Tensor]:
+                    path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         hf = _hf_name(name)
@@ -339,7 +342,7 @@ def _dequantize_all(tensors: dict[str, Any], config: ModelConfig, arch: str,
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not w.flags.writeable:  # F32 tensors come straight from the read-only file mapping
             w = w.copy()
-        out[hf] = torch.from_numpy(w)
+        out[hf] = torch.from_numpy(w).to(dtype)
     _check_complete(out, config, path)
     return out
 

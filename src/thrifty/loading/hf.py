@@ -69,8 +69,11 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+def load_hf_state_dict(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All weights of a directory, converted to `dtype` shard by shard (None keeps the
+    stored dtypes), so peak memory stays near one copy of the model."""
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(directory):
-        state.update(load_safetensors(file))
+        shard = load_safetensors(file)
+        state.update(shard if dtype is None else {k: v.to(dtype) for k, v in shard.items()})
     return state

@@ -41,14 +41,15 @@ def load_model(
     Hugging Face model directory, or a .gguf file.
     """
     path = resolve_model_path(None if name_or_path is None else str(name_or_path))
+    torch_dtype = parse_dtype(dtype)
     if path.is_dir():
         config = load_hf_config(path)
-        state = load_hf_state_dict(path)
+        state = load_hf_state_dict(path, torch_dtype)
         tokenizer = Tokenizer.from_hf_dir(path)
     else:
         from thrifty.loading.gguf import load_gguf  # the gguf package is only needed here
 
-        config, state, tokenizer = load_gguf(path)
+        config, state, tokenizer = load_gguf(path, torch_dtype)
     model = build_model(config, state, source=str(path))
-    model.to(device=device or default_device(), dtype=parse_dtype(dtype))
+    model.to(device=device or default_device(), dtype=torch_dtype)
     return model.eval(), tokenizer
