@@ -59,3 +59,28 @@ def test_model_with_fused_cache_deep_copies(tiny) -> None:
         clone = copy.deepcopy(model)
         assert torch.equal(clone(ids), original)
     assert clone.model.layers[0].mlp.__dict__["_fused_for_inference"].layers[0] is clone.model.layers[0].mlp.gate_proj
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_path_uses_live_lora_weights(tiny, dtype: torch.dtype) -> None:
+    from thrifty.lora import LoraConfig, apply_lora, disable_lora
+
+    model = apply_lora(tiny, LoraConfig(r=4, lora_alpha=8)).to(dtype)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for step in range(2):  # an optimizer-like in-place update between calls
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p) * 0.1)
+            fused = model(ids)
+        with torch.enable_grad():
+            expected = model(ids).detach()
+        assert "_fused_for_inference" in model.model.layers[0].self_attn.__dict__
+        assert (fused.float() - expected.float()).abs().max().item() <= tolerance
+    with torch.no_grad(), disable_lora(model):
+        without = model(ids)
+    with torch.enable_grad(), disable_lora(model):
+        base = model(ids).detach()
+    assert (without.float() - base.float()).abs().max().item() <= tolerance
+    assert (without.float() - fused.float()).abs().max().item() > 10 * tolerance

@@ -6,6 +6,10 @@ concatenated weights replaces three (or two): on a CPU at decoding batch sizes
 each matmul call costs more in overhead and in half-used weight streaming than
 in arithmetic. On CPU, bf16 weights are also pre-packed into oneDNN's blocked
 layout once, instead of being re-laid-out by every call.
+
+LoRA-wrapped layers fuse too: their frozen base weights join the fused matmul and
+each live adapter adds its low-rank branch on top, so generation during GRPO uses
+the current adapter weights with no merge and no copy of the base.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from thrifty.lora import LoraLinear
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -27,13 +33,15 @@ def can_prepack(weight: torch.Tensor) -> bool:
 
 
 class FusedLinear:
-    """y = concat(layer(x) for layer in layers), as one matmul, kept in sync with the
-    layers' weights: if any weight is replaced or updated in place (training, LoRA
-    merge, dtype change), the fused copy is rebuilt on the next call."""
+    """y = concat(layer(x) for layer in layers), as one matmul over the base weights plus
+    each LoRA layer's low-rank branch, kept in sync with the layers: if a base weight is
+    replaced or updated in place (training, merge, dtype change), the fused copy is
+    rebuilt on the next call. Adapter weights are read live on every call."""
 
-    def __init__(self, layers: list[nn.Linear]) -> None:
+    def __init__(self, layers: list[nn.Module]) -> None:
         self.layers = layers
-        self.sizes = [layer.out_features for layer in layers]
+        self.bases: list[nn.Linear] = [base_linear(layer) for layer in layers]  # type: ignore[misc]
+        self.sizes = [base.out_features for base in self.bases]
         self.source: tuple | None = None
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
@@ -51,17 +59,17 @@ class FusedLinear:
         return FusedLinear([copy.deepcopy(layer, memo) for layer in self.layers])
 
     def source_key(self) -> tuple:
-        return tuple((layer.weight.data_ptr(), layer.weight._version, layer.weight.dtype)
-                     for layer in self.layers)
+        return tuple((base.weight.data_ptr(), base.weight._version, base.weight.dtype)
+                     for base in self.bases)
 
     def rebuild(self) -> None:
-        weight = torch.cat([layer.weight.detach() for layer in self.layers])
-        biases = [layer.bias for layer in self.layers]
+        weight = torch.cat([base.weight.detach() for base in self.bases])
+        biases = [base.bias for base in self.bases]
         self.bias = None
         if any(b is not None for b in biases):
             self.bias = torch.cat([
-                b.detach() if b is not None else weight.new_zeros(layer.out_features)
-                for b, layer in zip(biases, self.layers)
+                b.detach() if b is not None else weight.new_zeros(base.out_features)
+                for b, base in zip(biases, self.bases)
             ])
         self.prepacked = can_prepack(weight)
         if self.prepacked:
@@ -80,24 +88,42 @@ class FusedLinear:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
         else:
             out = F.linear(flat, self.weight, self.bias)
+        start = 0
+        for layer, size in zip(self.layers, self.sizes):
+            if isinstance(layer, LoraLinear) and not layer.disabled:
+                # Same arithmetic as LoraLinear.forward at inference (dropout is off).
+                a = F.linear(flat, layer.lora_A.weight.to(flat.dtype)) * layer.scaling
+                out[:, start:start + size].addmm_(a, layer.lora_B.weight.to(flat.dtype).t())
+            start += size
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self(x).split(self.sizes, dim=-1)
 
 
+def base_linear(layer: nn.Module) -> nn.Linear | None:
+    """The plain nn.Linear whose weight a layer's output is built on, if it can fuse:
+    a Linear itself, or the base of an unmerged, non-DoRA LoRA layer. Quantized
+    layers keep their own forward."""
+    if type(layer) is nn.Linear:
+        return layer
+    if (isinstance(layer, LoraLinear) and type(layer.base_layer) is nn.Linear
+            and not layer.merged and not layer.use_dora):
+        return layer.base_layer
+    return None
+
+
 def fused_for_inference(owner: nn.Module, layers: list[nn.Module]) -> FusedLinear | None:
     """The FusedLinear over `layers`, cached on `owner`; None if they cannot fuse.
 
-    Only plain nn.Linear layers fuse: LoRA or quantized layers keep their own forward.
     The cache is kept outside the module's parameters and buffers (it is derived data,
     not state) and is rebuilt when any of the layers is swapped for another module.
     """
-    if not all(type(layer) is nn.Linear for layer in layers):
+    if any(base_linear(layer) is None for layer in layers):
         owner.__dict__.pop("_fused_for_inference", None)  # free a stale fused copy
         return None
     cached = owner.__dict__.get("_fused_for_inference")
     if cached is None or any(a is not b for a, b in zip(cached.layers, layers)):
-        cached = FusedLinear(layers)  # type: ignore[arg-type]
+        cached = FusedLinear(layers)
         owner.__dict__["_fused_for_inference"] = cached
     return cached
