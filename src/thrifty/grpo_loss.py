@@ -1,0 +1,352 @@
+"""The pure tensor parts of GRPO: rewards -> advantages -> clipped surrogate loss.
+
+Everything here follows TRL 1.16's GRPOTrainer line by line (`_calculate_rewards`,
+the "sum_then_normalize" branch of `_generate_and_score_completions`, `_compute_loss`),
+so a user moving from TRL gets the same numbers for the same config. The trainer owns
+the loop; these functions know nothing of models, ranks or optimizers: whatever depends
+on them (gradient accumulation, world size) comes in as an argument.
+
+Shapes: B completions in a micro-batch, T completion tokens (right-padded), G completions
+per prompt (`num_generations`), completions of one prompt adjacent (group-major order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+import torch
+
+from thrifty.errors import ThriftyError
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ScaleRewards = Literal["group", "batch", "none"]
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
+
+# TRL adds this to the std before dividing, so a group whose rewards are all equal gets
+# zero advantages instead of 0/0.
+ADVANTAGE_EPS = 1e-4
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def combine_rewards(per_function: torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum of the reward functions' outputs, one reward per completion.
+
+    per_function: [num_funcs, N], NaN where a function returned None ("does not apply").
+    As TRL: NaNs are skipped (nansum), and a completion that *every* function skipped is
+    unscorable and stays NaN, so `group_advantages` leaves it out of its group's baseline
+    and gives it a zero advantage (nansum alone would make it a spurious 0 reward).
+    """
+    per_function = _as_2d_rewards(per_function)
+    w = _weights(weights, per_function.shape[0], per_function.device)
+    rewards = (per_function * w[:, None]).nansum(dim=0)
+    rewards[torch.isnan(per_function).all(dim=0)] = math.nan
+    return rewards
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Unbiased (Bessel-corrected) std ignoring NaNs; NaN where fewer than two values. TRL's `nanstd`."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True) if dim is not None else torch.nanmean(x)
+    var = torch.nanmean((x - mean) ** 2, dim=dim) if dim is not None else torch.nanmean((x - mean) ** 2)
+    count = (~torch.isnan(x)).sum(dim=dim) if dim is not None else (~torch.isnan(x)).sum()
+    correction = torch.where(count > 1, count / (count - 1), torch.full_like(var, math.nan))
+    return torch.sqrt(var * correction)
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: ScaleRewards | bool = "group") -> torch.Tensor:
+    """Advantage of each completion: its reward minus its group's mean, optionally scaled.
+
+    rewards: [num_prompts * G] combined rewards of the *whole* generation batch (all ranks:
+    groups must be complete), NaN for unscorable completions. scale_rewards:
+    "group" (or True) divides by each group's std + 1e-4; "batch" by the std of all rewards
+    + 1e-4 (PPO-Lite); "none" (or False) not at all (Dr. GRPO). Stds are unbiased, as TRL's.
+    Unscorable completions, and groups with fewer than two scorable ones, get advantage 0.
+    """
+    scale = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)  # type: ignore[call-overload]
+    if scale not in SCALE_REWARDS:
+        raise ThriftyError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}; got {scale_rewards!r}.")
+    grouped = _grouped(rewards, num_generations)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
+    advantages = rewards.float() - mean
+    if scale == "group":
+        std = nanstd(grouped, dim=1).repeat_interleave(num_generations) if num_generations > 1 else torch.zeros_like(advantages)
+        advantages = advantages / (std + ADVANTAGE_EPS)
+    elif scale == "batch":
+        std = nanstd(rewards.float()).expand_as(advantages) if rewards.numel() > 1 else torch.zeros_like(advantages)
+        advantages = advantages / (std + ADVANTAGE_EPS)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def reward_metrics(per_function: torch.Tensor, names: Sequence[str], num_generations: int,
+                   weights: Sequence[float] | torch.Tensor | None = None) -> dict[str, float]:
+    """TRL's reward log lines: rewards/<name>/mean|std per function (over the completions it
+    scored), reward and reward_std (combined, scorable completions), frac_reward_zero_std.
+
+    Deviation: TRL's frac_reward_zero_std with scale_rewards="batch" tests the batch std; here
+    it is always the fraction of groups whose rewards are all equal (no learning signal),
+    which is the number a user tuning a task needs.
+    """
+    per_function = _as_2d_rewards(per_function)
+    if len(names) != per_function.shape[0]:
+        raise ValueError(f"{len(names)} names for {per_function.shape[0]} reward functions.")
+    metrics: dict[str, float] = {}
+    for name, row in zip(names, per_function):
+        metrics[f"rewards/{name}/mean"] = torch.nanmean(row).item()
+        metrics[f"rewards/{name}/std"] = nanstd(row).item()
+    rewards = combine_rewards(per_function, weights)
+    metrics["reward"] = torch.nanmean(rewards).item()
+    metrics["reward_std"] = nanstd(rewards).item()
+    group_std = nanstd(_grouped(rewards, num_generations), dim=1) if num_generations > 1 else torch.zeros(
+        rewards.numel() // max(num_generations, 1))
+    # NaN std (fewer than two scorable completions) counts as zero: no signal either way.
+    metrics["frac_reward_zero_std"] = torch.isclose(torch.nan_to_num(group_std, nan=0.0),
+                                                    torch.zeros_like(group_std)).float().mean().item()
+    return metrics
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def completion_mask(lengths: torch.Tensor, max_length: int, truncated: torch.Tensor | None = None,
+                    mask_truncated_completions: bool = False) -> torch.Tensor:
+    """[B, max_length] float mask: 1 on each completion's real tokens, 0 on right padding,
+    and (with mask_truncated_completions) 0 on every token of a completion that hit the
+    length limit without EOS, so it neither gets rewarded nor penalised (DAPO)."""
+    positions = torch.arange(max_length, device=lengths.device)
+    mask = (positions[None, :] < lengths[:, None]).float()
+    if mask_truncated_completions:
+        if truncated is None:
+            raise ValueError("mask_truncated_completions needs the `truncated` flags.")
+        mask = mask * (~truncated.bool()).float()[:, None]
+    return mask
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: LossType = "dapo",
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+    gradient_accumulation_steps: int = 1,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped-surrogate GRPO loss of one micro-batch, ready for `.backward()`, and its metrics.
+
+    logp: [B, T] log-probs of the sampled completion tokens under the current policy (with
+    grad); old_logp: the same under the policy that sampled them (no grad), or None when
+    num_iterations == 1 and the batch is used right after sampling: then old = logp.detach()
+    and the ratio is 1 with the right gradient. ref_logp: under the reference model, needed
+    iff beta != 0. advantages: [B]. mask: [B, T], 0 on padding (and masked truncations).
+
+    Per token: ratio = exp(logp - old_logp); loss = -min(ratio * A, clip(ratio, 1-eps,
+    1+eps_high) * A) (with `delta`, ratio is also capped at delta: two-sided clipping)
+    + beta * (exp(ref - logp) - (ref - logp) - 1) (the k3 KL estimator). Aggregation:
+      grpo:    mean over each sequence's tokens, then mean over sequences;
+      bnpo:    sum over the micro-batch's tokens / their number;
+      dr_grpo: sum / (B * max_completion_length);
+      dapo:    sum / num_items_in_batch.
+    grpo, bnpo and dr_grpo are divided by gradient_accumulation_steps (as TRL does: the
+    micro-batch losses of one optimizer step are summed by backward). dapo is not: its
+    num_items_in_batch must already be the number of loss tokens in the *whole* optimizer
+    step (all micro-batches), averaged over ranks (TRL: tokens of all ranks / world size,
+    since DDP then averages gradients), which makes the step's gradient the true per-token
+    mean. It defaults to this micro-batch's token count (right for one micro-batch, one rank).
+
+    Metrics (this micro-batch; the trainer averages across steps/ranks): policy_loss (before
+    the accumulation division), kl (masked mean; only when beta != 0), clip_ratio/low_mean,
+    high_mean, region_mean (fraction of tokens whose gradient the clip removed), low_min,
+    high_max (extremes of the per-sequence fractions), num_tokens.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ThriftyError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}.")
+    if logp.dim() != 2 or mask.shape != logp.shape:
+        raise ValueError(f"logp {tuple(logp.shape)} and mask {tuple(mask.shape)} must both be [B, T].")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] = [{logp.shape[0]}].")
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError("beta != 0 needs the reference model's log-probs (ref_logp).")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ThriftyError("loss_type 'dr_grpo' divides by max_completion_length: set it (e.g. 256).")
+    eps_low = epsilon
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logp.dtype)
+    adv = advantages.to(logp.dtype)[:, None]
+
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    if beta != 0.0:
+        assert ref_logp is not None
+        diff = ref_logp - logp
+        per_token_kl = torch.exp(diff) - diff - 1
+        per_token = per_token + beta * per_token_kl
+
+    masked = per_token * mask
+    if loss_type == "grpo":
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = masked.sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = masked.sum() / (logp.shape[0] * max_completion_length)  # type: ignore[operator]
+    else:  # dapo
+        items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=logp.dtype)
+        loss = masked.sum() / items.clamp(min=1.0)
+    policy_loss = loss.detach()
+    if loss_type != "dapo":
+        loss = loss / gradient_accumulation_steps
+
+    with torch.no_grad():
+        metrics = _loss_metrics(ratio.detach(), adv, mask, eps_low, eps_high)
+        metrics["policy_loss"] = policy_loss.item()
+        if beta != 0.0:
+            metrics["kl"] = _masked_mean(per_token_kl.detach(), mask)
+    return loss, metrics
+
+
+def _loss_metrics(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                  eps_low: float, eps_high: float) -> dict[str, float]:
+    # As TRL, on the ratio after the `delta` cap: a token is "clipped" when the clip took its
+    # gradient away, i.e. only on the side the advantage pushes towards.
+    low = ((ratio < 1 - eps_low) & (adv < 0)).float()
+    high = ((ratio > 1 + eps_high) & (adv > 0)).float()
+    region = ((low + high) > 0).float()
+    seq_tokens = mask.sum(-1)
+    # Per-sequence fractions; fully masked sequences are NaN and skipped, as TRL's nanmin/nanmax.
+    low_seq = (low * mask).sum(-1) / seq_tokens
+    high_seq = (high * mask).sum(-1) / seq_tokens
+    return {
+        "clip_ratio/low_mean": _masked_mean(low, mask),
+        "clip_ratio/high_mean": _masked_mean(high, mask),
+        "clip_ratio/region_mean": _masked_mean(region, mask),
+        "clip_ratio/low_min": _nan_extreme(low_seq, torch.min),
+        "clip_ratio/high_max": _nan_extreme(high_seq, torch.max),
+        "num_tokens": mask.sum().item(),
+    }
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return ((x * mask).sum() / mask.sum().clamp(min=1.0)).item()
+
+
+def _nan_extreme(x: torch.Tensor, op) -> float:  # type: ignore[no-untyped-def]
+    x = x[~torch.isnan(x)]
+    return op(x).item() if x.numel() else math.nan
+
+
+# --------------------------------------------------------------------------- dynamic sampling
+
+
+def dynamic_sampling_filter(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """[num_groups] bool: True for groups whose (combined) rewards are not all equal.
+
+    DAPO's dynamic sampling: a group where every completion got the same reward has zero
+    advantages, so it only dilutes the batch. NaN (unscorable) rewards are ignored; a group
+    with fewer than two scorable completions is uninformative too. (DAPO filters on accuracy;
+    this filters on the combined reward, which is what the advantages are computed from.)
+    """
+    grouped = _grouped(rewards, num_generations)
+    valid = ~torch.isnan(grouped)
+    hi = torch.where(valid, grouped, torch.full_like(grouped, -math.inf)).amax(dim=1)
+    lo = torch.where(valid, grouped, torch.full_like(grouped, math.inf)).amin(dim=1)
+    return (valid.sum(dim=1) >= 2) & (hi > lo)
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class InformativeGroups(Generic[T]):
+    """What `collect_informative_groups` gathered."""
+
+    wanted: int
+    groups: list[T] = field(default_factory=list)  # at most `wanted`, in draw order
+    rewards: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [len(groups) * G]
+    num_discarded: int = 0  # uninformative groups thrown away
+    num_surplus: int = 0  # informative groups beyond `wanted` in the last draw, dropped
+    num_draws: int = 0  # candidate batches drawn (each costs a round of generation)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.groups) >= self.wanted
+
+
+def collect_informative_groups(
+    candidates: Iterable[tuple[Sequence[T], torch.Tensor]],
+    num_generations: int,
+    wanted: int,
+    max_draws: int,
+) -> InformativeGroups[T]:
+    """Draw candidate batches until `wanted` informative groups are collected or `max_draws` is hit.
+
+    candidates yields (groups, rewards): a batch of groups (whatever the trainer keeps per
+    prompt: completions, ids, log-probs...) and their combined rewards, [len(groups) * G].
+    It is consumed lazily, so generation happens only while groups are still missing.
+    When max_draws runs out first the result holds fewer groups (check `.complete`): DAPO
+    would keep sampling, but on a CPU an unbounded loop is worse than a smaller batch.
+    """
+    if wanted < 1 or max_draws < 1:
+        raise ValueError(f"wanted ({wanted}) and max_draws ({max_draws}) must be >= 1.")
+    out: InformativeGroups[T] = InformativeGroups(wanted)
+    kept_rewards: list[torch.Tensor] = []
+    for groups, rewards in candidates:
+        out.num_draws += 1
+        if rewards.numel() != len(groups) * num_generations:
+            raise ValueError(f"{rewards.numel()} rewards for {len(groups)} groups of {num_generations}.")
+        keep = dynamic_sampling_filter(rewards, num_generations)
+        grouped = rewards.view(-1, num_generations)
+        for group, group_rewards, informative in zip(groups, grouped, keep.tolist()):
+            if not informative:
+                out.num_discarded += 1
+            elif len(out.groups) < wanted:
+                out.groups.append(group)
+                kept_rewards.append(group_rewards)
+            else:
+                out.num_surplus += 1
+        if len(out.groups) >= wanted or out.num_draws >= max_draws:
+            break
+    out.rewards = torch.cat(kept_rewards) if kept_rewards else torch.empty(0)
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_2d_rewards(per_function: torch.Tensor) -> torch.Tensor:
+    if per_function.dim() == 1:
+        per_function = per_function[None, :]
+    if per_function.dim() != 2:
+        raise ValueError(f"per-function rewards must be [num_funcs, N]; got {tuple(per_function.shape)}.")
+    return per_function.float()
+
+
+def _weights(weights: Sequence[float] | torch.Tensor | None, num_funcs: int, device: torch.device) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(num_funcs, device=device)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=device).reshape(-1)
+    if w.numel() != num_funcs:
+        raise ThriftyError(
+            f"reward_weights has {w.numel()} entries but there are {num_funcs} reward functions: "
+            "give one weight per reward function, in the same order."
+        )
+    return w
+
+
+def _grouped(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    if num_generations < 1 or rewards.dim() != 1 or rewards.numel() % num_generations:
+        raise ValueError(f"{tuple(rewards.shape)} rewards do not split into groups of {num_generations}.")
+    return rewards.float().view(-1, num_generations)
