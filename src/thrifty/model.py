@@ -202,11 +202,10 @@ class CausalLM(nn.Module):
         mask: boolean [batch, 1, seq, keys], True where a query may attend to a key;
               None means plain causal attention over an unpadded batch.
         """
-        if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-            positions = positions.unsqueeze(0).expand(input_ids.shape[0], -1)
         cached = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(cached, cached + input_ids.shape[1], device=input_ids.device)
+            positions = positions.unsqueeze(0).expand(input_ids.shape[0], -1)
         if mask is None and (cached > 0 or self.config.sliding_window is not None):
             # SDPA's is_causal assumes queries and keys start together; with a cache
             # or a sliding window the mask must be spelled out.
