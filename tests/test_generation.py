@@ -114,3 +114,18 @@ def test_left_padded_batch_equals_transformers_greedy(family: str, tmp_path: Pat
     got, _ = generate_tokens(ours, prompts, max_new_tokens=12, sampling=GREEDY)
     for ids, tokens in zip(prompts, got):
         assert tokens == hf_greedy(reference, ids, 12, eos=None)
+
+
+def test_bfloat16_model_tracks_float32(default_model_fp32, default_gguf_path) -> None:
+    """bf16 is the default dtype: its predictions must stay those of the fp32 model."""
+    from thrifty.loading.loader import load_model
+
+    model32, tokenizer = default_model_fp32
+    model16, _ = load_model(default_gguf_path, dtype="bfloat16", device="cpu")
+    ids = torch.tensor([render_prompt(tokenizer, "Explain why the sky is blue, in two sentences.", True, None)])
+    with torch.no_grad():
+        logits32, logits16 = model32(ids)[0], model16(ids)[0].float()
+    agreement = (logits32.argmax(-1) == logits16.argmax(-1)).float().mean().item()
+    assert agreement >= 0.9
+    (answer,) = generate(model16, tokenizer, "What is the capital of France?", max_new_tokens=20)
+    assert "Paris" in answer.text

@@ -26,9 +26,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel; it accumulates in fp32 for bf16 inputs. (The reference
-        # rounds to bf16 once more before the weight multiply: at most 1 ulp apart.)
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Normalise in fp32, then round and scale in the input dtype, exactly as the
+        # reference does. (F.rms_norm straight on bf16 input was measured to derail the
+        # default model's greedy answers: keep the fp32 upcast.)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
