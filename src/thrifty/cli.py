@@ -80,7 +80,13 @@ def run_sft(args: argparse.Namespace) -> None:
     from thrifty.sft_trainer import SFTTrainer
 
     model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype)
-    SFTTrainer(model, tokenizer, config).train()
+    result = SFTTrainer(model, tokenizer, config).train()
+    if result.output_path is not None and result.output_path.name == "adapter":
+        merged = result.output_path.parent / "merged"
+        print(f"next: thrifty merge {result.output_path} --output {merged}\n"
+              f"      thrifty generate --model {merged} \"your prompt\"")
+    elif result.output_path is not None:
+        print(f"next: thrifty generate --model {result.output_path} \"your prompt\"")
 
 
 def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -126,6 +132,112 @@ def run_merge(args: argparse.Namespace) -> None:
     print(f"merged {adapter} into {base}: wrote {path}")
 
 
+def add_grpo_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "grpo", help="GRPO reinforcement learning with reward functions, from a YAML config.",
+        description="Train a model with GRPO on a built-in task (e.g. arithmetic) or your own prompts. CONFIG is "
+                    "a YAML file of GRPOConfig fields (see examples/grpo_arithmetic.yaml); key=value arguments "
+                    "override it, e.g. `thrifty grpo examples/grpo_arithmetic.yaml max_steps=10`.",
+    )
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
+    p.set_defaults(run=run_grpo)
+
+
+def run_grpo(args: argparse.Namespace) -> None:
+    from thrifty.grpo_config import load_grpo_config
+
+    config = load_grpo_config(args.config, args.overrides)  # check it all before loading the model
+    if config.task is None and config.train_file is None:
+        raise ThriftyError(f"{args.config}: set `task` (e.g. task: arithmetic) or `train_file`. From the command "
+                           "line the reward functions come from a built-in task; for your own reward functions "
+                           "use the Python API (GRPOTrainer(..., reward_funcs=[...])).")
+    if config.task is None:
+        raise ThriftyError(f"{args.config}: train_file needs reward functions, which the command line cannot "
+                           "take; use a built-in `task`, or the Python API with reward_funcs=[...].")
+    from thrifty.grpo_trainer import GRPOTrainer
+    from thrifty.loading.loader import load_model
+
+    model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype)
+    result = GRPOTrainer(model, tokenizer, config=config).train()
+    if result.output_path is not None and result.output_path.name == "adapter":
+        print(f"next: thrifty eval --task {config.task} --adapter {result.output_path}")
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="Score a model (and adapter) on a built-in task's held-out problems.",
+        description="Accuracy (greedy) and, with --k, unbiased pass@k (sampled) on a task's held-out split, "
+                    "checked by the task's exact checker, e.g. `thrifty eval --task arithmetic --adapter "
+                    "out/grpo/adapter --num-samples 100 --k 4`.",
+    )
+    p.add_argument("--task", required=True, help="built-in task: arithmetic, countdown, gsm")
+    p.add_argument("--task-setting", action="append", default=[], metavar="key=value",
+                   help="a task setting (repeatable), e.g. operand_digits=[1,1]")
+    p.add_argument("--model", default=None,
+                   help="Hugging Face model directory, .gguf file, or 'smollm2-135m-instruct' (default; with "
+                        "--adapter: the adapter's base model)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
+    p.add_argument("--num-samples", type=int, default=100, help="held-out problems (default 100)")
+    p.add_argument("--k", type=int, default=0, help="also report pass@k from sampled completions (0: off)")
+    p.add_argument("--n", type=int, default=None, help="samples per problem for pass@k (default: k)")
+    p.add_argument("--temperature", type=float, default=0.7, help="for pass@k sampling (default 0.7)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    import json
+
+    import yaml
+
+    if args.num_samples < 1:
+        raise ThriftyError(f"--num-samples must be at least 1, got {args.num_samples}.")
+    if args.k < 0 or (args.n is not None and args.n < max(args.k, 1)):
+        raise ThriftyError(f"--k must be 0 or more and --n at least k; got k={args.k}, n={args.n}.")
+    if args.k > 0 and args.temperature <= 0:
+        raise ThriftyError("pass@k needs sampling: give --temperature > 0.")
+    settings = {}
+    for item in args.task_setting:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ThriftyError(f"--task-setting {item!r} is not of the form key=value.")
+        settings[key.strip()] = yaml.safe_load(value)
+    from thrifty.tasks import get_task
+
+    task = get_task(args.task, **settings)
+    from pathlib import Path
+
+    from thrifty.adapters import load_adapter, read_adapter_config
+    from thrifty.evaluation import evaluate_task
+    from thrifty.loading.loader import load_model
+
+    base = args.model
+    if args.adapter is not None:
+        if not Path(args.adapter).is_dir():
+            raise ThriftyError(f"{args.adapter}: adapter directory not found.")
+        base = base or read_adapter_config(Path(args.adapter))[1].get("base_model_name_or_path")
+    model, tokenizer = load_model(base, dtype=args.dtype)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)
+    result = evaluate_task(model, tokenizer, task, num_samples=args.num_samples, k=args.k,
+                           num_samples_per_problem=args.n, temperature=args.temperature,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.json:
+        print(json.dumps({"task": args.task, "num_problems": result.num_problems, "accuracy": result.accuracy,
+                          "k": result.k, "pass_at_k": result.pass_at_k, "mean_length": result.mean_length,
+                          "seconds": round(result.seconds, 2)}))
+    else:
+        for example in result.examples:
+            prompt = example["prompt"]
+            shown = prompt if isinstance(prompt, str) else prompt[-1].get("content", "")
+            print(f"> {shown}\n  {example['completion'].strip()}  [{'correct' if example['correct'] else 'wrong'}]")
+        print(f"{args.task}: {result.summary()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="thrifty", description="Fine-tune and run LLMs on the hardware you have."
@@ -134,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(subparsers)
     add_sft_parser(subparsers)
     add_merge_parser(subparsers)
+    add_grpo_parser(subparsers)
+    add_eval_parser(subparsers)
     return parser
 
 

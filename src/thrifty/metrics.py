@@ -1,0 +1,143 @@
+"""What a training run reports: metrics.jsonl, a live progress bar, a loss plot, memory.
+
+metrics.jsonl holds one JSON object per line and step that logged something
+({"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_sec", "rss_mb", "eval_loss"...}),
+easy to read back with pandas or `jq`. A resumed run first drops the lines after its
+checkpoint, so the file ends up as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def rss_bytes() -> int:
+    """Current resident memory of this process (Linux /proc; else the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+class MetricsLog:
+    """Appends records to a JSONL file, flushing each line so a crash loses nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def start_fresh(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+
+    def keep_until(self, step: int) -> None:
+        """Drop records after `step` (those of a run that went on past its last checkpoint)."""
+        records = [r for r in self.read() if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+        return records
+
+
+class ProgressBar:
+    """tqdm over optimizer steps, with the live loss, throughput, lr and memory."""
+
+    def __init__(self, total: int, initial: int, disable: bool, desc: str = "train") -> None:
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable,
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, loss: float, tokens_per_sec: float, lr: float) -> None:
+        self.bar.set_postfix_str(f"loss={loss:.4f} tok/s={tokens_per_sec:.0f} lr={lr:.2e} "
+                                 f"rss={rss_bytes() / 2**20:.0f}MB", refresh=False)
+        self.bar.update(1)
+
+    def advance(self, postfix: str) -> None:
+        """One step done, with a free-form live status (e.g. GRPO's reward and timings)."""
+        self.bar.set_postfix_str(f"{postfix} rss={rss_bytes() / 2**20:.0f}MB", refresh=False)
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "loss") -> Path | None:
+    """Train and eval loss against the step, as a PNG (matplotlib's Agg canvas: no
+    display, no global pyplot state). Returns None if there is nothing to plot."""
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if train:
+        axes.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        axes.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("cross-entropy (nats/token)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def plot_metrics(records: list[dict[str, Any]], path: Path, keys: list[str], title: str,
+                 ylabel: str = "value") -> Path | None:
+    """Any metrics.jsonl keys against the step, one line each (markers for sparse series
+    such as evaluations). Returns None if none of the keys was ever logged."""
+    series = {key: [(r["step"], r[key]) for r in records if r.get(key) is not None] for key in keys}
+    series = {key: points for key, points in series.items() if points}
+    if not series:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for key, points in series.items():
+        axes.plot(*zip(*points), label=key, marker="o" if len(points) <= 12 else None)
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
