@@ -27,12 +27,14 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from thrifty.adapters import KEY_PREFIX, WEIGHTS_NAME as ADAPTER_WEIGHTS, save_adapter
 from thrifty.atomic import atomic_directory
+from thrifty.config_io import config_to_dict
 from thrifty.errors import ThriftyError
 from thrifty.export import write_hf_files
 from thrifty.training_setup import has_lora
@@ -117,6 +119,23 @@ class LoadedCheckpoint:
     rng_state: dict[str, Any]
     trainer_state: dict[str, Any]
     config_yaml: str
+
+
+def settings_must_match(config: Any, keys: tuple[str, ...]) -> Callable[[str, Path], None]:
+    """A check_config for load_checkpoint: refuse to resume when any of `keys` differs
+    between the checkpoint's saved config.yaml and the current config."""
+
+    def check(saved_yaml: str, path: Path) -> None:
+        saved = yaml.safe_load(saved_yaml) or {}
+        current = config_to_dict(config)
+        different = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
+                     if k in saved and saved.get(k) != current.get(k)]
+        if different:
+            raise ThriftyError(f"{path}: cannot resume with different settings ({'; '.join(different)}). Use the "
+                               "checkpoint's values (see its config.yaml), or start a new run without "
+                               "resume_from_checkpoint.")
+
+    return check
 
 
 def load_checkpoint(path: Path, model: nn.Module,

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
 from thrifty.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.adapters import save_adapter
 from thrifty.attention_kernels import training_attention_kernel
 from thrifty.atomic import atomic_directory, remove_stale_temporaries
-from thrifty.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from thrifty.config_io import config_to_dict, dump_yaml
+from thrifty.checkpoint import (find_latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
+                                settings_must_match)
+from thrifty.config_io import dump_yaml
 from thrifty.data import DataOrder
 from thrifty.errors import ThriftyError
 from thrifty.export import save_hf_model
@@ -49,7 +49,7 @@ from thrifty.schedule import lr_factor, warmup_steps_for
 from thrifty.sft_config import SFTConfig
 from thrifty.sft_data import Batch, DatasetLike, SFTData, load_sft_data
 from thrifty.tokenizer import Tokenizer
-from thrifty.training_setup import has_lora, prepare_model, set_seed
+from thrifty.training_setup import has_lora, method_name, prepare_model, set_seed
 
 # Settings a resumed run must share with the checkpoint, or it would not continue
 # the same training (the data order itself is checked separately).
@@ -312,7 +312,7 @@ class SFTTrainer:
             if not path.is_dir():
                 raise ThriftyError(f"resume_from_checkpoint: {path} is not a directory. Give a checkpoint-<step> "
                                    f"directory, or 'latest'.")
-        checkpoint = load_checkpoint(path, self.model, check_config=self._check_compatible)
+        checkpoint = load_checkpoint(path, self.model, check_config=settings_must_match(self.config, RESUME_MUST_MATCH))
         state = checkpoint.trainer_state
         try:
             self.optimizer.load_state_dict(checkpoint.optimizer_state)
@@ -330,22 +330,10 @@ class SFTTrainer:
         self.log(f"resumed from {path} at step {self.step}")
         return True
 
-    def _check_compatible(self, saved_yaml: str, path: Path) -> None:
-        saved = yaml.safe_load(saved_yaml) or {}
-        current = config_to_dict(self.config)
-        different = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in RESUME_MUST_MATCH
-                     if k in saved and saved.get(k) != current.get(k)]
-        if different:
-            raise ThriftyError(f"{path}: cannot resume with different settings ({'; '.join(different)}). Use the "
-                               "checkpoint's values (see its config.yaml), or start a new run without "
-                               "resume_from_checkpoint.")
-
     # ------------------------------------------------------------------ reporting
 
     def _method_name(self) -> str:
-        if not has_lora(self.model):
-            return "full fine-tuning"
-        return f"QLoRA ({self.config.quantize})" if self.config.quantize else "LoRA"
+        return method_name(self.model, self.config.quantize)
 
     def _describe_run(self) -> str:
         cfg = self.config

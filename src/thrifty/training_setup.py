@@ -64,3 +64,10 @@ def prepare_model(model: nn.Module, config: Any) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def method_name(model: nn.Module, quantize: str | None) -> str:
+    """How a run trains, for logs and plot titles: LoRA, QLoRA (nf4) or full fine-tuning."""
+    if not has_lora(model):
+        return "full fine-tuning"
+    return f"QLoRA ({quantize})" if quantize else "LoRA"
