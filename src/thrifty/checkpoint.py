@@ -36,7 +36,7 @@ from thrifty.adapters import KEY_PREFIX, WEIGHTS_NAME as ADAPTER_WEIGHTS, save_a
 from thrifty.atomic import atomic_directory
 from thrifty.config_io import config_to_dict
 from thrifty.errors import ThriftyError
-from thrifty.export import write_hf_files
+from thrifty.export import save_hf_model, write_hf_files
 from thrifty.training_setup import has_lora
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -119,6 +119,16 @@ class LoadedCheckpoint:
     rng_state: dict[str, Any]
     trainer_state: dict[str, Any]
     config_yaml: str
+
+
+def save_trained_model(model: nn.Module, tokenizer: Any, output_dir: Path, base_model_name_or_path: str) -> Path:
+    """A run's result: output_dir/adapter (LoRA, PEFT format) or output_dir/model (full, HF format)."""
+    if has_lora(model):
+        path = output_dir / "adapter"
+        with atomic_directory(path) as tmp:
+            save_adapter(model, tmp, base_model_name_or_path)
+        return path
+    return save_hf_model(model, tokenizer, output_dir / "model")
 
 
 def settings_must_match(config: Any, keys: tuple[str, ...]) -> Callable[[str, Path], None]:

@@ -39,16 +39,14 @@ from typing import Any
 import torch
 
 from thrifty.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
-from thrifty.adapters import save_adapter
-from thrifty.atomic import atomic_directory, remove_stale_temporaries
+from thrifty.atomic import remove_stale_temporaries
 from thrifty.attention_kernels import training_attention_kernel
 from thrifty.checkpoint import (find_latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
-                                settings_must_match)
+                                save_trained_model, settings_must_match)
 from thrifty.config_io import dump_yaml
 from thrifty.data import DataOrder, load_rows
 from thrifty.errors import ThriftyError
 from thrifty.evaluation import EvalResult, evaluate_rows
-from thrifty.export import save_hf_model
 from thrifty.generation import attention_mask, generate_tokens, render_prompt
 from thrifty.grpo_config import GRPOConfig
 from thrifty.grpo_loss import collect_informative_groups, combine_rewards, completion_mask, group_advantages, \
@@ -490,13 +488,7 @@ class GRPOTrainer:
                                save_total_limit=self.config.save_total_limit)
 
     def save_model(self) -> Path:
-        """output_dir/adapter (LoRA, PEFT format) or output_dir/model (full, HF format)."""
-        if has_lora(self.model):
-            path = self.output_dir / "adapter"
-            with atomic_directory(path) as tmp:
-                save_adapter(self.model, tmp, self.base_model_name())
-            return path
-        return save_hf_model(self.model, self.tokenizer, self.output_dir / "model")
+        return save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name())
 
     def _maybe_resume(self) -> bool:
         target = self.config.resume_from_checkpoint

@@ -28,15 +28,13 @@ from typing import Any, Callable
 import torch
 
 from thrifty.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
-from thrifty.adapters import save_adapter
 from thrifty.attention_kernels import training_attention_kernel
-from thrifty.atomic import atomic_directory, remove_stale_temporaries
+from thrifty.atomic import remove_stale_temporaries
 from thrifty.checkpoint import (find_latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
-                                settings_must_match)
+                                save_trained_model, settings_must_match)
 from thrifty.config_io import dump_yaml
 from thrifty.data import DataOrder
 from thrifty.errors import ThriftyError
-from thrifty.export import save_hf_model
 from thrifty.generation import generate
 from thrifty.loading.default import DEFAULT_MODEL_NAME
 from thrifty.lora import trainable_parameters
@@ -287,13 +285,7 @@ class SFTTrainer:
                                save_total_limit=self.config.save_total_limit)
 
     def save_model(self) -> Path:
-        """The result: output_dir/adapter (LoRA, PEFT format) or output_dir/model (HF)."""
-        if has_lora(self.model):
-            path = self.output_dir / "adapter"
-            with atomic_directory(path) as tmp:
-                save_adapter(self.model, tmp, self.base_model_name())
-            return path
-        return save_hf_model(self.model, self.tokenizer, self.output_dir / "model")
+        return save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name())
 
     # ------------------------------------------------------------------ resuming
 
