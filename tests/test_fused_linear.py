@@ -28,7 +28,9 @@ def test_fused_inference_equals_module_forward(tiny, dtype: torch.dtype) -> None
         separate = model(ids).detach()  # grad mode: plain nn.Linear calls
     with torch.no_grad():
         fused = model(ids)
-    assert "_fused_for_inference" in model.model.layers[0].self_attn.__dict__
+    assert set(model.model.layers[0].self_attn.__dict__["_fused_for_inference"]) == {"qkv", "o"}
+    assert set(model.model.layers[0].mlp.__dict__["_fused_for_inference"]) == {"gate_up", "down"}
+    assert set(model.__dict__["_fused_for_inference"]) == {"lm_head"}
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     assert (fused.float() - separate.float()).abs().max().item() <= tolerance
 
@@ -48,7 +50,8 @@ def test_fused_copy_follows_weight_updates_and_swaps(tiny) -> None:
     attn.k_proj = nn.Sequential(attn.k_proj)
     with torch.no_grad():
         tiny(ids)
-    assert "_fused_for_inference" not in attn.__dict__
+    assert "qkv" not in attn.__dict__["_fused_for_inference"]
+    assert "o" in attn.__dict__["_fused_for_inference"]
 
 
 def test_model_with_fused_cache_deep_copies(tiny) -> None:
@@ -58,7 +61,7 @@ def test_model_with_fused_cache_deep_copies(tiny) -> None:
         original = model(ids)
         clone = copy.deepcopy(model)
         assert torch.equal(clone(ids), original)
-    assert clone.model.layers[0].mlp.__dict__["_fused_for_inference"].layers[0] is clone.model.layers[0].mlp.gate_proj
+    assert clone.model.layers[0].mlp.__dict__["_fused_for_inference"]["gate_up"].layers[0] is clone.model.layers[0].mlp.gate_proj
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -76,7 +79,7 @@ def test_fused_path_uses_live_lora_weights(tiny, dtype: torch.dtype) -> None:
             fused = model(ids)
         with torch.enable_grad():
             expected = model(ids).detach()
-        assert "_fused_for_inference" in model.model.layers[0].self_attn.__dict__
+        assert "qkv" in model.model.layers[0].self_attn.__dict__["_fused_for_inference"]
         assert (fused.float() - expected.float()).abs().max().item() <= tolerance
     with torch.no_grad(), disable_lora(model):
         without = model(ids)

@@ -178,7 +178,7 @@ def generate_tokens(
                                   cfg.sliding_window)
     hidden = model.hidden_states(input_ids, key_positions[:, :prompt_len].clamp(min=0),
                                  prefill_mask, cache)
-    logits = model.lm_head(hidden[:, -1])
+    logits = model.logits(hidden[:, -1])
 
     # Then give every sample its own copy of the prompt's cache.
     if num_return_sequences > 1:
@@ -220,7 +220,7 @@ def generate_tokens(
         query_positions = key_positions[:, cache.length:end]
         mask = attention_mask(query_positions, key_positions[:, :end], cfg.sliding_window)
         hidden = model.hidden_states(next_tokens.unsqueeze(1), query_positions, mask, cache)
-        logits = model.lm_head(hidden[:, -1])
+        logits = model.logits(hidden[:, -1])
     return generated, reasons
 
 

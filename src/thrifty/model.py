@@ -15,7 +15,7 @@ from torch import nn
 
 from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
-from thrifty.fused_linear import fused_for_inference
+from thrifty.fused_linear import project
 from thrifty.kv_cache import KVCache
 
 
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.project_qkv(x)
+        q, k, v = project(self, "qkv", [self.q_proj, self.k_proj, self.v_proj], x)
         q = q.view(batch, seq, self.n_heads, self.head_dim)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
@@ -112,14 +112,8 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if not torch.is_grad_enabled():
-            fused = fused_for_inference(self, [self.q_proj, self.k_proj, self.v_proj])
-            if fused is not None:
-                return fused.split(x)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        (out,) = project(self, "o", [self.o_proj], out.transpose(1, 2).reshape(batch, seq, -1))
+        return out
 
 
 class MLP(nn.Module):
@@ -130,14 +124,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = up = None
-        if not torch.is_grad_enabled():
-            fused = fused_for_inference(self, [self.gate_proj, self.up_proj])
-            if fused is not None:
-                gate, up = fused.split(x)
-        if gate is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = project(self, "gate_up", [self.gate_proj, self.up_proj], x)
+        (down,) = project(self, "down", [self.down_proj], F.silu(gate) * up)
+        return down
 
 
 class DecoderLayer(nn.Module):
@@ -229,7 +218,11 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab]. Training code should prefer hidden_states() and a
         chunked loss, which never materialises the full logits."""
-        return self.lm_head(self.hidden_states(input_ids, positions, mask, cache))
+        return self.logits(self.hidden_states(input_ids, positions, mask, cache))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        (logits,) = project(self, "lm_head", [self.lm_head], hidden)
+        return logits
 
 
 def causal_mask(

@@ -10,6 +10,7 @@ from thrifty.errors import ThriftyError
 from thrifty.loading.default import resolve_model_path
 from thrifty.loading.hf import load_hf_config, load_hf_state_dict
 from thrifty.loading.build import build_model
+from thrifty.malloc_tuning import tune_malloc
 from thrifty.model import CausalLM
 from thrifty.tokenizer import Tokenizer
 
@@ -40,6 +41,7 @@ def load_model(
     name_or_path: None or "smollm2-135m-instruct" for the built-in default model, a
     Hugging Face model directory, or a .gguf file.
     """
+    tune_malloc()  # every workload starts here; see malloc_tuning.py for why
     path = resolve_model_path(None if name_or_path is None else str(name_or_path))
     torch_dtype = parse_dtype(dtype)
     if path.is_dir():
