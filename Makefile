@@ -4,8 +4,9 @@
 install:
 	bash scripts/install.sh
 
+# GRPO on the built-in arithmetic task: held-out accuracy before and after (~8 min on 2 cores).
 demo: install
-	.venv/bin/thrifty generate "What is the capital of France?"
+	.venv/bin/thrifty grpo examples/grpo_arithmetic.yaml
 
 test: install
 	.venv/bin/python -m pytest

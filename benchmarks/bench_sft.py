@@ -6,9 +6,10 @@ bf16 weights, AdamW, with and without gradient checkpointing, plus Thrifty QLoRA
 Each configuration runs in its own subprocess (peak RSS belongs to it alone); the
 time of each optimizer step (forward, backward, clipping, AdamW; not data loading or
 logging) is measured, the first steps are dropped as warm-up and the median is
-reported. Run:
+reported. "peak RSS" is the whole process (loading included), "train peak RSS" the
+peak during train() alone. Run on an otherwise idle machine:
 
-    .venv/bin/python benchmarks/bench_sft.py              # ~10 min
+    .venv/bin/python benchmarks/bench_sft.py              # ~15 min
     .venv/bin/python benchmarks/bench_sft.py --quick      # smoke test: 3 steps of 4 x 256
 """
 

@@ -235,3 +235,23 @@ def test_eval_cli_runs(tiny_dir: Path, tmp_path: Path) -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["num_problems"] == 4 and 0.0 <= result["accuracy"] <= 1.0 and result["k"] == 2
     assert result["pass_at_k"] is not None
+
+
+def test_grpo_cli_runs_the_demo_config_end_to_end(tmp_path: Path) -> None:
+    """`thrifty grpo examples/grpo_arithmetic.yaml` (the `make demo` job), shortened: the real
+    model, before/after held-out accuracy and examples, and every output file."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-m", "thrifty", "grpo", str(REPO / "examples" / "grpo_arithmetic.yaml"),
+                           "max_steps=2", "per_device_train_batch_size=2", "num_generations=4",
+                           "max_completion_length=12", "num_eval_samples=6", "save_steps=2", f"output_dir={out}", "disable_tqdm=true"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out before training: accuracy" in proc.stdout
+    assert "held-out accuracy" in proc.stdout and "held-out examples, before -> after training:" in proc.stdout
+    assert proc.stdout.count("What is ") >= 3  # the examples' questions
+    for name in ("metrics.jsonl", "completions.jsonl", "rewards.png", "adapter/adapter_model.safetensors",
+                 "checkpoint-2/trainer_state.json"):
+        assert (out / name).is_file(), name
+    steps = [r for r in records(out) if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]

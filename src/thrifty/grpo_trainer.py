@@ -404,6 +404,8 @@ class GRPOTrainer:
                             mean_reward_last=rewards[-1] if rewards else None, seconds=dict(self.seconds),
                             peak_rss_mb=peak_rss_bytes() / 2**20)
         self.log(self._summary(result))
+        if initial_eval is not None and final_eval is not None:
+            self.log(before_and_after(initial_eval, final_eval))
         return result
 
     def _step(self) -> dict[str, Any]:
@@ -560,6 +562,24 @@ class GRPOTrainer:
         if result.output_path is not None:
             parts.append(f"saved {result.output_path}")
         return "; ".join(parts)
+
+
+def before_and_after(before: EvalResult, after: EvalResult) -> str:
+    """The first held-out problems with the greedy answers before and after training."""
+    lines = ["held-out examples, before -> after training:"]
+    for old, new in zip(before.examples, after.examples):
+        prompt = old["prompt"]
+        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        lines.append(f"  {question}")
+        for when, example in (("before", old), ("after ", new)):
+            verdict = "right" if example["correct"] else "wrong"
+            lines.append(f"    {when} [{verdict}] {_one_line(example['completion'])}")
+    return "\n".join(lines)
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _nan_to_none(value: float) -> float | None:
