@@ -74,7 +74,9 @@ class GRPOConfig:
     adam_beta2: float = 0.99
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
-    gradient_checkpointing: bool = False
+    # On, as in TRL's GRPOConfig: measured on the arithmetic demo, peak RSS 1.6 GB instead of
+    # 4.0 GB (32 completions of 64 tokens) for ~20% more training time.
+    gradient_checkpointing: bool = True
     seed: int = 42
 
     # -- method: LoRA / QLoRA / full ----------------------------------------------------
