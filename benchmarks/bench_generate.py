@@ -49,14 +49,15 @@ def run_ours(prompts: int, samples: int, new_tokens: int, repeats: int) -> list[
 
 def run_transformers(prompts: int, samples: int, new_tokens: int, repeats: int) -> list[float]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     from thrifty.loading.default import resolve_model_path
 
     gguf = resolve_model_path(None)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.bfloat16).eval()
+    # Dense bf16 weights, as Thrifty uses (the GGUF is Q4_1; transformers could keep it packed).
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                 quantization_config=GgufConfig(dequantize=True)).eval()
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in PROMPTS[:prompts]]

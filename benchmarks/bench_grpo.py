@@ -4,9 +4,10 @@ Default model (SmolLM2-135M-Instruct), LoRA r=16 alpha=32 on all linear layers, 
 weights, on the built-in arithmetic task: the same 4 prompts every step on both engines,
 the task's reward functions and weights, temperature 1.0, beta 0, loss_type "dapo",
 learning rate 1e-5, one micro-batch (no gradient accumulation), one optimizer update
-per step, no gradient checkpointing. Two shapes: 4 prompts x 8 completions of at most
-64 new tokens, and 4 x 4 of at most 128. TRL gets the model from the same GGUF file,
-unpacked to dense bf16 weights as Thrifty does.
+per step. Gradient checkpointing is off unless --gradient-checkpointing, set explicitly
+on both (both libraries now default to on). Two shapes: 4 prompts x 8 completions of at
+most 64 new tokens, and 4 x 4 of at most 128. TRL gets the model from the same GGUF
+file, unpacked to dense bf16 weights as Thrifty does.
 
 Each engine + shape runs in its own subprocess, so peak RSS belongs to it alone. The
 first step is warm-up and dropped; medians of the rest are reported, for the whole step
@@ -54,7 +55,7 @@ def task_rows() -> list[dict[str, Any]]:
     return get_task("arithmetic").rows("train", PROMPTS, seed=0)
 
 
-def run_thrifty(generations: int, new_tokens: int, steps: int) -> list[dict[str, float]]:
+def run_thrifty(generations: int, new_tokens: int, steps: int, checkpointing: bool) -> list[dict[str, float]]:
     from thrifty import GRPOConfig, GRPOTrainer, load_model
 
     model, tokenizer = load_model(None, dtype="bfloat16")
@@ -64,7 +65,7 @@ def run_thrifty(generations: int, new_tokens: int, steps: int) -> list[dict[str,
             max_completion_length=new_tokens, temperature=1.0, beta=0.0, loss_type="dapo",
             learning_rate=LEARNING_RATE, max_steps=steps, lora_r=RANK, lora_alpha=ALPHA,
             lora_target_modules="all-linear", num_eval_samples=0, eval_on_start=False, save_steps=0,
-            log_completions=0, logging_steps=1, disable_tqdm=True,
+            log_completions=0, logging_steps=1, disable_tqdm=True, gradient_checkpointing=checkpointing,
         )
         # train_dataset: the task's reward functions and weights still apply (reward_funcs=None).
         trainer = GRPOTrainer(model, tokenizer, train_dataset=task_rows(), config=config, log=lambda line: None)
@@ -75,7 +76,7 @@ def run_thrifty(generations: int, new_tokens: int, steps: int) -> list[dict[str,
              "tokens": r["completions/mean_length"] * rows} for r in records if "time/step" in r]
 
 
-def run_trl(generations: int, new_tokens: int, steps: int) -> list[dict[str, float]]:
+def run_trl(generations: int, new_tokens: int, steps: int, checkpointing: bool) -> list[dict[str, float]]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -121,7 +122,7 @@ def run_trl(generations: int, new_tokens: int, steps: int) -> list[dict[str, flo
             lr_scheduler_type="constant", adam_beta2=0.99, max_grad_norm=1.0,  # Thrifty's defaults
             max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=True,
             disable_tqdm=True, dataloader_num_workers=0, seed=42,
-            gradient_checkpointing=False,  # TRL's GRPOConfig defaults to True; Thrifty's to False
+            gradient_checkpointing=checkpointing,
         )
         peft_config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
@@ -152,15 +153,15 @@ def run_trl(generations: int, new_tokens: int, steps: int) -> list[dict[str, flo
 def child(args: argparse.Namespace) -> None:
     generations, new_tokens = SHAPES[args.shape]
     runner = run_thrifty if args.engine == "thrifty" else run_trl
-    steps = runner(generations, new_tokens // args.token_divisor, args.steps)
+    steps = runner(generations, new_tokens // args.token_divisor, args.steps, args.gradient_checkpointing)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(RESULT_MARK + json.dumps({"steps": steps, "peak_rss": peak_rss}), flush=True)
 
 
-def measure(engine: str, shape: str, steps: int, token_divisor: int) -> dict:
+def measure(engine: str, shape: str, steps: int, token_divisor: int, checkpointing: bool) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", "--engine", engine, "--shape", shape, "--steps", str(steps),
-         "--token-divisor", str(token_divisor)],
+         "--token-divisor", str(token_divisor), *(["--gradient-checkpointing"] if checkpointing else [])],
         capture_output=True, text=True,
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith(RESULT_MARK)]
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes to run")
     parser.add_argument("--steps", type=int, default=4, help="GRPO steps per run (the first is warm-up)")
     parser.add_argument("--token-divisor", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on both engines (default: off)")
     parser.add_argument("--quick", action="store_true", help="2 steps, a quarter of the new tokens")
     args = parser.parse_args()
     if args.child:
@@ -198,6 +200,7 @@ def main() -> None:
         args.steps, args.token_divisor = 2, 4
 
     print(f"default model, LoRA r={RANK} all linear layers, bf16, arithmetic task, temperature 1.0, beta 0, dapo; "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
           f"median of {args.steps} steps minus 1 warm-up\n")
     print("| shape (prompts x completions x max tokens) | engine | s/step | generation | scoring | training | "
           "tokens/step | gen tokens/s | peak RSS | TRL/Thrifty time | Thrifty/TRL RSS |")
@@ -208,7 +211,8 @@ def main() -> None:
         results: dict[str, dict[str, float]] = {}
         for engine in ENGINES:  # TRL first: Thrifty's ratios need its numbers
             try:
-                results[engine] = r = summarise(measure(engine, shape, args.steps, args.token_divisor))
+                results[engine] = r = summarise(measure(engine, shape, args.steps, args.token_divisor,
+                                                         args.gradient_checkpointing))
             except RuntimeError as e:
                 print(f"| {label} | {engine} | failed: {e} |||||||||", flush=True)
                 continue
