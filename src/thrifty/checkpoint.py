@@ -170,6 +170,35 @@ def load_checkpoint(path: Path, model: nn.Module,
     return LoadedCheckpoint(path, optimizer_state, rng, state, config_yaml)
 
 
+def resume_from(setting: Any, output_dir: Path, model: nn.Module, optimizer: Any,
+                check_config: Callable[[str, Path], None]) -> LoadedCheckpoint | None:
+    """Apply a `resume_from_checkpoint` setting: None/false/"" start fresh (returns None);
+    "latest"/true take the newest checkpoint in output_dir; anything else is a checkpoint
+    directory. Restores the weights, the optimizer and the RNG state; the trainer restores
+    its own state (step, data order, ...) from the returned trainer_state."""
+    if setting in (None, False, "", "false", "none"):
+        return None
+    if setting is True or (isinstance(setting, str) and setting.lower() in ("latest", "true")):
+        path = find_latest_checkpoint(output_dir)
+        if path is None:
+            raise ThriftyError(f"resume_from_checkpoint: there is no checkpoint-<step> directory in {output_dir} "
+                               "to resume from. Remove resume_from_checkpoint to start afresh, or point it at a "
+                               "checkpoint directory.")
+    else:
+        path = Path(str(setting))
+        if not path.is_dir():
+            raise ThriftyError(f"resume_from_checkpoint: {path} is not a directory. Give a checkpoint-<step> "
+                               "directory, or 'latest'.")
+    checkpoint = load_checkpoint(path, model, check_config=check_config)
+    try:
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+    except (ValueError, KeyError) as e:
+        raise ThriftyError(f"{path}: the optimizer state does not fit this model ({e}); resume with the "
+                           "same model and method as the checkpoint.") from e
+    set_rng_state(checkpoint.rng_state)
+    return checkpoint
+
+
 def _load_weights(path: Path, model: nn.Module) -> None:
     lora = has_lora(model)
     file = path / (ADAPTER_WEIGHTS if lora else FULL_WEIGHTS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from thrifty.errors import ThriftyError
 
@@ -59,16 +59,22 @@ def run_generate(args: argparse.Namespace) -> None:
         print(c.text)
 
 
+def add_config_command(subparsers: argparse._SubParsersAction, name: str, help: str, description: str,
+                       run: Callable[[argparse.Namespace], None]) -> None:
+    """A training command: `thrifty NAME CONFIG.yaml [key=value ...]`."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
+    p.set_defaults(run=run)
+
+
 def add_sft_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "sft", help="Supervised fine-tuning (LoRA, QLoRA or full) from a YAML config.",
+    add_config_command(
+        subparsers, "sft", run=run_sft, help="Supervised fine-tuning (LoRA, QLoRA or full) from a YAML config.",
         description="Fine-tune a model on instruction data. CONFIG is a YAML file of SFTConfig fields "
                     "(see examples/sft_default.yaml); key=value arguments override it, e.g. "
                     "`thrifty sft examples/sft_default.yaml max_steps=20 learning_rate=1e-4`.",
     )
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
-    p.set_defaults(run=run_sft)
 
 
 def run_sft(args: argparse.Namespace) -> None:
@@ -133,15 +139,12 @@ def run_merge(args: argparse.Namespace) -> None:
 
 
 def add_grpo_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "grpo", help="GRPO reinforcement learning with reward functions, from a YAML config.",
+    add_config_command(
+        subparsers, "grpo", run=run_grpo, help="GRPO reinforcement learning with reward functions, from a YAML config.",
         description="Train a model with GRPO on a built-in task (e.g. arithmetic) or your own prompts. CONFIG is "
                     "a YAML file of GRPOConfig fields (see examples/grpo_arithmetic.yaml); key=value arguments "
                     "override it, e.g. `thrifty grpo examples/grpo_arithmetic.yaml max_steps=10`.",
     )
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
-    p.set_defaults(run=run_grpo)
 
 
 def run_grpo(args: argparse.Namespace) -> None:

@@ -41,8 +41,7 @@ import torch
 from thrifty.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.atomic import remove_stale_temporaries
 from thrifty.attention_kernels import training_attention_kernel
-from thrifty.checkpoint import (find_latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
-                                save_trained_model, settings_must_match)
+from thrifty.checkpoint import resume_from, save_checkpoint, save_trained_model, settings_must_match
 from thrifty.config_io import dump_yaml
 from thrifty.data import DataOrder, load_rows
 from thrifty.errors import ThriftyError
@@ -493,29 +492,16 @@ class GRPOTrainer:
         return save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name())
 
     def _maybe_resume(self) -> bool:
-        target = self.config.resume_from_checkpoint
-        if target in (None, False, "", "false", "none"):
+        checkpoint = resume_from(self.config.resume_from_checkpoint, self.output_dir, self.model, self.optimizer,
+                                 settings_must_match(self.config, RESUME_MUST_MATCH))
+        if checkpoint is None:
             return False
-        if target is True or str(target).lower() in ("latest", "true"):
-            path = find_latest_checkpoint(self.output_dir)
-            if path is None:
-                self.log(f"resume_from_checkpoint: no checkpoint in {self.output_dir} yet; starting fresh")
-                return False
-        else:
-            path = Path(str(target))
-        checkpoint = load_checkpoint(path, self.model, check_config=settings_must_match(self.config, RESUME_MUST_MATCH))
-        state = checkpoint.trainer_state
-        try:
-            self.optimizer.load_state_dict(checkpoint.optimizer_state)
-        except (ValueError, KeyError) as e:
-            raise ThriftyError(f"{path}: the optimizer state does not fit this model ({e}); resume with the "
-                               "same model and method as the checkpoint.") from e
+        state, path = checkpoint.trainer_state, checkpoint.path
         self.order.load_state_dict(state["data_order"])
         self.step, self.updates = int(state["step"]), int(state["updates"])
         if self.step > self.config.max_steps:
             raise ThriftyError(f"{path} is at step {self.step}, past this run's max_steps = "
                                f"{self.config.max_steps}; raise max_steps to train further.")
-        set_rng_state(checkpoint.rng_state)
         self.metrics.keep_until(self.step)
         self.completions_log.keep_until(self.step)
         self.log(f"resumed from {path} at step {self.step}")

@@ -90,37 +90,11 @@ class ProgressBar:
         self.bar.close()
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "loss") -> Path | None:
-    """Train and eval loss against the step, as a PNG (matplotlib's Agg canvas: no
-    display, no global pyplot state). Returns None if there is nothing to plot."""
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    if not train and not evals:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    if train:
-        axes.plot(*zip(*train), label="train loss", color="tab:blue")
-    if evals:
-        axes.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy (nats/token)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
-
-
 def plot_metrics(records: list[dict[str, Any]], path: Path, keys: list[str], title: str,
                  ylabel: str = "value") -> Path | None:
     """Any metrics.jsonl keys against the step, one line each (markers for sparse series
-    such as evaluations). Returns None if none of the keys was ever logged."""
+    such as evaluations), as a PNG (matplotlib's Agg canvas: no display, no global pyplot
+    state). Returns None if none of the keys was ever logged."""
     series = {key: [(r["step"], r[key]) for r in records if r.get(key) is not None] for key in keys}
     series = {key: points for key, points in series.items() if points}
     if not series:

@@ -17,6 +17,7 @@ from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
 from thrifty.fused_linear import project
 from thrifty.kv_cache import KVCache
+from thrifty.lean_ops import rms_norm, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -26,11 +27,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, then round and scale in the input dtype, exactly as the
-        # reference does. (F.rms_norm straight on bf16 input was measured to derail the
-        # default model's greedy answers: keep the fp32 upcast.)
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -125,7 +122,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(self, "gate_up", [self.gate_proj, self.up_proj], x)
-        (down,) = project(self, "down", [self.down_proj], F.silu(gate) * up)
+        (down,) = project(self, "down", [self.down_proj], swiglu(gate, up))
         return down
 
 

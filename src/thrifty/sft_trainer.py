@@ -30,8 +30,7 @@ import torch
 from thrifty.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.attention_kernels import training_attention_kernel
 from thrifty.atomic import remove_stale_temporaries
-from thrifty.checkpoint import (find_latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
-                                save_trained_model, settings_must_match)
+from thrifty.checkpoint import resume_from, save_checkpoint, save_trained_model, settings_must_match
 from thrifty.config_io import dump_yaml
 from thrifty.data import DataOrder
 from thrifty.errors import ThriftyError
@@ -39,7 +38,7 @@ from thrifty.generation import generate
 from thrifty.loading.default import DEFAULT_MODEL_NAME
 from thrifty.lora import trainable_parameters
 from thrifty.losses import chunked_cross_entropy
-from thrifty.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_losses, rss_bytes
+from thrifty.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
 from thrifty.model import CausalLM
 from thrifty.optim import MasterWeightAdamW
 from thrifty.quant import weight_memory_bytes
@@ -200,7 +199,8 @@ class SFTTrainer:
             if cfg.gradient_checkpointing:
                 disable_activation_checkpointing(model)
         model.eval()
-        plot_losses(self.metrics.read(), self.output_dir / "loss.png", title=f"SFT: {self._method_name()}")
+        plot_metrics(self.metrics.read(), self.output_dir / "loss.png", ["loss", "eval_loss"],
+                     title=f"SFT: {self._method_name()}", ylabel="cross-entropy (nats/token)")
         output = self.save_model()
         after = self._sample("after training")
         self._save_samples(before, after)
@@ -290,34 +290,17 @@ class SFTTrainer:
     # ------------------------------------------------------------------ resuming
 
     def _maybe_resume(self) -> bool:
-        target = self.config.resume_from_checkpoint
-        if target in (None, False, "", "false", "none"):
+        checkpoint = resume_from(self.config.resume_from_checkpoint, self.output_dir, self.model, self.optimizer,
+                                 settings_must_match(self.config, RESUME_MUST_MATCH))
+        if checkpoint is None:
             return False
-        if target is True or (isinstance(target, str) and target.lower() in ("latest", "true")):
-            path = find_latest_checkpoint(self.output_dir)
-            if path is None:
-                raise ThriftyError(f"resume_from_checkpoint: there is no checkpoint-<step> directory in "
-                                   f"{self.output_dir} to resume from. Remove resume_from_checkpoint to start "
-                                   "afresh, or point it at a checkpoint directory.")
-        else:
-            path = Path(str(target))
-            if not path.is_dir():
-                raise ThriftyError(f"resume_from_checkpoint: {path} is not a directory. Give a checkpoint-<step> "
-                                   f"directory, or 'latest'.")
-        checkpoint = load_checkpoint(path, self.model, check_config=settings_must_match(self.config, RESUME_MUST_MATCH))
-        state = checkpoint.trainer_state
-        try:
-            self.optimizer.load_state_dict(checkpoint.optimizer_state)
-        except (ValueError, KeyError) as e:
-            raise ThriftyError(f"{path}: the optimizer state does not fit this model ({e}); resume with the "
-                               "same model and method as the checkpoint.") from e
+        state, path = checkpoint.trainer_state, checkpoint.path
         self.order.load_state_dict(state["data_order"])
         self.window.load_state_dict(state["log_window"])
         self.step = int(state["step"])
         if self.step > self.total_steps:
             raise ThriftyError(f"{path} is at step {self.step}, past this run's {self.total_steps} steps; raise "
                                "max_steps or num_train_epochs to train further.")
-        set_rng_state(checkpoint.rng_state)
         self.metrics.keep_until(self.step)
         self.log(f"resumed from {path} at step {self.step}")
         return True
