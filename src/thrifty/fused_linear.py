@@ -10,8 +10,12 @@ batch sizes takes ~60% of the time of F.linear, which re-lays-out the weight on
 every call.
 
 LoRA-wrapped layers fuse too: their frozen base weights join the fused matmul and
-each live adapter adds its low-rank branch on top, so generation during GRPO uses
-the current adapter weights with no merge and no copy of the base.
+the live adapters add their low-rank branch on top, so generation during GRPO uses
+the current adapter weights with no merge and no copy of the base. The adapters of a
+group run as two small fp32 matmuls over their stacked A matrices and a block-diagonal
+B (scaling folded in), rebuilt only when an adapter changes: one rank-16 branch per
+layer in bf16, added into a column slice of the output, had made LoRA generation 2x
+slower than the plain model (bf16 matmuls with K = 16 take a slow path on CPU).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class FusedLinear:
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.prepacked = False
+        self.adapter_source: tuple | None = None
+        self.adapters: tuple[torch.Tensor, torch.Tensor] | None = None  # (stacked A, block-diagonal B)
 
     # The fused weight is derived data (and an opaque oneDNN tensor that cannot be
     # copied or pickled): copies start without it and rebuild it on first use.
@@ -90,14 +96,32 @@ class FusedLinear:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
         else:
             out = F.linear(flat, self.weight, self.bias)
-        start = 0
-        for layer, size in zip(self.layers, self.sizes):
-            if isinstance(layer, LoraLinear) and not layer.disabled:
-                # Same arithmetic as LoraLinear.forward at inference (dropout is off).
-                a = F.linear(flat, layer.lora_A.weight.to(flat.dtype)) * layer.scaling
-                out[:, start:start + size].addmm_(a, layer.lora_B.weight.to(flat.dtype).t())
-            start += size
+        adapters = self.live_adapters()
+        if adapters is not None:
+            stacked_a, block_b = adapters
+            out.add_(F.linear(F.linear(flat.float(), stacked_a), block_b))  # fp32 sum, one rounding
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def live_adapters(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """fp32 (A of every active adapter stacked [sum r, in], block-diagonal scaling * B
+        [sum out, sum r]); None when no layer has an active adapter."""
+        active = [isinstance(layer, LoraLinear) and not layer.disabled for layer in self.layers]
+        if not any(active):
+            return None
+        key = tuple((layer.lora_A.weight._version, layer.lora_A.weight.data_ptr(), layer.lora_B.weight._version,
+                     layer.lora_B.weight.data_ptr(), layer.scaling) if on else None
+                    for layer, on in zip(self.layers, active))
+        if key != self.adapter_source:
+            a_blocks, b_blocks = [], []
+            for layer, on, base in zip(self.layers, active, self.bases):
+                if on:
+                    a_blocks.append(layer.lora_A.weight.detach().float())
+                    b_blocks.append(layer.lora_B.weight.detach().float() * layer.scaling)
+                else:  # a layer without an adapter: zero rows in the output of the branch
+                    b_blocks.append(torch.zeros(base.out_features, 0, device=base.weight.device))
+            self.adapters = torch.cat(a_blocks), torch.block_diag(*b_blocks)
+            self.adapter_source = key
+        return self.adapters
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self(x).split(self.sizes, dim=-1)
