@@ -189,10 +189,25 @@ def test_dynamic_sampling_and_iterations_run(tiny_dir: Path, tmp_path: Path) -> 
     assert len(logged) == 2 and all("dynamic_sampling/draws" in r for r in logged)
 
 
+def test_logging_steps_average_their_window(tiny_dir: Path, tmp_path: Path) -> None:
+    """logging_steps=2 writes one line per 2 steps: the mean of the two steps' metrics
+    (as a run logging every step records them), the peak of the RSS."""
+    every, windowed = tmp_path / "every", tmp_path / "windowed"
+    tiny_trainer(tiny_dir, tiny_config(every, tiny_dir, max_steps=4)).train()
+    tiny_trainer(tiny_dir, tiny_config(windowed, tiny_dir, max_steps=4, logging_steps=2)).train()
+    steps, windows = records(every), records(windowed)
+    assert [r["step"] for r in windows] == [2, 4]
+    for window, (first, second) in zip(windows, [steps[0:2], steps[2:4]]):
+        for key in ("reward", "loss", "completions/mean_length", "grad_norm"):
+            assert window[key] == pytest.approx((first[key] + second[key]) / 2), key
+        assert window["completions/max_length"] == max(first["completions/max_length"],
+                                                       second["completions/max_length"])
+
+
 def test_resume_equals_uninterrupted(tiny_dir: Path, tmp_path: Path) -> None:
     """Train 4 steps saving every 2; resume from checkpoint-2 in a fresh trainer: same
     metrics, same sampled completions, same final adapter."""
-    options = dict(max_steps=4, save_steps=2, save_total_limit=None, num_iterations=2, beta=0.05)
+    options = dict(max_steps=4, save_steps=2, save_total_limit=None, num_iterations=2, beta=0.05, logging_steps=3)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     tiny_trainer(tiny_dir, tiny_config(straight, tiny_dir, **options)).train()
     tiny_trainer(tiny_dir, tiny_config(resumed, tiny_dir, **options)).train()

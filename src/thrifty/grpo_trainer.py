@@ -172,6 +172,7 @@ class GRPOTrainer:
         self.seconds = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
         self._prompt_cache: dict[int, list[int]] = {}
         self._last_eval: EvalResult | None = None
+        self._unlogged: list[dict[str, Any]] = []  # step records since the last metrics.jsonl line
 
     # ------------------------------------------------------------------ data
 
@@ -437,8 +438,10 @@ class GRPOTrainer:
             result = self.evaluate()
             if result is not None:
                 record["eval_accuracy"] = result.accuracy
+        self._unlogged.append(record)
         if self.step % cfg.logging_steps == 0 or last or "eval_accuracy" in record:
-            self.metrics.write(record)
+            self.metrics.write(average_records(self._unlogged))
+            self._unlogged = []
         return record
 
     def _completion_stats(self, groups: list[Group]) -> dict[str, float]:
@@ -482,7 +485,7 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "updates": self.updates, "max_steps": self.config.max_steps,
-                 "data_order": self.order.state_dict()}
+                 "data_order": self.order.state_dict(), "unlogged": self._unlogged}
         return save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer,
                                optimizer_state=self.optimizer.state_dict(), trainer_state=state,
                                config_yaml=dump_yaml(self.config), base_model_name_or_path=self.base_model_name(),
@@ -504,6 +507,7 @@ class GRPOTrainer:
                                f"{self.config.max_steps}; raise max_steps to train further.")
         self.metrics.keep_until(self.step)
         self.completions_log.keep_until(self.step)
+        self._unlogged = state.get("unlogged", [])
         self.log(f"resumed from {path} at step {self.step}")
         return True
 
@@ -524,12 +528,14 @@ class GRPOTrainer:
 
     @staticmethod
     def _postfix(record: dict[str, Any]) -> str:
-        parts = [f"reward={record['reward']:.3f}"]
+        parts = [f"reward={record['reward']:.3f}±{record['reward_std']:.2f}"]
         if "accuracy" in record:
             parts.append(f"acc={record['accuracy']:.2f}")
         parts.append(f"len={record['completions/mean_length']:.0f}")
         if "kl" in record:
             parts.append(f"kl={record['kl']:.4f}")
+        if "clip_ratio/region_mean" in record:
+            parts.append(f"clip={record['clip_ratio/region_mean']:.3f}")
         parts.append(f"gen/score/train={record['time/generation']:.1f}/{record['time/scoring']:.2f}/"
                      f"{record['time/training']:.1f}s")
         return " ".join(parts)
@@ -548,6 +554,23 @@ class GRPOTrainer:
         if result.output_path is not None:
             parts.append(f"saved {result.output_path}")
         return "; ".join(parts)
+
+
+def average_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metrics line for a logging window, as TRL logs: each metric's mean over the
+    steps that have it (None and NaN skipped), the last step's number, the peak RSS."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for r in records for k in r):
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+        if key == "step":
+            out[key] = records[-1]["step"]
+        elif key == "rss_mb" or key.endswith("/max_length") or key.endswith("_max"):
+            out[key] = max(values) if values else None
+        elif key.endswith("_min"):
+            out[key] = min(values) if values else None
+        else:
+            out[key] = sum(values) / len(values) if values else None
+    return out
 
 
 def before_and_after(before: EvalResult, after: EvalResult) -> str:
