@@ -59,12 +59,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        silu = F.silu(gate)  # recomputed in the activation dtype, as the forward rounded it
-        sigmoid = torch.sigmoid(gate.float())
-        # silu'(x) = sigmoid(x) * (1 + x * (1 - sigmoid(x)))
-        dsilu = sigmoid * (1 + gate.float() * (1 - sigmoid))
-        grad_gate = (grad.float() * up.float() * dsilu).to(gate.dtype)
-        return grad_gate, grad * silu
+        # Autograd's own arithmetic for silu(gate) * up, with silu(gate) recomputed.
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
