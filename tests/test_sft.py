@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from thrifty.checkpoint import list_checkpoints
-from thrifty.data import pack_examples, tokenize_dataset
+from thrifty.data import collate_padded, pack_examples, tokenize_dataset
 from thrifty.export import save_hf_model
 from thrifty.loading.loader import load_model
 from thrifty.sft_config import SFTConfig
@@ -344,17 +344,22 @@ def test_packing_gives_the_same_loss_as_padding(tiny_dir: Path) -> None:
     assert 1 < len(packed_rows) < len(examples)
     packed = make_batch(packed_rows, pad, None)  # several packed rows, stacked and padded
     assert packed.num_labels == padded.num_labels and packed.num_tokens == padded.num_tokens
+    # Padded batches train with plain causal attention (no mask); the explicit padding
+    # mask of collate_padded must give the same loss and gradients.
+    assert "mask" not in padded.tensors
+    explicit_mask = collate_padded(examples, pad)
     results = []
-    for batch in (padded, packed):
+    for tensors in (padded.tensors, packed.tensors, explicit_mask):
         model.zero_grad()
-        loss, count = sft_loss(model, batch.tensors)
+        loss, count = sft_loss(model, tensors)
         loss.backward()
         results.append((loss.item(), int(count), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_a, count_a, grads_a), (loss_b, count_b, grads_b) = results
-    assert count_a == count_b
-    assert abs(loss_a - loss_b) < 1e-4 * abs(loss_a)
-    for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
+    loss_a, count_a, grads_a = results[0]
+    for loss_b, count_b, grads_b in results[1:]:
+        assert count_a == count_b
+        assert abs(loss_a - loss_b) < 1e-4 * abs(loss_a)
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["qlora-nf4", "lora-int8", "full-checkpointing"])

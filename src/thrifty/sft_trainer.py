@@ -58,9 +58,10 @@ RESUME_MUST_MATCH = ("model_name_or_path", "dtype", "use_lora", "lora_r", "lora_
 
 def sft_loss(model: CausalLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, labelled tokens) of one batch; labels come shifted."""
+    batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
     input_ids = batch["input_ids"]
     with training_attention_kernel(input_ids.shape[1], input_ids.device):
-        hidden = model.hidden_states(input_ids, batch["positions"], batch["mask"])
+        hidden = model.hidden_states(input_ids, batch["positions"], batch.get("mask"))
     return chunked_cross_entropy(hidden, model.lm_head.weight, batch["labels"])
 
 
