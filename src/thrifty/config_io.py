@@ -52,6 +52,26 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         raise ThriftyError(f"{source}: {e}") from e
 
 
+def require(config: Any, ok: bool, name: str, what: str) -> None:
+    """A value check for a config's __post_init__: when `ok` is false, stop naming the
+    field, its value and what it must be (load_config adds the file)."""
+    if not ok:
+        raise ThriftyError(f"{name} = {getattr(config, name)!r}: {what}.")
+
+
+def resolve_next_to(config: Any, path: str | Path | None, names: Sequence[str]) -> None:
+    """A relative file path (of the fields `names`) that does not exist from the working
+    directory is looked up next to the YAML file at `path`: `thrifty sft examples/x.yaml`
+    works from anywhere, while paths relative to where you run keep working too."""
+    if path is None:
+        return
+    here = Path(path).parent
+    for name in names:
+        value = getattr(config, name)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (here / value).exists():
+            setattr(config, name, str(here / value))
+
+
 def read_yaml_values(cls: type[Any], path: Path) -> dict[str, Any]:
     """The file's top-level mapping, each value checked and converted to its field's type."""
     if not path.is_file():

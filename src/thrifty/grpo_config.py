@@ -18,13 +18,15 @@ Load one from YAML with `load_grpo_config(path, ["key=value", ...])`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from thrifty.config_io import load_config
+from thrifty.config_io import load_config, require, resolve_next_to
 from thrifty.errors import ThriftyError
 from thrifty.grpo_loss import LOSS_TYPES, SCALE_REWARDS
 from thrifty.loading.loader import DTYPES
+from thrifty.training_setup import check_method_fields
 
 
 @dataclass
@@ -102,13 +104,10 @@ class GRPOConfig:
     disable_tqdm: bool = False
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ThriftyError(f"{name} = {getattr(self, name)!r}: {what}.")
-
+        need = partial(require, self)
         need(self.dtype in DTYPES, "dtype", f"use one of {', '.join(DTYPES)}")
         for name in ("num_generations", "max_completion_length", "num_iterations", "per_device_train_batch_size",
-                     "gradient_accumulation_steps", "max_steps", "logging_steps", "lora_r",
+                     "gradient_accumulation_steps", "max_steps", "logging_steps",
                      "max_dynamic_sampling_draws", "num_train_prompts"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         need(self.num_generations >= 2, "num_generations",
@@ -128,8 +127,6 @@ class GRPOConfig:
         need(self.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
         need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be a fraction in [0, 1)")
         need(self.max_grad_norm >= 0, "max_grad_norm", "must be 0 (no clipping) or more")
-        need(self.lora_alpha > 0, "lora_alpha", "must be positive")
-        need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
         need(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", "must be at least 1, or null")
         need(self.num_eval_samples >= 0, "num_eval_samples", "must be 0 or more")
         need(self.log_completions >= 0, "log_completions", "must be 0 or more")
@@ -140,11 +137,7 @@ class GRPOConfig:
         need(self.gradient_accumulation_steps <= completions, "gradient_accumulation_steps",
              f"must not exceed the {completions} completions of a step (per_device_train_batch_size x "
              "num_generations), or some micro-batches would be empty")
-        if isinstance(self.lora_target_modules, str) and "," in self.lora_target_modules:
-            self.lora_target_modules = [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
-        if self.quantize is not None and not self.use_lora:
-            raise ThriftyError(f"quantize = {self.quantize!r} needs use_lora: true (a quantized base is frozen); "
-                               "set use_lora: true, or quantize: null for full fine-tuning.")
+        check_method_fields(self)
         if self.task is not None and self.train_file is not None:
             raise ThriftyError(f"task = {self.task!r} and train_file = {self.train_file!r} are both set; use one: "
                                "a built-in task supplies its own prompts.")
@@ -154,10 +147,5 @@ def load_grpo_config(path: str | Path | None = None, overrides: Sequence[str] = 
     """GRPOConfig from a YAML file and `key=value` overrides; a relative train_file or
     model path that does not exist from here is looked up next to the YAML file."""
     config = load_config(GRPOConfig, path, overrides)
-    if path is not None:
-        here = Path(path).parent
-        for name in ("train_file", "model_name_or_path"):
-            value = getattr(config, name)
-            if value and not Path(value).is_absolute() and not Path(value).exists() and (here / value).exists():
-                setattr(config, name, str(here / value))
+    resolve_next_to(config, path, ("train_file", "model_name_or_path"))
     return config

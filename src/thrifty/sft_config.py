@@ -9,13 +9,15 @@ sample_prompts, ...) follow the same style. Load one from YAML with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal, Sequence
 
-from thrifty.config_io import load_config
+from thrifty.config_io import load_config, require, resolve_next_to
 from thrifty.data import FORMATS
 from thrifty.errors import ThriftyError
 from thrifty.loading.loader import DTYPES
+from thrifty.training_setup import check_method_fields
 
 
 @dataclass
@@ -80,15 +82,12 @@ class SFTConfig:
     sample_max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ThriftyError(f"{name} = {getattr(self, name)!r}: {what}.")
-
+        need = partial(require, self)
         need(self.dtype in DTYPES, "dtype", f"use one of {', '.join(DTYPES)}")
         need(self.format is None or self.format in FORMATS, "format", f"use one of {', '.join(FORMATS)}")
         need(0.0 <= self.eval_split < 1.0, "eval_split", "must be a fraction in [0, 1)")
         for name in ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "lora_r", "logging_steps"):
+                     "gradient_accumulation_steps", "logging_steps"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         need(self.learning_rate > 0, "learning_rate", "must be positive")
         need(self.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
@@ -99,21 +98,13 @@ class SFTConfig:
         need(0.0 <= self.adam_beta1 < 1.0, "adam_beta1", "must be in [0, 1)")
         need(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", "must be in [0, 1)")
         need(self.max_grad_norm >= 0, "max_grad_norm", "must be 0 (no clipping) or more")
-        need(self.lora_alpha > 0, "lora_alpha", "must be positive")
-        need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
         need(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", "must be at least 1, or null")
         need(self.save_steps >= 0, "save_steps", "must be 0 (no checkpoints) or more")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
              "must be at least 1, or null to keep every checkpoint")
         need(self.num_sample_prompts >= 0, "num_sample_prompts", "must be 0 or more")
         need(self.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
-        if isinstance(self.lora_target_modules, str) and "," in self.lora_target_modules:
-            # `lora_target_modules=q_proj,v_proj` on the command line means a list.
-            self.lora_target_modules = [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
-        if self.quantize is not None and not self.use_lora:
-            raise ThriftyError(f"quantize = {self.quantize!r} needs use_lora: true. A quantized base model is "
-                               "frozen, so only LoRA adapters can be trained on it (QLoRA). Set use_lora: true, "
-                               "or quantize: null for full fine-tuning.")
+        check_method_fields(self)
         if self.eval_file is not None and self.eval_split > 0:
             raise ThriftyError(f"eval_file and eval_split = {self.eval_split} are both set; use one: an eval "
                                "file, or a fraction of train_file held out.")
@@ -127,10 +118,5 @@ def load_sft_config(path: str | Path | None = None, overrides: Sequence[str] = (
     from anywhere while paths relative to where you run keep working too.
     """
     config = load_config(SFTConfig, path, overrides)
-    if path is not None:
-        here = Path(path).parent
-        for name in ("train_file", "eval_file", "model_name_or_path"):
-            value = getattr(config, name)
-            if value and not Path(value).is_absolute() and not Path(value).exists() and (here / value).exists():
-                setattr(config, name, str(here / value))
+    resolve_next_to(config, path, ("train_file", "eval_file", "model_name_or_path"))
     return config
