@@ -12,7 +12,8 @@ Each step (see `_step`):
      with dynamic_sampling, groups whose rewards are all equal are dropped and refilled
      by sampling more prompts;
   4. update: num_iterations optimizer updates of the clipped-surrogate loss (grpo_loss)
-     on the rollout's completions, in gradient_accumulation_steps micro-batches. The
+     on the rollout's completions, in gradient_accumulation_steps micro-batches that
+     hold each prompt once, followed by its completions (grpo_batches). The
      log-probs come from the final hidden states through selective_log_probs, so the
      [tokens x vocab] logits never exist; old log-probs are computed only when
      num_iterations > 1, reference log-probs (adapters off, or a frozen copy for full
@@ -46,13 +47,13 @@ from thrifty.config_io import dump_yaml
 from thrifty.data import DataOrder, load_rows
 from thrifty.errors import ThriftyError
 from thrifty.evaluation import EvalResult, evaluate_rows
-from thrifty.generation import attention_mask, generate_tokens, render_prompt
+from thrifty.generation import generate_tokens, render_prompt
+from thrifty.grpo_batches import MicroBatch, completion_log_probs, pack_groups
 from thrifty.grpo_config import GRPOConfig
 from thrifty.grpo_loss import collect_informative_groups, combine_rewards, completion_mask, group_advantages, \
     grpo_loss, reward_metrics
 from thrifty.loading.default import DEFAULT_MODEL_NAME
 from thrifty.lora import disable_lora, trainable_parameters
-from thrifty.losses import selective_log_probs
 from thrifty.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
 from thrifty.model import CausalLM
 from thrifty.optim import MasterWeightAdamW
@@ -86,19 +87,6 @@ class Group:
     truncated: list[bool]
     rewards: torch.Tensor  # [num_reward_funcs, G], NaN where a function returned None
     correct: list[bool] | None  # the task's checker, when there is a task
-
-
-@dataclass
-class MicroBatch:
-    """prompt + completion rows, left-padded prompts, right-padded completions."""
-
-    input_ids: torch.Tensor  # [B, P + T - 1]: the last completion token is never an input
-    positions: torch.Tensor
-    mask: torch.Tensor
-    completion_ids: torch.Tensor  # [B, T]
-    completion_mask: torch.Tensor  # [B, T] float
-    advantages: torch.Tensor  # [B]
-    prompt_length: int  # P
 
 
 @dataclass
@@ -291,30 +279,16 @@ class GRPOTrainer:
 
     def _micro_batch(self, prompts: list[list[int]], completions: list[list[int]], truncated: torch.Tensor,
                      advantages: torch.Tensor) -> MicroBatch:
-        pad = self.tokenizer.pad_token_id
-        P, T = max(map(len, prompts)), max(map(len, completions))
-        rows = [[pad] * (P - len(p)) + p + c + [pad] * (T - len(c)) for p, c in zip(prompts, completions)]
-        device = self.model.device
-        input_ids = torch.tensor(rows, device=device)[:, :-1]
-        pads = torch.tensor([P - len(p) for p in prompts], device=device)
-        positions = torch.arange(P + T - 1, device=device)[None, :] - pads[:, None]  # < 0 on left padding
-        mask = attention_mask(positions, positions, self.model.config.sliding_window)
         lengths = torch.tensor([len(c) for c in completions])
-        return MicroBatch(
-            input_ids=input_ids, positions=positions, mask=mask,
-            completion_ids=torch.tensor([c + [pad] * (T - len(c)) for c in completions], device=device),
-            completion_mask=completion_mask(lengths, T, truncated, self.config.mask_truncated_completions).to(device),
-            advantages=advantages.to(device), prompt_length=P)
+        mask = completion_mask(lengths, int(lengths.max()), truncated, self.config.mask_truncated_completions)
+        return pack_groups(prompts, completions, mask, advantages, pad_token_id=self.tokenizer.pad_token_id,
+                           sliding_window=self.model.config.sliding_window, device=self.model.device)
 
     def log_probs(self, batch: MicroBatch, model: CausalLM | None = None) -> torch.Tensor:
         """[B, T] log-probs of the completion tokens (at the sampling temperature)."""
         model = model or self.model
         with training_attention_kernel(batch.input_ids.shape[1], batch.input_ids.device):
-            hidden = model.hidden_states(batch.input_ids, batch.positions.clamp(min=0), batch.mask)
-        # Position P-1+t predicts completion token t; only these rows go through the head.
-        hidden = hidden[:, batch.prompt_length - 1:]
-        return selective_log_probs(hidden, model.lm_head.weight, batch.completion_ids,
-                                   temperature=self.config.temperature)
+            return completion_log_probs(model, batch, self.config.temperature)
 
     @torch.no_grad()
     def reference_log_probs(self, batch: MicroBatch) -> torch.Tensor:
