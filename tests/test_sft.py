@@ -192,7 +192,15 @@ def test_kill_during_save_leaves_the_previous_checkpoint_usable(tiny_dir: Path, 
 
     tiny_trainer(tiny_dir, tiny_config(out, max_steps=5, save_steps=1, save_total_limit=2,
                                        resume_from_checkpoint="latest")).train()
-    assert training_records(out) == training_records(reference)
+    # Steps 1-2 ran in the killed process: across processes, multithreaded CPU kernels
+    # occasionally round a gradient's last bit differently (seen in ~1 of 10 runs, never
+    # within one process), so compare to 1e-6. A wrong data order, optimizer state or RNG
+    # state would change the metrics by far more; test_resume_gives_identical_metrics
+    # checks bit-identity where both runs share a process.
+    resumed, uninterrupted = training_records(out), training_records(reference)
+    assert len(resumed) == len(uninterrupted)
+    for got, expected in zip(resumed, uninterrupted):
+        assert got == pytest.approx(expected, rel=1e-6)
     assert not any(p.name.startswith(".tmp-") for p in out.iterdir())
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-5"]
 

@@ -49,7 +49,8 @@ def sample_next_tokens(
     """
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    # A full pass over [batch, vocab]: skipped when it would change nothing.
+    logits = logits.float() / params.temperature if params.temperature != 1.0 else logits.float()
     vocab = logits.shape[-1]
     if 0 < params.top_k < vocab:
         top_logits, candidates = logits.topk(params.top_k, dim=-1)
