@@ -53,6 +53,8 @@ def pack_groups(prompts: list[list[int]], completions: list[list[int]], completi
     """
     rows: list[tuple[list[int], list[int], list[int]]] = []  # (tokens, positions, segments)
     predictors: list[tuple[int, int]] = []  # (row, column) predicting each real token, completion-major
+    if any(not completion for completion in completions):
+        raise ValueError("every completion needs at least one token (generation always yields one).")
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         if i == 0 or prompt != prompts[i - 1]:
             rows.append((list(prompt), list(range(len(prompt))), [0] * len(prompt)))
