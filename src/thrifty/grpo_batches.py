@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from thrifty.losses import selective_log_probs
-from thrifty.model import CausalLM
+from thrifty.model import CausalLM, causal_mask
 
 PADDING_SEGMENT = -1
 
@@ -88,15 +88,12 @@ def pack_groups(prompts: list[list[int]], completions: list[list[int]], completi
 
 
 def group_mask(positions: torch.Tensor, segments: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """[R, 1, L, L]: a query sees the prompt (segment 0) and its own segment, at or before
-    its position. Padding (its own segment, position 0) sees only padding and the first
-    prompt token: never an empty row, which would make SDPA produce NaNs."""
-    query_pos, key_pos = positions.unsqueeze(-1), positions.unsqueeze(1)
-    query_seg, key_seg = segments.unsqueeze(-1), segments.unsqueeze(1)
-    allowed = ((key_seg == 0) | (key_seg == query_seg)) & (key_pos <= query_pos)
-    if sliding_window is not None:
-        allowed &= query_pos - key_pos < sliding_window
-    return allowed.unsqueeze(1)
+    """[R, 1, L, L]: the model's causal rule on positions (and sliding window), limited to
+    the prompt (segment 0) and the query's own segment. Padding (its own segment, position
+    0) sees only padding and the first prompt token: never an empty row, which would make
+    SDPA produce NaNs."""
+    same_group = (segments.unsqueeze(1) == 0) | (segments.unsqueeze(1) == segments.unsqueeze(-1))
+    return causal_mask(positions, positions.shape[1], sliding_window, key_positions=positions) & same_group.unsqueeze(1)
 
 
 def completion_log_probs(model: CausalLM, batch: MicroBatch, temperature: float) -> torch.Tensor:
