@@ -61,21 +61,25 @@ def test_chunked_cross_entropy_all_ignored_is_zero_with_zero_grads() -> None:
     assert hidden.grad.abs().max() == 0 and weight.grad.abs().max() == 0
 
 
-def test_chunked_cross_entropy_bf16() -> None:
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_chunked_cross_entropy_bf16(frozen_head: bool) -> None:
     hidden, weight, labels = _inputs(3, torch.bfloat16)
+    weight.requires_grad_(not frozen_head)
+    trained = [t for t in (hidden, weight) if t.requires_grad]
     loss_sum, n = chunked_cross_entropy(hidden, weight, labels, chunk_size=10)
-    grads = _grads(loss_sum / n, hidden, weight)
-    assert loss_sum.dtype == torch.float32 and [g.dtype for g in grads] == [torch.bfloat16] * 2
-    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    grads = _grads(loss_sum / n, *trained)
+    assert loss_sum.dtype == torch.float32 and [g.dtype for g in grads] == [torch.bfloat16] * len(trained)
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_(not frozen_head)
     reference = F.cross_entropy(h32 @ w32.T, labels)
     torch.testing.assert_close(loss_sum / n, reference, atol=2e-2, rtol=1e-2)
-    for ours, theirs in zip(grads, _grads(reference, h32, w32)):
+    for ours, theirs in zip(grads, _grads(reference, *[t for t in (h32, w32) if t.requires_grad])):
         torch.testing.assert_close(ours.float(), theirs, atol=2e-3, rtol=5e-2)
 
 
-def test_full_logits_are_never_saved_for_backward() -> None:
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_full_logits_are_never_saved_for_backward(frozen_head: bool) -> None:
     hidden = torch.randn(400, H, requires_grad=True)
-    weight = torch.randn(V, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=not frozen_head)
     labels = torch.randint(0, V, (400,))
     saved: list[int] = []
 
@@ -97,17 +101,20 @@ def test_out_of_vocabulary_label_is_a_clear_error() -> None:
         chunked_cross_entropy(hidden, weight, labels)
 
 
+@pytest.mark.parametrize("frozen_head", [False, True])  # recomputed in backward / row grads from the forward
 @pytest.mark.parametrize("chunk_size,temperature", [(1, 1.0), (7, 1.0), (37, 0.7), (64, 1.3)])
-def test_selective_log_probs_match_log_softmax(chunk_size: int, temperature: float) -> None:
+def test_selective_log_probs_match_log_softmax(chunk_size: int, temperature: float, frozen_head: bool) -> None:
     hidden, weight, _ = _inputs(6)
+    if frozen_head:
+        weight = weight.detach()
     tokens = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(9))
     ours = selective_log_probs(hidden, weight, tokens, chunk_size=chunk_size, temperature=temperature)
     reference = torch.log_softmax(hidden @ weight.T / temperature, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
     # A non-uniform upstream gradient, as GRPO's per-token advantages give.
     upstream = torch.randn(N, generator=torch.Generator().manual_seed(10))
-    for a, b in zip(_grads((ours * upstream).sum(), hidden, weight),
-                    _grads((reference * upstream).sum(), hidden, weight)):
+    trained = [t for t in (hidden, weight) if t.requires_grad]
+    for a, b in zip(_grads((ours * upstream).sum(), *trained), _grads((reference * upstream).sum(), *trained)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
