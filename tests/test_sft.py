@@ -347,10 +347,10 @@ def test_packing_gives_the_same_loss_as_padding(tiny_dir: Path) -> None:
     model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
     examples = tokenize_dataset(tiny_rows(12), tokenizer, max_length=96)
     pad = tokenizer.pad_token_id
-    padded = make_batch(examples, pad, None)
+    padded = make_batch(examples, pad)
     packed_rows = pack_examples(examples, 160)
     assert 1 < len(packed_rows) < len(examples)
-    packed = make_batch(packed_rows, pad, None)  # several packed rows, stacked and padded
+    packed = make_batch(packed_rows, pad)  # several packed rows, stacked and padded
     assert packed.num_labels == padded.num_labels and packed.num_tokens == padded.num_tokens
     # Padded batches train with plain causal attention (no mask); the explicit padding
     # mask of collate_padded must give the same loss and gradients.

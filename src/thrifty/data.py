@@ -560,11 +560,11 @@ def shifted_labels(labels: Sequence[int]) -> list[int]:
 
 
 def collate_padded(examples: Sequence[TokenizedExample], pad_token_id: int, *,
-                   sliding_window: int | None = None) -> dict[str, torch.Tensor]:
+                   sliding_window: int | None = None, with_mask: bool = True) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, labels (shifted, -100 on padding), positions [B, T]
-    and a boolean attention mask [B, 1, T, T] (True = may attend): causal, padding keys
-    hidden. Pass the model's config.sliding_window, since an explicit mask replaces the
-    model's own."""
+    and (with_mask) a boolean attention mask [B, 1, T, T] (True = may attend): causal,
+    padding keys hidden. Pass the model's config.sliding_window, since an explicit mask
+    replaces the model's own."""
     if not examples:
         raise ValueError("collate_padded needs at least one example.")
     lengths = [len(e) for e in examples]
@@ -577,6 +577,8 @@ def collate_padded(examples: Sequence[TokenizedExample], pad_token_id: int, *,
         input_ids[b, : len(e)] = torch.tensor(e.input_ids)
         labels[b, : len(e)] = torch.tensor(shifted_labels(e.labels))
     positions = torch.arange(width).unsqueeze(0).expand(len(examples), -1).contiguous()
+    if not with_mask:
+        return {"input_ids": input_ids, "labels": labels, "positions": positions}
     key_is_real = positions < torch.tensor(lengths).unsqueeze(1)
     mask = _causal(width, sliding_window) & key_is_real[:, None, None, :]
     # A padding query may see no real key (with a sliding window): let it see itself, or

@@ -42,14 +42,13 @@ class SFTData:
     held_out_prompts: list[Prompt]  # prompts of eval rows, for before/after samples
     packed: bool
     pad_token_id: int
-    sliding_window: int | None
 
     def train_batch(self, indices: Sequence[int]) -> Batch:
-        return make_batch([self.train_items[i] for i in indices], self.pad_token_id, self.sliding_window)
+        return make_batch([self.train_items[i] for i in indices], self.pad_token_id)
 
     def eval_batches(self, batch_size: int) -> Iterable[Batch]:
         for start in range(0, len(self.eval_examples), batch_size):
-            yield make_batch(self.eval_examples[start:start + batch_size], self.pad_token_id, self.sliding_window)
+            yield make_batch(self.eval_examples[start:start + batch_size], self.pad_token_id)
 
 
 def load_sft_data(config: SFTConfig, tokenizer: Tokenizer, train_dataset: DatasetLike | None,
@@ -90,7 +89,7 @@ def load_sft_data(config: SFTConfig, tokenizer: Tokenizer, train_dataset: Datase
     prompts: list[Prompt] = list(config.sample_prompts)
     if not prompts and eval_rows is not None:
         prompts = held_out_prompts(eval_rows, config.format, config.num_sample_prompts, chat)
-    return SFTData(items, eval_examples or [], prompts, config.packing, tokenizer.pad_token_id, sliding_window)
+    return SFTData(items, eval_examples or [], prompts, config.packing, tokenizer.pad_token_id)
 
 
 def _rows_or_examples(source: DatasetLike) -> tuple[Rows | None, list[TokenizedExample] | None]:
@@ -158,19 +157,17 @@ def _prompt_of(row: dict[str, Any], fmt: str) -> Prompt | None:
     return messages[:replies[-1]]
 
 
-def make_batch(items: Sequence[TokenizedExample] | Sequence[PackedBatch], pad_token_id: int,
-               sliding_window: int | None) -> Batch:
+def make_batch(items: Sequence[TokenizedExample] | Sequence[PackedBatch], pad_token_id: int) -> Batch:
     """Tensors for one micro-batch: right-padded examples, or packed sequences stacked
     into rows (each row keeps its own block-diagonal mask; rows are right-padded)."""
     if items and isinstance(items[0], PackedBatch):
         tensors = stack_packed(items, pad_token_id)  # type: ignore[arg-type]
         num_tokens = sum(sum(p.lengths) for p in items)  # type: ignore[union-attr]
     else:
-        tensors = collate_padded(items, pad_token_id, sliding_window=sliding_window)  # type: ignore[arg-type]
         # Right padding: every key a real token may see is real, so plain causal attention
         # (the model's own, sliding window included) gives the same result for every token
         # the loss counts. SDPA's is_causal path skips the mask: ~30% less attention time.
-        del tensors["mask"]
+        tensors = collate_padded(items, pad_token_id, with_mask=False)  # type: ignore[arg-type]
         num_tokens = sum(len(e) for e in items)  # type: ignore[arg-type]
     num_labels = int((tensors["labels"] != IGNORE_INDEX).sum())
     return Batch(tensors, num_tokens, num_labels)
