@@ -44,8 +44,11 @@ def test_packed_log_probs_and_gradients_equal_one_row_per_completion(family: str
     batch = pack_groups(prompts, COMPLETIONS, mask, torch.zeros(len(COMPLETIONS)), pad_token_id=0,
                         sliding_window=model.config.sliding_window, device=torch.device("cpu"))
     assert batch.input_ids.shape[0] == len(PROMPTS)  # one row per prompt
+    assert batch.input_ids.shape[1] % 64 == 0  # rows padded to a few shapes (see ROW_LENGTH_MULTIPLE)
+    unpadded = pack_groups(prompts, COMPLETIONS, mask, torch.zeros(len(COMPLETIONS)), pad_token_id=0,
+                           sliding_window=None, device=torch.device("cpu"), pad_to_multiple_of=1)
     # Fewer tokens than one row per completion: each prompt appears once.
-    assert batch.input_ids.numel() < sum(len(p) + len(c) - 1 for p, c in zip(prompts, COMPLETIONS))
+    assert unpadded.input_ids.numel() < sum(len(p) + len(c) - 1 for p, c in zip(prompts, COMPLETIONS))
 
     temperature = 0.7
     packed = completion_log_probs(model, batch, temperature)
