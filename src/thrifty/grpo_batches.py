@@ -29,8 +29,8 @@ from thrifty.model import CausalLM, causal_mask
 PADDING_SEGMENT = -1
 # Rows are padded to a multiple of this many tokens. Unpadded, every micro-batch had a new
 # row length, so new matmul shapes, and oneDNN kept a primitive for each: the demo's RSS
-# grew 1.3 -> 2.2 GB over 20 steps; padded to 64 it grew 1.3 -> 1.8 GB. In an interleaved
-# A/B, an update on the same rollouts took the same time padded or not.
+# crept up all run (peak 2.6 GB; 2.2 GB padded). In an interleaved A/B, an update on the
+# same rollouts took the same time padded or not.
 ROW_LENGTH_MULTIPLE = 64
 
 
