@@ -123,6 +123,14 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float
     return logits
 
 
+def _log_prob_grad_(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d log p_t / d logits = onehot(t) - softmax, built in place in the [rows, vocab]
+    log-prob buffer (each row's logits minus its logsumexp)."""
+    g = log_p.exp_().neg_()
+    g[torch.arange(targets.shape[0], device=g.device), targets] += 1.0
+    return g
+
+
 class _ChunkedTokenLogProbs(torch.autograd.Function):
     """log p(target_i | hidden_i) for each row, chunk by chunk, with logits recomputed in backward."""
 
@@ -151,11 +159,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         for start in range(0, n, size):
             end = min(start + size, n)
             h = hidden[start:end]
-            # d log p_t / d logits = onehot(t) - softmax; built in place in the logits buffer.
-            g = _chunk_logits(h, weight, temperature)
-            g.sub_(lse[start:end, None]).exp_().neg_()
-            rows = torch.arange(end - start, device=g.device)
-            g[rows, targets[start:end]] += 1.0
+            g = _log_prob_grad_(_chunk_logits(h, weight, temperature).sub_(lse[start:end, None]), targets[start:end])
             g.mul_((grad_out[start:end] / temperature)[:, None])
             g = g.to(hidden.dtype)
             if need_hidden:
@@ -184,9 +188,7 @@ class _FrozenHeadTokenLogProbs(torch.autograd.Function):
             log_p = torch.log_softmax(_chunk_logits(hidden[start:end], weight, temperature), dim=-1)
             rows = torch.arange(end - start, device=hidden.device)
             out[start:end] = log_p[rows, targets[start:end]]
-            # d log p_t / d logits = onehot(t) - softmax, built in place in the log_p buffer.
-            g = log_p.exp_().neg_()
-            g[rows, targets[start:end]] += 1.0
+            g = _log_prob_grad_(log_p, targets[start:end])
             if temperature != 1.0:
                 g.div_(temperature)
             torch.mm(g.to(hidden.dtype), weight, out=row_grads[start:end])
