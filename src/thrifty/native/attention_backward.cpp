@@ -1,0 +1,288 @@
+// Backward pass of softmax attention for bf16 on x86 CPUs with AVX-512 BF16.
+//
+// PyTorch's CPU flash-attention backward was ~25% of a LoRA SFT step (7x its own
+// forward). This one recomputes the probabilities per block of 64 queries from the
+// forward's logsumexp, like flash attention, but runs all five products through
+// oneDNN's brgemm micro-kernel (AMX or AVX-512 BF16) with float accumulation, skips
+// key blocks a causal or explicit mask hides, and does the softmax-gradient arithmetic
+// in 16-lane vectors. Measured at 4 x 512 tokens, 9 query / 3 kv heads of 64: 17-20 ms
+// against 50-56 ms for PyTorch's, and its key/value gradients are closer to a float32
+// reference (accumulated in float across the whole sequence).
+//
+// Compiled on first use by thrifty/native_kernels.py with -march=native; on a CPU
+// without AVX-512 BF16 the module builds but reports itself unavailable.
+#include <torch/extension.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define THRIFTY_ATTENTION_BACKWARD 1
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+using Vec = at::vec::Vectorized<float>;
+namespace cpublas = at::native::cpublas;
+
+// Query rows per block; key counts are rounded up to it so every brgemm K is even.
+constexpr int64_t kBlock = 64;
+
+// brgemm reads B in VNNI-2 layout: element (k, n) of a [K, N] matrix sits at
+// ((k / 2) * ld + n) * 2 + k % 2. Rows at or past `rows` are zero.
+void pack_vnni(const BFloat16* src, int64_t row_stride, int64_t rows, int64_t K, int64_t N,
+               BFloat16* out) {
+  for (int64_t k = 0; k < K; k += 2) {
+    BFloat16* dst = out + (k / 2) * N * 2;
+    const bool has0 = k < rows, has1 = k + 1 < rows;
+    const BFloat16* r0 = src + k * row_stride;
+    const BFloat16* r1 = r0 + row_stride;
+    for (int64_t n = 0; n < N; ++n) {
+      dst[2 * n] = has0 ? r0[n] : BFloat16(0.f);
+      dst[2 * n + 1] = has1 ? r1[n] : BFloat16(0.f);
+    }
+  }
+}
+
+// VNNI-2 of X^T for a row-major X [N, K]: element (k, n) of X^T is X[n][k].
+// Rows of X at or past `rows` are zero.
+void pack_vnni_transposed(const BFloat16* src, int64_t row_stride, int64_t rows, int64_t K,
+                          int64_t N, BFloat16* out) {
+  for (int64_t n = 0; n < N; ++n) {
+    const BFloat16* x = src + n * row_stride;
+    const bool valid = n < rows;
+    for (int64_t k = 0; k < K; k += 2) {
+      BFloat16* dst = out + ((k / 2) * N + n) * 2;
+      dst[0] = valid ? x[k] : BFloat16(0.f);
+      dst[1] = valid ? x[k + 1] : BFloat16(0.f);
+    }
+  }
+}
+
+void copy_rows(const BFloat16* src, int64_t row_stride, int64_t rows, int64_t total_rows,
+               int64_t width, BFloat16* out) {
+  for (int64_t r = 0; r < total_rows; ++r) {
+    if (r < rows) {
+      std::copy(src + r * row_stride, src + r * row_stride + width, out + r * width);
+    } else {
+      std::fill(out + r * width, out + (r + 1) * width, BFloat16(0.f));
+    }
+  }
+}
+
+struct Strided {
+  const BFloat16* data;
+  int64_t batch, head, row;
+  Strided(const at::Tensor& t)
+      : data(t.data_ptr<BFloat16>()), batch(t.stride(0)), head(t.stride(1)), row(t.stride(2)) {}
+  const BFloat16* at(int64_t b, int64_t h) const { return data + b * batch + h * head; }
+};
+
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = src[r * cols + c];
+  }
+}
+
+// Round-to-nearest-even float -> bf16 of 16 lanes.
+inline __m256i bf16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
+
+// Pairs (a[n], b[n]) as 32-bit lanes: two rows of a VNNI-2 block.
+inline __m512i interleave(__m256i a, __m256i b) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+struct Row {
+  const float* scores;
+  const float* grad_p;
+  int64_t limit;      // keys [0, limit) may be attended; 0 for padding rows
+  float lse, delta;
+  const bool* mask;   // this row of the mask, or null
+};
+
+// Softmax probabilities of keys j..j+15 (0 where not attended) and their dS.
+inline void probabilities(const Row& row, int64_t j, float scale, __m512& p, __m512& ds) {
+  const int64_t left = row.limit - j;
+  __mmask16 allowed = left <= 0 ? 0 : left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+  if (row.mask != nullptr && allowed) {
+    const __m128i m = _mm_maskz_loadu_epi8(allowed, row.mask + j);
+    allowed &= _mm_test_epi8_mask(m, m);
+  }
+  if (!allowed) {
+    p = ds = _mm512_setzero_ps();
+    return;
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(row.scores + j), vscale), _mm512_set1_ps(row.lse));
+  p = _mm512_maskz_mov_ps(allowed, __m512(Vec(x).exp_u20()));
+  ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(row.grad_p + j), _mm512_set1_ps(row.delta))), vscale);
+}
+
+}  // namespace
+
+// grad_out, query, out: [B, H, T, D]; key, value: [B, Hkv, S, D] (H a multiple of Hkv);
+// logsumexp: [B, H, T] float of the scaled, masked scores; mask: optional bool
+// [B or 1, 1, T, S], True where a query may attend; otherwise causal when `causal`.
+// Returns grad_query [B, H, T, D] bf16 and, per query head, float grad_key and grad_value
+// transposed and padded: [B, H, D, S rounded up to 64] (the caller sums each group of
+// query heads and transposes back).
+std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& query,
+                                           const at::Tensor& key, const at::Tensor& value,
+                                           const at::Tensor& out, const at::Tensor& logsumexp,
+                                           const c10::optional<at::Tensor>& mask, bool causal,
+                                           double scale_) {
+  for (const at::Tensor* t : {&grad_out, &query, &key, &value, &out}) {
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->stride(3) == 1,
+                "attention_backward: bf16 [B, H, T, D] tensors with a contiguous last dim");
+  }
+  const int64_t B = query.size(0), H = query.size(1), T = query.size(2), D = query.size(3);
+  const int64_t Hkv = key.size(1), S = key.size(2);
+  const int64_t group = H / Hkv;
+  TORCH_CHECK(D % 16 == 0 && H % Hkv == 0,
+              "attention_backward: head_dim a multiple of 16, whole groups of query heads per kv head");
+  TORCH_CHECK(!causal || T == S, "attention_backward: causal needs as many queries as keys");
+  const float scale = static_cast<float>(scale_);
+  const at::Tensor lse = logsumexp.to(at::kFloat);
+  const bool has_mask = mask.has_value();
+  at::Tensor mask_t;
+  if (has_mask) {
+    mask_t = mask->to(at::kBool).expand({B, 1, T, S});
+    if (mask_t.stride(3) != 1) mask_t = mask_t.contiguous();
+  }
+  const int64_t Sp = (S + kBlock - 1) / kBlock * kBlock;
+
+  auto grad_query = at::empty({B, H, T, D}, query.options());
+  auto grad_key = at::zeros({B, H, D, Sp}, query.options().dtype(at::kFloat));
+  auto grad_value = at::zeros({B, H, D, Sp}, query.options().dtype(at::kFloat));
+
+  const Strided q(query), k(key), v(value), o(out), go(grad_out);
+  const float* lse_data = lse.data_ptr<float>();
+  const int64_t lse_b = lse.stride(0), lse_h = lse.stride(1), lse_t = lse.stride(2);
+  const bool* mask_data = has_mask ? mask_t.data_ptr<bool>() : nullptr;
+  const int64_t mask_b = has_mask ? mask_t.stride(0) : 0, mask_row = has_mask ? mask_t.stride(2) : 0;
+  BFloat16* gq_data = grad_query.data_ptr<BFloat16>();
+  float* gk_data = grad_key.data_ptr<float>();
+  float* gv_data = grad_value.data_ptr<float>();
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<BFloat16> key_t(D * Sp), value_t(D * Sp), key_v(Sp * D);
+    std::vector<BFloat16> q_rows(kBlock * D), q_t(D * kBlock), go_rows(kBlock * D), go_t(D * kBlock);
+    std::vector<float> scores(kBlock * Sp), grad_p(kBlock * Sp), grad_q(kBlock * D), delta(kBlock);
+    std::vector<BFloat16> ds(kBlock * Sp), ds_v(kBlock * Sp), p_v(kBlock * Sp);
+    int64_t packed = -1;  // the (batch, kv head) whose keys and values are packed
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / H, h = item % H, hk = h / group;
+      if (b * Hkv + hk != packed) {  // consecutive query heads share their kv head
+        pack_vnni_transposed(k.at(b, hk), k.row, S, D, Sp, key_t.data());
+        pack_vnni_transposed(v.at(b, hk), v.row, S, D, Sp, value_t.data());
+        pack_vnni(k.at(b, hk), k.row, S, Sp, D, key_v.data());
+        packed = b * Hkv + hk;
+      }
+      float* gk_t = gk_data + (b * H + h) * D * Sp;
+      float* gv_t = gv_data + (b * H + h) * D * Sp;
+
+      for (int64_t i0 = 0; i0 < T; i0 += kBlock) {
+        const int64_t rows = std::min(kBlock, T - i0);
+        // Keys this block can see: causal stops at the diagonal, a mask at its last True.
+        int64_t keys = S;
+        if (causal) {
+          keys = std::min(S, i0 + rows);
+        } else if (has_mask) {
+          keys = 0;
+          for (int64_t r = 0; r < rows; ++r) {
+            const bool* m = mask_data + b * mask_b + (i0 + r) * mask_row;
+            for (int64_t j = S - 1; j >= keys; --j) {
+              if (m[j]) { keys = j + 1; break; }
+            }
+          }
+        }
+        BFloat16* gq = gq_data + ((b * H + h) * T + i0) * D;
+        if (keys == 0) {
+          std::fill(gq, gq + rows * D, BFloat16(0.f));
+          continue;
+        }
+        const int64_t e = (keys + kBlock - 1) / kBlock * kBlock;
+
+        copy_rows(q.at(b, h) + i0 * q.row, q.row, rows, kBlock, D, q_rows.data());
+        copy_rows(go.at(b, h) + i0 * go.row, go.row, rows, kBlock, D, go_rows.data());
+        transpose(q_rows.data(), kBlock, D, q_t.data());
+        transpose(go_rows.data(), kBlock, D, go_t.data());
+        for (int64_t r = 0; r < kBlock; ++r) {
+          float acc = 0.f;
+          if (r < rows) {
+            const BFloat16* orow = o.at(b, h) + (i0 + r) * o.row;
+            const BFloat16* grow = go_rows.data() + r * D;
+            for (int64_t c = 0; c < D; ++c) acc += float(orow[c]) * float(grow[c]);
+          }
+          delta[r] = acc;
+        }
+
+        // scores = q k^T, grad_p = dO v^T: [kBlock, e] in float.
+        cpublas::brgemm(kBlock, e, D, D, Sp, e, false, q_rows.data(), key_t.data(), scores.data());
+        cpublas::brgemm(kBlock, e, D, D, Sp, e, false, go_rows.data(), value_t.data(), grad_p.data());
+
+        // Probabilities P and dS = P * (dP - delta) * scale, two rows at a time so that
+        // both can be written interleaved: the VNNI layout brgemm reads its B in.
+        for (int64_t r = 0; r < kBlock; r += 2) {
+          Row row[2];
+          for (int64_t x = 0; x < 2; ++x) {
+            const int64_t i = i0 + r + x;
+            Row& w = row[x];
+            w.scores = scores.data() + (r + x) * e;
+            w.grad_p = grad_p.data() + (r + x) * e;
+            w.limit = r + x >= rows ? 0 : (causal ? std::min(keys, i + 1) : keys);
+            w.lse = w.limit ? lse_data[b * lse_b + h * lse_h + i * lse_t] : 0.f;
+            w.delta = delta[r + x];
+            w.mask = has_mask && w.limit ? mask_data + b * mask_b + i * mask_row : nullptr;
+          }
+          for (int64_t j = 0; j < e; j += 16) {
+            __m512 p[2], g[2];
+            for (int x = 0; x < 2; ++x) probabilities(row[x], j, scale, p[x], g[x]);
+            const __m256i p0 = bf16(p[0]), p1 = bf16(p[1]), g0 = bf16(g[0]), g1 = bf16(g[1]);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds.data() + r * e + j), g0);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds.data() + (r + 1) * e + j), g1);
+            _mm512_storeu_si512(ds_v.data() + (r * e + 2 * j), interleave(g0, g1));
+            _mm512_storeu_si512(p_v.data() + (r * e + 2 * j), interleave(p0, p1));
+          }
+        }
+
+        // grad_q = dS k; grad_k^T += q^T dS; grad_v^T += dO^T P.
+        cpublas::brgemm(kBlock, D, e, e, D, D, false, ds.data(), key_v.data(), grad_q.data());
+        cpublas::brgemm(D, e, kBlock, kBlock, e, Sp, true, q_t.data(), ds_v.data(), gk_t);
+        cpublas::brgemm(D, e, kBlock, kBlock, e, Sp, true, go_t.data(), p_v.data(), gv_t);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t c = 0; c < D; c += 16) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(gq + r * D + c),
+                                bf16(_mm512_loadu_ps(grad_q.data() + r * D + c)));
+          }
+        }
+      }
+    }
+    cpublas::brgemm_release();
+  });
+  return {grad_query, grad_key, grad_value};
+}
+
+bool available() { return cpublas::could_pack(at::kBFloat16); }
+
+#else
+
+bool available() { return false; }
+
+std::vector<at::Tensor> attention_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const c10::optional<at::Tensor>&, bool, double) {
+  TORCH_CHECK(false, "attention_backward needs a CPU with AVX-512 BF16");
+}
+
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("available", &available, "Whether this CPU can run attention_backward.");
+  m.def("attention_backward", &attention_backward);
+}

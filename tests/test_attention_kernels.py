@@ -1,0 +1,150 @@
+"""The native attention backward (native/attention_backward.cpp) against a float32
+reference, next to PyTorch's own bf16 flash backward, and inside a real model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from thrifty import attention_kernels, native_kernels
+from thrifty.grpo_batches import group_mask
+from thrifty.lora import LoraConfig, apply_lora, lora_layers
+from tiny_models import save_hf_model
+from test_lora import load_ours, randomise_adapters
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+needs_native = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and cpu_has_avx512_bf16()),
+    reason="the native attention backward needs Linux and a CPU with AVX-512 BF16")
+
+
+@needs_native
+def test_builds_on_a_cpu_with_avx512_bf16() -> None:
+    # On such a CPU a None here means the build broke and training silently got slower.
+    assert native_kernels.attention_backward() is not None
+
+
+def packed_mask(batch: int, length: int) -> torch.Tensor:
+    """GRPO-style rows: a 40-token prompt, completions of 50 tokens that each see the
+    prompt and their own past, and right padding whose queries see nothing at all."""
+    positions, segments = [], []
+    for row in range(batch):
+        used = length - 7 * row
+        seg = [0] * 40 + [1 + (i // 50) for i in range(used - 40)] + [-1] * (length - used)
+        pos = list(range(40)) + [40 + i % 50 for i in range(used - 40)] + [0] * (length - used)
+        positions.append(pos)
+        segments.append(seg)
+    positions_t, segments_t = torch.tensor(positions), torch.tensor(segments)
+    mask = group_mask(positions_t, segments_t, None)
+    # group_mask lets prompt tokens of segment 0 be seen by every completion; padding
+    # (segment -1) sees only padding: make its queries see nothing to test empty rows.
+    return mask & (segments_t >= 0).unsqueeze(1).unsqueeze(-1)
+
+
+def gradients(q, k, v, grad_out, mask, causal, native: bool):  # type: ignore[no-untyped-def]
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    if native:
+        out = attention_kernels._FlashAttentionNativeBackward.apply(q, k, v, mask, causal)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    out.backward(grad_out.to(out.dtype))
+    return out, (q.grad, k.grad, v.grad)
+
+
+CASES = {
+    # name: batch, length, query heads, kv heads, head_dim, masked
+    "causal-gqa-512": (2, 512, 9, 3, 64, False),
+    "causal-odd-length": (3, 37, 9, 3, 64, False),
+    "causal-one-block": (1, 64, 4, 4, 32, False),
+    "causal-two-tokens": (2, 2, 4, 2, 16, False),
+    "packed-mask-padding": (3, 200, 6, 2, 64, True),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradients_match_a_float32_reference(case: str) -> None:
+    batch, length, heads, kv_heads, head_dim, masked = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    # q in [batch, seq, heads, dim] memory, viewed as [batch, heads, seq, dim], as the model does.
+    q = torch.randn(batch, length, heads, head_dim, generator=g).transpose(1, 2).bfloat16()
+    k = torch.randn(batch, kv_heads, length, head_dim, generator=g).bfloat16()
+    v = torch.randn(batch, kv_heads, length, head_dim, generator=g).bfloat16()
+    grad_out = torch.randn(batch, heads, length, head_dim, generator=g).bfloat16()
+    mask = packed_mask(batch, length) if masked else None
+    causal = not masked
+
+    reference_out, reference = gradients(q.float(), k.float(), v.float(), grad_out.float(), mask, causal, native=False)
+    out, ours = gradients(q, k, v, grad_out, mask, causal, native=True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        _, torchs = gradients(q, k, v, grad_out, mask, causal, native=False)
+
+    if masked:  # fully masked query rows: no output to speak of and no gradient
+        empty = ~mask.any(-1).squeeze(1)  # [batch, seq]
+        assert empty.any()
+        assert torch.all(ours[0].transpose(1, 2)[empty] == 0)
+        keep = (~empty).unsqueeze(1).unsqueeze(-1)
+        reference = (reference[0] * keep, *reference[1:])
+        ours = (ours[0] * keep, *ours[1:])
+        torchs = (torchs[0] * keep, *torchs[1:])
+        reference_out, out = reference_out * keep, out * keep
+    assert torch.allclose(out.float(), reference_out, atol=0.02)
+    for name, mine, theirs, exact in zip("qkv", ours, torchs, reference):
+        assert mine.dtype == torch.bfloat16 and mine.shape == exact.shape, name
+        my_error = (mine.float() - exact).abs().max().item()
+        torch_error = (theirs.float() - exact).abs().max().item()
+        # bf16 inputs, outputs and dS: errors of a few bf16 ulps of the largest gradient.
+        assert my_error <= 0.02 * exact.abs().max().item() + 1e-3, (name, my_error)
+        assert my_error <= torch_error * 1.05 + 1e-3, (name, my_error, torch_error)
+
+
+@needs_native
+@pytest.mark.parametrize("masked", [False, True])
+def test_lora_gradients_of_a_bf16_model_match_pytorchs_kernel(masked: bool, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    save_hf_model("llama", tmp_path)
+    model = apply_lora(load_ours(tmp_path).to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8))
+    randomise_adapters(model)
+    ids = torch.randint(0, 97, (3, 200), generator=torch.Generator().manual_seed(1))
+    mask = packed_mask(3, 200) if masked else None
+    positions = torch.arange(200).expand(3, -1)
+
+    def lora_gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        model.hidden_states(ids, positions, mask).float().square().mean().backward()
+        return [layer.lora_A.weight.grad.clone() for _, layer in lora_layers(model)]
+
+    native = lora_gradients()
+    calls = []
+    original = attention_kernels._FlashAttentionNativeBackward.apply
+    monkeypatch.setattr(attention_kernels._FlashAttentionNativeBackward, "apply",
+                        lambda *args: calls.append(1) or original(*args))
+    lora_gradients()
+    assert len(calls) == 2  # one per layer: the model really takes the native path
+    monkeypatch.setattr(attention_kernels, "_native_backward_applies", lambda q, k: False)
+    pytorchs = lora_gradients()
+    for mine, theirs in zip(native, pytorchs):
+        assert torch.allclose(mine, theirs, rtol=0.05, atol=0.02 * theirs.abs().max().item())
+
+
+@needs_native
+def test_not_used_without_gradients_or_in_float32() -> None:
+    q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    assert attention_kernels._native_backward_applies(q, k)
+    with torch.no_grad():
+        assert not attention_kernels._native_backward_applies(q, k)
+    assert not attention_kernels._native_backward_applies(q.float(), k.float())
+    assert not attention_kernels._native_backward_applies(q.detach(), k.detach())
