@@ -6,10 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from thrifty import native_kernels
 from thrifty.errors import ThriftyError
 from thrifty.losses import chunked_cross_entropy, selective_log_probs
 
-N, H, V = 37, 24, 101  # N is prime, so most chunk sizes leave a ragged last chunk
+N, H, V = 37, 24, 101  # N is prime, so most chunk sizes leave a ragged last chunk; V % 16 != 0
+
+
+@pytest.fixture(autouse=True, params=["native", "pytorch"])
+def log_prob_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the C++ per-chunk kernel (native/token_log_probs.cpp) and
+    with the PyTorch ops used where it cannot run (CUDA, CPUs without AVX-512 BF16)."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(native_kernels, "token_log_probs", lambda: None)
+    elif native_kernels.token_log_probs() is None:
+        pytest.skip("no native kernels on this machine: the PyTorch variant covers it")
+    return request.param
 
 
 def _inputs(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -125,3 +137,4 @@ def test_selective_log_probs_keep_the_batch_shape() -> None:
     assert out.shape == (4, 9)
     out.sum().backward()
     assert hidden.grad is not None
+

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from thrifty import native_kernels
 from thrifty.errors import ThriftyError
 
 IGNORE_INDEX = -100
@@ -115,17 +116,27 @@ def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
         )
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    # The matmul runs in the model's dtype (bf16 is 2x faster here); softmax statistics in fp32.
-    logits = (hidden @ weight.t()).float()
+def _chunk_log_probs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(target) per row of a chunk of head outputs (the matmul ran in the model's
+    dtype, 2x faster in bf16; the softmax statistics are fp32). With grad_scale [rows],
+    `logits` is overwritten with grad_scale * d log p / d logits, in its own dtype."""
+    native = native_kernels.token_log_probs() if logits.device.type == "cpu" else None
+    if native is not None:
+        return native.token_log_probs(logits, targets, temperature, grad_scale)[0]
+    scaled = logits.float()
     if temperature != 1.0:
-        logits.div_(temperature)
-    return logits
+        scaled.div_(temperature)
+    log_p = torch.log_softmax(scaled, dim=-1)
+    out = log_p[torch.arange(targets.shape[0], device=logits.device), targets]
+    if grad_scale is not None:
+        logits.copy_(_log_prob_grad_(log_p, targets).mul_(grad_scale[:, None]))
+    return out
 
 
 def _log_prob_grad_(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """d log p_t / d logits = onehot(t) - softmax, built in place in the [rows, vocab]
-    log-prob buffer (each row's logits minus its logsumexp)."""
+    log-prob buffer."""
     g = log_p.exp_().neg_()
     g[torch.arange(targets.shape[0], device=g.device), targets] += 1.0
     return g
@@ -138,19 +149,16 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_size, temperature):  # type: ignore[no-untyped-def]
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = _chunk_logits(hidden[start:end], weight, temperature)
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
-            out[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
-        ctx.save_for_backward(hidden, weight, targets, lse)
+            out[start:end] = _chunk_log_probs(hidden[start:end] @ weight.t(), targets[start:end], temperature)
+        ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # Accumulate the weight grad in fp32: it sums over every token of the batch.
@@ -159,9 +167,8 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         for start in range(0, n, size):
             end = min(start + size, n)
             h = hidden[start:end]
-            g = _log_prob_grad_(_chunk_logits(h, weight, temperature).sub_(lse[start:end, None]), targets[start:end])
-            g.mul_((grad_out[start:end] / temperature)[:, None])
-            g = g.to(hidden.dtype)
+            g = h @ weight.t()  # becomes d loss / d logits in place
+            _chunk_log_probs(g, targets[start:end], temperature, grad_out[start:end] / temperature)
             if need_hidden:
                 grad_hidden[start:end] = g @ weight
             if need_weight:
@@ -185,13 +192,10 @@ class _FrozenHeadTokenLogProbs(torch.autograd.Function):
         row_grads = torch.empty_like(hidden)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            log_p = torch.log_softmax(_chunk_logits(hidden[start:end], weight, temperature), dim=-1)
-            rows = torch.arange(end - start, device=hidden.device)
-            out[start:end] = log_p[rows, targets[start:end]]
-            g = _log_prob_grad_(log_p, targets[start:end])
-            if temperature != 1.0:
-                g.div_(temperature)
-            torch.mm(g.to(hidden.dtype), weight, out=row_grads[start:end])
+            g = hidden[start:end] @ weight.t()  # becomes d log p / d logits in place
+            scale = torch.full((end - start,), 1.0 / temperature, device=hidden.device)
+            out[start:end] = _chunk_log_probs(g, targets[start:end], temperature, scale)
+            torch.mm(g, weight, out=row_grads[start:end])
         ctx.save_for_backward(row_grads)
         return out
 

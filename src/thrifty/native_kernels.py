@@ -6,12 +6,13 @@ PyTorch's extension loader rebuilds it when the source or the torch version chan
 Where a kernel cannot be built or this CPU lacks what it needs, callers get None and
 use PyTorch's kernels instead: same results, slower. THRIFTY_NATIVE=0 forces that.
 
-    python -m thrifty.native_kernels    # build now and report what is available
+    python -c "import thrifty.native_kernels as n; n.main()"   # build now, report what runs
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import sys
@@ -24,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE_DIR = Path(__file__).parent / "native"
+SOURCE_DIR = Path(__file__).parent / "native"  # *.cpp compile into one module
 
 
 def build_directory() -> Path:
@@ -34,42 +35,59 @@ def build_directory() -> Path:
 
 
 @functools.cache
-def attention_backward() -> ModuleType | None:
-    """The module of native/attention_backward.cpp, or None where it cannot run."""
+def native_module() -> ModuleType | None:
+    """The compiled module (module.cpp), or None where its kernels cannot run."""
     if os.environ.get("THRIFTY_NATIVE") == "0" or not sys.platform.startswith("linux"):
         return None
     try:
-        module = _build("thrifty_attention_backward", SOURCE_DIR / "attention_backward.cpp")
-    except Exception as error:  # no compiler, old torch headers, ...: fall back, say why
-        warnings.warn(f"Thrifty's native attention backward could not be built ({error}); "
-                      "training uses PyTorch's slower flash-attention backward instead.", stacklevel=2)
+        module = _build("thrifty_native", sorted(SOURCE_DIR.glob("*.cpp")))
+    except Exception as error:  # no compiler, other torch headers, ...: fall back, say why
+        warnings.warn(f"Thrifty's native kernels could not be built ({error}); "
+                      "training uses PyTorch's slower ops instead.", stacklevel=2)
         return None
-    return module if module.available() else None
+    return module if module.avx512_bf16() else None
 
 
-def _build(name: str, source: Path) -> ModuleType:
+def attention_backward() -> ModuleType | None:
+    """The module if its `attention_backward` runs here (it needs oneDNN's bf16 brgemm)."""
+    module = native_module()
+    return module if module is not None and module.brgemm_bf16() else None
+
+
+def token_log_probs() -> ModuleType | None:
+    """The module if its `token_log_probs` runs here."""
+    return native_module()
+
+
+def _build(name: str, sources: list[Path]) -> ModuleType:
     from torch.utils.cpp_extension import load
 
-    directory = build_directory() / name
+    # One directory per version of the sources (headers included, which PyTorch's
+    # loader does not hash), so an edit never reuses a stale build.
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(SOURCE_DIR.iterdir()))).hexdigest()
+    directory = build_directory() / f"{name}-{digest[:12]}"
     directory.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     # -march=native: the build is for this machine only (it lives in its environment).
     # -fopenmp compiles at::parallel_for's OpenMP loop; the runtime is the libgomp torch
     # has already loaded, so nothing extra is linked.
-    module = load(name=name, sources=[str(source)], build_directory=str(directory),
+    module = load(name=name, sources=[str(source) for source in sources], build_directory=str(directory),
                   extra_cflags=["-O3", "-march=native", "-fopenmp",
                                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"])
     elapsed = time.perf_counter() - started
     if elapsed > 5:
-        log.info("built native kernel %s in %.0f s", name, elapsed)
+        log.info("built native kernels %s in %.0f s", name, elapsed)
     return module
 
 
 def main() -> None:
     started = time.perf_counter()
-    module = attention_backward()
-    state = "available" if module is not None else "not available on this machine (PyTorch's kernel is used)"
-    print(f"native attention backward: {state} ({time.perf_counter() - started:.0f} s)")
+    kernels = {"attention backward": attention_backward(), "token log-probs": token_log_probs()}
+    elapsed = time.perf_counter() - started
+    for name, module in kernels.items():
+        state = "available" if module is not None else "not available here (PyTorch's ops are used)"
+        print(f"native {name}: {state}")
+    print(f"({elapsed:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,9 @@
 // against 50-56 ms for PyTorch's, and its key/value gradients are closer to a float32
 // reference (accumulated in float across the whole sequence).
 //
-// Compiled on first use by thrifty/native_kernels.py with -march=native; on a CPU
-// without AVX-512 BF16 the module builds but reports itself unavailable.
-#include <torch/extension.h>
+#include "native.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define THRIFTY_ATTENTION_BACKWARD 1
+#if THRIFTY_NATIVE_AVX512
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/cpu/vec/vec.h>
@@ -268,11 +265,11 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   return {grad_query, grad_key, grad_value};
 }
 
-bool available() { return cpublas::could_pack(at::kBFloat16); }
+bool brgemm_bf16_available() { return cpublas::could_pack(at::kBFloat16); }
 
 #else
 
-bool available() { return false; }
+bool brgemm_bf16_available() { return false; }
 
 std::vector<at::Tensor> attention_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -281,8 +278,3 @@ std::vector<at::Tensor> attention_backward(const at::Tensor&, const at::Tensor&,
 }
 
 #endif
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("available", &available, "Whether this CPU can run attention_backward.");
-  m.def("attention_backward", &attention_backward);
-}

@@ -1,5 +1,6 @@
-"""The native attention backward (native/attention_backward.cpp) against a float32
-reference, next to PyTorch's own bf16 flash backward, and inside a real model."""
+"""The native kernels (src/thrifty/native/): the attention backward against a float32
+reference, next to PyTorch's own bf16 flash backward, and inside a real model; the
+per-chunk log-probs against PyTorch's ops (test_losses.py runs every loss test on both)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from thrifty import attention_kernels, native_kernels
 from thrifty.grpo_batches import group_mask
+from thrifty.losses import selective_log_probs
 from thrifty.lora import LoraConfig, apply_lora, lora_layers
 from tiny_models import save_hf_model
 from test_lora import load_ours, randomise_adapters
@@ -34,6 +36,7 @@ needs_native = pytest.mark.skipif(
 def test_builds_on_a_cpu_with_avx512_bf16() -> None:
     # On such a CPU a None here means the build broke and training silently got slower.
     assert native_kernels.attention_backward() is not None
+    assert native_kernels.token_log_probs() is not None
 
 
 def packed_mask(batch: int, length: int) -> torch.Tensor:
@@ -148,3 +151,25 @@ def test_not_used_without_gradients_or_in_float32() -> None:
         assert not attention_kernels._native_backward_applies(q, k)
     assert not attention_kernels._native_backward_applies(q.float(), k.float())
     assert not attention_kernels._native_backward_applies(q.detach(), k.detach())
+
+
+@needs_native
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_log_probs_agree_with_pytorchs_ops_on_a_real_vocabulary(temperature: float,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(11)
+    hidden = (torch.randn(50, 64, generator=g)).bfloat16().requires_grad_()
+    weight = (torch.randn(49159, 64, generator=g) * 0.2).bfloat16()  # SmolLM2's 49152 + a ragged tail
+    tokens = torch.randint(0, 49159, (50,), generator=g)
+    upstream = torch.randn(50, generator=g)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        out = selective_log_probs(hidden, weight, tokens, chunk_size=16, temperature=temperature)
+        return out, torch.autograd.grad((out * upstream).sum(), hidden)[0]
+
+    native = run()
+    monkeypatch.setattr(native_kernels, "token_log_probs", lambda: None)
+    pytorchs = run()
+    torch.testing.assert_close(native[0], pytorchs[0], atol=2e-5, rtol=1e-5)
+    # Both round d log p / d logits to bf16 before the matmul: a bf16 ulp or so apart.
+    torch.testing.assert_close(native[1].float(), pytorchs[1].float(), atol=1e-3, rtol=2e-2)

@@ -1,0 +1,14 @@
+// Python bindings of the native kernels; see native.h.
+#include <torch/extension.h>
+
+#include "native.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("avx512_bf16", [] { return THRIFTY_NATIVE_AVX512 == 1; },
+        "Whether the kernels were compiled for this CPU (else they are stubs).");
+  m.def("brgemm_bf16", &brgemm_bf16_available, "Whether oneDNN's bf16 brgemm runs on this CPU.");
+  m.def("attention_backward", &attention_backward,
+        "Gradients of softmax attention from its output and logsumexp (attention_backward.cpp).");
+  m.def("token_log_probs", &token_log_probs,
+        "log p(target) per row of a logits chunk; with grad_scale, the chunk becomes d/d logits.");
+}
