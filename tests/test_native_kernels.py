@@ -20,20 +20,19 @@ from tiny_models import save_hf_model
 from test_lora import load_ours, randomise_adapters
 
 
-def cpu_has_avx512_bf16() -> bool:
+def cpu_has(flag: str) -> bool:
     try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+        return sys.platform.startswith("linux") and flag in Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
 
 
-needs_native = pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and cpu_has_avx512_bf16()),
-    reason="the native attention backward needs Linux and a CPU with AVX-512 BF16")
+needs_native = pytest.mark.skipif(not (cpu_has("avx512_bf16") and cpu_has("amx_bf16")),
+                                  reason="the native kernels need Linux and a CPU with AVX-512 BF16 and AMX")
 
 
 @needs_native
-def test_builds_on_a_cpu_with_avx512_bf16() -> None:
+def test_builds_on_a_cpu_with_avx512_bf16_and_amx() -> None:
     # On such a CPU a None here means the build broke and training silently got slower.
     assert native_kernels.attention_backward() is not None
     assert native_kernels.token_log_probs() is not None

@@ -10,7 +10,11 @@ hidden state only, so its gradient is that row's [hidden] vector times the upstr
 scalar: the forward computes those vectors while each chunk's logits are at hand, and
 backward only scales them. Building the logits twice (forward, then again in backward)
 was ~10% of a LoRA SFT step. A trainable head needs every chunk again for its own
-gradient, so that case saves one logsumexp per row and recomputes the logits in backward.
+gradient, so that case recomputes the logits in backward.
+
+Per chunk, the softmax statistics and d log p / d logits come from one C++ pass per row
+on CPUs with AVX-512 BF16 (native/token_log_probs.cpp), PyTorch ops elsewhere: measured
+on a 4 x 512 LoRA SFT step, the whole loss went from 915 to 488 ms.
 
 Both public functions are the same computation, log p(token | hidden) for one token per
 row: cross-entropy is its negated sum over labelled rows, GRPO wants it per token.

@@ -64,8 +64,11 @@ def _build(name: str, sources: list[Path]) -> ModuleType:
 
     # One directory per version of the sources (headers included, which PyTorch's
     # loader does not hash), so an edit never reuses a stale build.
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(SOURCE_DIR.iterdir()))).hexdigest()
+    files = sorted(path for path in SOURCE_DIR.iterdir() if path.suffix in (".cpp", ".h"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
     directory = build_directory() / f"{name}-{digest[:12]}"
+    if not directory.exists():
+        log.warning("compiling Thrifty's native kernels for this CPU (once, ~40 s)")
     directory.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     # -march=native: the build is for this machine only (it lives in its environment).
@@ -74,9 +77,7 @@ def _build(name: str, sources: list[Path]) -> ModuleType:
     module = load(name=name, sources=[str(source) for source in sources], build_directory=str(directory),
                   extra_cflags=["-O3", "-march=native", "-fopenmp",
                                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"])
-    elapsed = time.perf_counter() - started
-    if elapsed > 5:
-        log.info("built native kernels %s in %.0f s", name, elapsed)
+    log.info("native kernels %s ready in %.0f s", name, time.perf_counter() - started)
     return module
 
 
@@ -88,7 +89,3 @@ def main() -> None:
         state = "available" if module is not None else "not available here (PyTorch's ops are used)"
         print(f"native {name}: {state}")
     print(f"({elapsed:.0f} s)")
-
-
-if __name__ == "__main__":
-    main()
