@@ -71,6 +71,7 @@ void copy_rows(const BFloat16* src, int64_t row_stride, int64_t rows, int64_t to
   }
 }
 
+// A bf16 [B, H, T, D] tensor: the start of each (batch, head) and its row stride.
 struct Strided {
   const BFloat16* data;
   int64_t batch, head, row;
