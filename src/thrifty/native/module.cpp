@@ -11,4 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Gradients of softmax attention from its output and logsumexp (attention_backward.cpp).");
   m.def("token_log_probs", &token_log_probs,
         "log p(target) per row of a logits chunk; with grad_scale, the chunk becomes d/d logits.");
+  m.def("rms_norm_forward", &rms_norm_forward, "(weight * bf16(x * rstd), rstd) per row.");
+  m.def("rms_norm_backward", &rms_norm_backward, "d loss / d x of rms_norm_forward.");
+  m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up, rounded as PyTorch's two bf16 ops.");
+  m.def("swiglu_backward", &swiglu_backward, "(d loss / d gate, d loss / d up).");
 }

@@ -11,6 +11,29 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define THRIFTY_NATIVE_AVX512 1
+#include <immintrin.h>
+
+// 16 lanes of float from float or bf16 memory and back (round to nearest even); with
+// `count` < 16, only the first `count` elements are read or written.
+inline __m512 load16(const float* p, int count = 16) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
+}
+inline __m512 load16(const at::BFloat16* p, int count = 16) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline void store16(float* p, __m512 x, int count = 16) {
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), x);
+}
+inline void store16(at::BFloat16* p, __m512 x, int count = 16) {
+  _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << count) - 1),
+                           reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+}
+// What a bf16 tensor op stores: x rounded to bf16, as float again.
+inline __m512 round_bf16(__m512 x) {
+  const __m256i raw = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
 #else
 #define THRIFTY_NATIVE_AVX512 0
 #endif
@@ -26,3 +49,10 @@ bool brgemm_bf16_available();
 // token_log_probs.cpp
 std::vector<at::Tensor> token_log_probs(at::Tensor logits, const at::Tensor& targets, double temperature,
                                         const c10::optional<at::Tensor>& grad_scale);
+
+// norm_and_activation.cpp: bf16 [rows, width] contiguous tensors, weight [width].
+std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor rms_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& rstd);
+at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up);
+std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up);

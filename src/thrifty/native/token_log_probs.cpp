@@ -9,7 +9,6 @@
 #if THRIFTY_NATIVE_AVX512
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <immintrin.h>
 
 #include <cmath>
 #include <limits>
@@ -17,16 +16,6 @@
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-inline void store16(at::BFloat16* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
-}
 
 template <typename T>
 void rows(T* logits, int64_t n, int64_t vocab, const int64_t* targets, float inv_temperature,
