@@ -155,8 +155,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   const int64_t Sp = (S + kBlock - 1) / kBlock * kBlock;
 
   auto grad_query = at::empty({B, H, T, D}, query.options());
-  auto grad_key = at::zeros({B, H, D, Sp}, query.options().dtype(at::kFloat));
-  auto grad_value = at::zeros({B, H, D, Sp}, query.options().dtype(at::kFloat));
+  auto grad_key = at::empty({B, H, D, Sp}, query.options().dtype(at::kFloat));
+  auto grad_value = at::empty({B, H, D, Sp}, query.options().dtype(at::kFloat));
 
   const Strided q(query), k(key), v(value), o(out), go(grad_out);
   const float* lse_data = lse.data_ptr<float>();
@@ -183,6 +183,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
       }
       float* gk_t = gk_data + (b * H + h) * D * Sp;
       float* gv_t = gv_data + (b * H + h) * D * Sp;
+      std::fill(gk_t, gk_t + D * Sp, 0.f);  // zeroed here, while the thread's cache wants it
+      std::fill(gv_t, gv_t + D * Sp, 0.f);
 
       for (int64_t i0 = 0; i0 < T; i0 += kBlock) {
         const int64_t rows = std::min(kBlock, T - i0);
