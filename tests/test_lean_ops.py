@@ -8,18 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from thrifty import native_kernels
-from thrifty.lean_ops import rms_norm, swiglu
+from thrifty.lean_ops import apply_rope, rms_norm, swiglu
 
 EPS = 1e-5
 
 
 @pytest.fixture(autouse=True, params=["native", "pytorch"])
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with the C++ kernels (native/norm_and_activation.cpp, bf16 only)
-    and with the PyTorch ops used where they cannot run."""
+    """Every test runs with the C++ kernels (native/norm_and_activation.cpp and rope.cpp,
+    bf16 only) and with the PyTorch ops used where they cannot run."""
     if request.param == "pytorch":
-        monkeypatch.setattr(native_kernels, "norm_and_activation", lambda: None)
-    elif native_kernels.norm_and_activation() is None:
+        monkeypatch.setattr(native_kernels, "elementwise", lambda: None)
+    elif native_kernels.elementwise() is None:
         pytest.skip("no native kernels on this machine: the PyTorch variant covers it")
     return request.param
 
@@ -112,3 +112,26 @@ def test_lean_ops_keep_less_for_backward(kernel: str) -> None:
     assert saved_bytes(frozen_weight, x) <= 0.55 * saved_bytes(lambda a: reference_rms_norm(a, weight), x)
     gate, up = torch.randn(2, 8, 128, 1536, dtype=torch.bfloat16).unbind(0)
     assert saved_bytes(swiglu, gate, up) <= 0.7 * saved_bytes(reference_swiglu, gate, up)
+
+
+def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Hugging Face's apply_rotary_pos_emb for one tensor, verbatim.
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,cos_batch", [(64, 2), (16, 1)])  # 16: half a vector of lanes
+def test_rope_matches_reference(dtype: torch.dtype, head_dim: int, cos_batch: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    # q as the model has it: [batch, seq, heads, dim] memory seen as [batch, heads, seq, dim].
+    x = torch.randn(2, 9, 3, head_dim, generator=g).to(dtype).transpose(1, 2)
+    angles = torch.randn(cos_batch, 1, 9, head_dim // 2, generator=g) * 3
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    out, (dx,) = grads(lambda a: apply_rope(a, cos, sin), x)
+    ref, (rdx,) = grads(lambda a: reference_rope(a, cos, sin), x)
+    # Products and sums round as the reference's bf16 ops do, and nothing else: bit-exact.
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(dx, rdx, atol=0, rtol=0)

@@ -1,4 +1,4 @@
-"""RMSNorm and SwiGLU with hand-written backward passes that keep less for backward.
+"""RMSNorm, SwiGLU and RoPE with hand-written backward passes that keep less for backward.
 
 Autograd through the plain formulas saves every intermediate: RMSNorm keeps an fp32
 copy of its input (twice the bf16 activation), and silu(gate) * up keeps gate, silu(gate)
@@ -10,7 +10,7 @@ most of a training step's peak memory without activation checkpointing.
 The forward arithmetic is the reference's, op for op (fp32 normalisation rounded to the
 input dtype, then scaled), in training and inference alike; gradients agree to rounding.
 For bf16 on CPUs with AVX-512 BF16 each forward and backward is one C++ pass
-(native/norm_and_activation.cpp) that rounds where these ops round.
+(native/norm_and_activation.cpp, native/rope.cpp) that rounds where these ops round.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _native_for(*tensors: torch.Tensor, rows: bool = False) -> Any:
     only the last dim need be), else None."""
     if all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and (t.stride(-1) == 1 if rows else t.is_contiguous())
            for t in tensors):
-        return native_kernels.norm_and_activation()
+        return native_kernels.elementwise()
     return None
 
 
@@ -113,3 +113,30 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     native = _native_for(gate, up, rows=True)
     return native.swiglu_forward(gate, up) if native is not None else F.silu(gate) * up
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, native: Any) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)  # the rotation is linear: x is not needed
+        ctx.native = native
+        return native.rope_forward(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        cos, sin = ctx.saved_tensors
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        return ctx.native.rope_backward(grad, cos, sin), None, None, None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of the last dimension of x [batch, heads, seq, head_dim]:
+    HF's rotate_half layout; cos/sin [batch or 1, 1, seq, head_dim] get no gradient."""
+    native = _native_for(x, cos, sin, rows=True) if x.dim() == 4 and not cos.requires_grad else None
+    if native is not None:
+        return _RoPE.apply(x, cos, sin, native)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin

@@ -17,7 +17,7 @@ from thrifty.config import ModelConfig
 from thrifty.errors import ThriftyError
 from thrifty.fused_linear import project
 from thrifty.kv_cache import KVCache
-from thrifty.lean_ops import rms_norm, swiglu
+from thrifty.lean_ops import apply_rope, rms_norm, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -57,14 +57,6 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     raise ThriftyError(
         f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)."
     )
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + d/2) of the last dimension: HF's rotate_half layout."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):

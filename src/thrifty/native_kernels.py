@@ -59,8 +59,8 @@ def token_log_probs() -> ModuleType | None:
     return native_module()
 
 
-def norm_and_activation() -> ModuleType | None:
-    """The module if its RMSNorm and SwiGLU kernels run here."""
+def elementwise() -> ModuleType | None:
+    """The module if its RMSNorm, SwiGLU and RoPE kernels run here."""
     return native_module()
 
 
@@ -89,7 +89,7 @@ def _build(name: str, sources: list[Path]) -> ModuleType:
 def main() -> None:
     started = time.perf_counter()
     kernels = {"attention backward": attention_backward(), "token log-probs": token_log_probs(),
-               "RMSNorm and SwiGLU": norm_and_activation()}
+               "RMSNorm, SwiGLU and RoPE": elementwise()}
     elapsed = time.perf_counter() - started
     for name, module in kernels.items():
         state = "available" if module is not None else "not available here (PyTorch's ops are used)"

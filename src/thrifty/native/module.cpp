@@ -15,4 +15,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &rms_norm_backward, "d loss / d x of rms_norm_forward.");
   m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up, rounded as PyTorch's two bf16 ops.");
   m.def("swiglu_backward", &swiglu_backward, "(d loss / d gate, d loss / d up).");
+  m.def("rope_forward", &rope_forward, "x * cos + rotate_half(x) * sin, [B, H, T, D] contiguous.");
+  m.def("rope_backward", &rope_backward, "d loss / d x of rope_forward, from the output's gradient.");
 }

@@ -56,3 +56,7 @@ at::Tensor rms_norm_backward(const at::Tensor& grad, const at::Tensor& x, const 
                              const at::Tensor& rstd);
 at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up);
 std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up);
+
+// rope.cpp: x [B, H, T, D] (last dim contiguous), cos/sin [B or 1, 1, T, D]; all bf16.
+at::Tensor rope_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor rope_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin);
