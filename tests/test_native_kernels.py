@@ -1,6 +1,7 @@
 """The native kernels (src/thrifty/native/): the attention backward against a float32
 reference, next to PyTorch's own bf16 flash backward, and inside a real model; the
-per-chunk log-probs against PyTorch's ops (test_losses.py runs every loss test on both)."""
+per-chunk log-probs against PyTorch's ops. test_losses.py and test_lean_ops.py run every
+loss, RMSNorm, SwiGLU and RoPE test on both the native kernels and PyTorch's ops."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def test_builds_on_a_cpu_with_avx512_bf16_and_amx() -> None:
     # On such a CPU a None here means the build broke and training silently got slower.
     assert native_kernels.attention_backward() is not None
     assert native_kernels.token_log_probs() is not None
+    assert native_kernels.elementwise() is not None
 
 
 def packed_mask(batch: int, length: int) -> torch.Tensor:

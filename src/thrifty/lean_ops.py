@@ -26,10 +26,11 @@ from thrifty import native_kernels
 def _native_for(*tensors: torch.Tensor, rows: bool = False) -> Any:
     """The native module if it can take these tensors (bf16, CPU, contiguous; with `rows`
     only the last dim need be), else None."""
-    if all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and (t.stride(-1) == 1 if rows else t.is_contiguous())
-           for t in tensors):
-        return native_kernels.elementwise()
-    return None
+    for t in tensors:
+        layout_ok = t.stride(-1) == 1 if rows else t.is_contiguous()
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not layout_ok:
+            return None
+    return native_kernels.elementwise()
 
 
 def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
