@@ -127,7 +127,7 @@ def _chunk_log_probs(logits: torch.Tensor, targets: torch.Tensor, temperature: f
     `logits` is overwritten with grad_scale * d log p / d logits, in its own dtype."""
     native = native_kernels.token_log_probs() if logits.device.type == "cpu" else None
     if native is not None:
-        return native.token_log_probs(logits, targets, temperature, grad_scale)[0]
+        return native.token_log_probs(logits, targets, temperature, grad_scale)
     scaled = logits.float()
     if temperature != 1.0:
         scaled.div_(temperature)

@@ -71,24 +71,12 @@ void copy_rows(const BFloat16* src, int64_t row_stride, int64_t rows, int64_t to
   }
 }
 
-// A bf16 [B, H, T, D] tensor: the start of each (batch, head) and its row stride.
-struct Strided {
-  const BFloat16* data;
-  int64_t batch, head, row;
-  Strided(const at::Tensor& t)
-      : data(t.data_ptr<BFloat16>()), batch(t.stride(0)), head(t.stride(1)), row(t.stride(2)) {}
-  const BFloat16* at(int64_t b, int64_t h) const { return data + b * batch + h * head; }
-};
-
 template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, T* out) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = src[r * cols + c];
   }
 }
-
-// Round-to-nearest-even float -> bf16 of 16 lanes.
-inline __m256i bf16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
 
 // Pairs (a[n], b[n]) as 32-bit lanes: two rows of a VNNI-2 block.
 inline __m512i interleave(__m256i a, __m256i b) {
@@ -158,7 +146,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   auto grad_key = at::empty({B, H, D, Sp}, query.options().dtype(at::kFloat));
   auto grad_value = at::empty({B, H, D, Sp}, query.options().dtype(at::kFloat));
 
-  const Strided q(query), k(key), v(value), o(out), go(grad_out);
+  const HeadRows q(query), k(key), v(value), o(out), go(grad_out);
   const float* lse_data = lse.data_ptr<float>();
   const int64_t lse_b = lse.stride(0), lse_h = lse.stride(1), lse_t = lse.stride(2);
   const bool* mask_data = has_mask ? mask_t.data_ptr<bool>() : nullptr;
@@ -243,7 +231,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
           for (int64_t j = 0; j < e; j += 16) {
             __m512 p[2], g[2];
             for (int x = 0; x < 2; ++x) probabilities(row[x], j, scale, p[x], g[x]);
-            const __m256i p0 = bf16(p[0]), p1 = bf16(p[1]), g0 = bf16(g[0]), g1 = bf16(g[1]);
+            const __m256i p0 = to_bf16(p[0]), p1 = to_bf16(p[1]), g0 = to_bf16(g[0]), g1 = to_bf16(g[1]);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds.data() + r * e + j), g0);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds.data() + (r + 1) * e + j), g1);
             _mm512_storeu_si512(ds_v.data() + (r * e + 2 * j), interleave(g0, g1));
@@ -256,10 +244,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
         cpublas::brgemm(D, e, kBlock, kBlock, e, Sp, true, q_t.data(), ds_v.data(), gk_t);
         cpublas::brgemm(D, e, kBlock, kBlock, e, Sp, true, go_t.data(), p_v.data(), gv_t);
         for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t c = 0; c < D; c += 16) {
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(gq + r * D + c),
-                                bf16(_mm512_loadu_ps(grad_q.data() + r * D + c)));
-          }
+          for (int64_t c = 0; c < D; c += 16) store16(gq + r * D + c, load16(grad_q.data() + r * D + c));
         }
       }
     }

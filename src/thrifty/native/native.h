@@ -13,8 +13,11 @@
 #define THRIFTY_NATIVE_AVX512 1
 #include <immintrin.h>
 
-// 16 lanes of float from float or bf16 memory and back (round to nearest even); with
-// `count` < 16, only the first `count` elements are read or written.
+// Round-to-nearest-even float -> bf16 of 16 lanes.
+inline __m256i to_bf16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
+
+// 16 lanes of float from float or bf16 memory and back; with `count` < 16, only the
+// first `count` elements are read or written.
 inline __m512 load16(const float* p, int count = 16) {
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
 }
@@ -26,14 +29,23 @@ inline void store16(float* p, __m512 x, int count = 16) {
   _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), x);
 }
 inline void store16(at::BFloat16* p, __m512 x, int count = 16) {
-  _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << count) - 1),
-                           reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+  _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << count) - 1), to_bf16(x));
 }
 // What a bf16 tensor op stores: x rounded to bf16, as float again.
 inline __m512 round_bf16(__m512 x) {
-  const __m256i raw = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(x)), 16));
 }
+
+// A bf16 [B, H, T, D] tensor with a contiguous last dim: the start of each (batch,
+// head) and the row stride. A batch dim of 1 broadcasts (cos/sin tables).
+struct HeadRows {
+  const at::BFloat16* data;
+  int64_t batch, head, row;
+  explicit HeadRows(const at::Tensor& t)
+      : data(t.data_ptr<at::BFloat16>()), batch(t.size(0) == 1 ? 0 : t.stride(0)), head(t.stride(1)),
+        row(t.stride(2)) {}
+  const at::BFloat16* at(int64_t b, int64_t h) const { return data + b * batch + h * head; }
+};
 #else
 #define THRIFTY_NATIVE_AVX512 0
 #endif
@@ -47,8 +59,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
 bool brgemm_bf16_available();
 
 // token_log_probs.cpp
-std::vector<at::Tensor> token_log_probs(at::Tensor logits, const at::Tensor& targets, double temperature,
-                                        const c10::optional<at::Tensor>& grad_scale);
+at::Tensor token_log_probs(at::Tensor logits, const at::Tensor& targets, double temperature,
+                           const c10::optional<at::Tensor>& grad_scale);
 
 // norm_and_activation.cpp: bf16 [rows, width] contiguous tensors, weight [width].
 std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps);

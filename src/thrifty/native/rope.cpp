@@ -13,17 +13,6 @@ namespace {
 
 using at::BFloat16;
 
-// A [B, H, T, D] bf16 tensor with a contiguous last dim (a head-major view of a
-// token-major projection output), or cos/sin [B or 1, 1, T, D].
-struct Rows {
-  const BFloat16* data;
-  int64_t batch, head, row;
-  explicit Rows(const at::Tensor& t)
-      : data(t.data_ptr<BFloat16>()), batch(t.size(0) == 1 ? 0 : t.stride(0)), head(t.stride(1)),
-        row(t.stride(2)) {}
-  const BFloat16* at(int64_t b, int64_t h, int64_t t) const { return data + b * batch + h * head + t * row; }
-};
-
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.dim() == 4 && t.stride(3) == 1 && t.device().is_cpu(), name,
               ": bf16 CPU [B, H, T, D] tensors with a contiguous last dim");
@@ -41,14 +30,14 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
                   (cos.size(0) == B || cos.size(0) == 1),
               "rope: cos/sin must be [B or 1, 1, T, D] for x [B, H, T, D]");
   auto out = at::empty({B, H, T, D}, x.options());
-  const Rows xs(x), cs(cos), ss(sin);
+  const HeadRows xs(x), cs(cos), ss(sin);
   BFloat16* o = out.data_ptr<BFloat16>();
   at::parallel_for(0, B * H * T, 64, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (H * T), h = item / T % H, t = item % T;
-      const BFloat16* xr = xs.at(b, h, t);
-      const BFloat16* c = cs.at(b, 0, t);
-      const BFloat16* s = ss.at(b, 0, t);
+      const BFloat16* xr = xs.at(b, h) + t * xs.row;
+      const BFloat16* c = cs.at(b, 0) + t * cs.row;
+      const BFloat16* s = ss.at(b, 0) + t * ss.row;
       BFloat16* orow = o + item * D;
       for (int64_t j = 0; j < half; j += 16) {
         const int n = static_cast<int>(std::min<int64_t>(16, half - j));

@@ -19,7 +19,7 @@ using Vec = at::vec::Vectorized<float>;
 
 template <typename T>
 void rows(T* logits, int64_t n, int64_t vocab, const int64_t* targets, float inv_temperature,
-          const float* grad_scale, float* log_probs, float* logsumexp) {
+          const float* grad_scale, float* log_probs) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     const int64_t full = vocab / 16 * 16;
     for (int64_t i = begin; i < end; ++i) {
@@ -41,7 +41,6 @@ void rows(T* logits, int64_t n, int64_t vocab, const int64_t* targets, float inv
       const int64_t target = targets[i];
       const float log_p = float(row[target]) * inv_temperature - lse;
       log_probs[i] = log_p;
-      if (logsumexp != nullptr) logsumexp[i] = lse;
       if (grad_scale == nullptr) continue;
       // d log p_target / d x_j = (onehot_j - softmax_j) / t; scaled by the row's upstream grad.
       const float scale = grad_scale[i];
@@ -58,8 +57,8 @@ void rows(T* logits, int64_t n, int64_t vocab, const int64_t* targets, float inv
 
 }  // namespace
 
-std::vector<at::Tensor> token_log_probs(at::Tensor logits, const at::Tensor& targets, double temperature,
-                                        const c10::optional<at::Tensor>& grad_scale) {
+at::Tensor token_log_probs(at::Tensor logits, const at::Tensor& targets, double temperature,
+                           const c10::optional<at::Tensor>& grad_scale) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(),
               "token_log_probs: contiguous [rows, vocab] CPU logits");
   TORCH_CHECK(logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kFloat,
@@ -68,7 +67,6 @@ std::vector<at::Tensor> token_log_probs(at::Tensor logits, const at::Tensor& tar
   const at::Tensor ids = targets.to(at::kLong).contiguous();
   TORCH_CHECK(ids.numel() == n, "token_log_probs: one target per row");
   auto log_probs = at::empty({n}, logits.options().dtype(at::kFloat));
-  auto logsumexp = at::empty({n}, logits.options().dtype(at::kFloat));
   at::Tensor scale;
   if (grad_scale.has_value()) {
     scale = grad_scale->to(at::kFloat).contiguous();
@@ -78,17 +76,17 @@ std::vector<at::Tensor> token_log_probs(at::Tensor logits, const at::Tensor& tar
   const float inv_t = static_cast<float>(1.0 / temperature);
   if (logits.scalar_type() == at::kBFloat16) {
     rows(logits.data_ptr<at::BFloat16>(), n, vocab, ids.data_ptr<int64_t>(), inv_t, scale_data,
-         log_probs.data_ptr<float>(), logsumexp.data_ptr<float>());
+         log_probs.data_ptr<float>());
   } else {
     rows(logits.data_ptr<float>(), n, vocab, ids.data_ptr<int64_t>(), inv_t, scale_data,
-         log_probs.data_ptr<float>(), logsumexp.data_ptr<float>());
+         log_probs.data_ptr<float>());
   }
-  return {log_probs, logsumexp};
+  return log_probs;
 }
 
 #else
 
-std::vector<at::Tensor> token_log_probs(at::Tensor, const at::Tensor&, double, const c10::optional<at::Tensor>&) {
+at::Tensor token_log_probs(at::Tensor, const at::Tensor&, double, const c10::optional<at::Tensor>&) {
   TORCH_CHECK(false, "token_log_probs needs a CPU with AVX-512 BF16");
 }
 
