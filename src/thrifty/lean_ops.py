@@ -50,16 +50,17 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, rstd = ctx.saved_tensors
+        need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        native = _native_for(grad, x, weight) if need_x else None
+        normed32 = x.float() * rstd if need_weight or (need_x and native is None) else None
         grad_weight = None
-        if ctx.needs_input_grad[1]:
-            products = grad * (x.float() * rstd).to(x.dtype)
+        if need_weight:
+            products = grad * normed32.to(x.dtype)
             grad_weight = products.reshape(-1, products.shape[-1]).sum(0).to(weight.dtype)
         grad_x = None
-        native = _native_for(grad, x, weight)
-        if ctx.needs_input_grad[0] and native is not None:
+        if native is not None:
             grad_x = native.rms_norm_backward(grad, x, weight, rstd)
-        elif ctx.needs_input_grad[0]:
-            normed32 = x.float() * rstd
+        elif need_x:
             # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)), with g the
             # gradient arriving at the fp32 normalised value.
             g = (grad * weight).float()
@@ -117,26 +118,26 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class _RoPE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, native: Any) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)  # the rotation is linear: x is not needed
-        ctx.native = native
-        return native.rope_forward(x, cos, sin)
+    """The native rotation (callers check it applies); backward rotates the gradient back."""
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)  # the rotation is linear: x is not needed
+        return native_kernels.elementwise().rope_forward(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         cos, sin = ctx.saved_tensors
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
-        return ctx.native.rope_backward(grad, cos, sin), None, None, None
+        return native_kernels.elementwise().rope_backward(grad, cos, sin), None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + d/2) of the last dimension of x [batch, heads, seq, head_dim]:
     HF's rotate_half layout; cos/sin [batch or 1, 1, seq, head_dim] get no gradient."""
-    native = _native_for(x, cos, sin, rows=True) if x.dim() == 4 and not cos.requires_grad else None
-    if native is not None:
-        return _RoPE.apply(x, cos, sin, native)
+    if x.dim() == 4 and not cos.requires_grad and _native_for(x, cos, sin, rows=True) is not None:
+        return _RoPE.apply(x, cos, sin)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
