@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thrifty.lora import LoraLinear
+from thrifty.lora_group import fusable_for_training, lora_group_forward
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -157,9 +158,12 @@ def fused_for_inference(owner: nn.Module, name: str, layers: list[nn.Module]) ->
 
 def project(owner: nn.Module, name: str, layers: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(layer(x) for layer in layers): one fused, pre-packed matmul when no gradients
-    are needed and the layers allow it; the layers' own forwards otherwise."""
+    are needed and the layers allow it; one autograd node for a group of LoRA layers
+    in training (lora_group.py); the layers' own forwards otherwise."""
     if not torch.is_grad_enabled():
         fused = fused_for_inference(owner, name, layers)
         if fused is not None:
             return fused.split(x)
+    elif fusable_for_training(layers, x):
+        return lora_group_forward(layers, x)  # type: ignore[arg-type]
     return tuple(layer(x) for layer in layers)
