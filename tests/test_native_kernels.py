@@ -1,10 +1,12 @@
 """The native kernels (src/thrifty/native/): the attention backward against a float32
 reference, next to PyTorch's own bf16 flash backward, and inside a real model; the
-per-chunk log-probs against PyTorch's ops. test_losses.py and test_lean_ops.py run every
+per-chunk log-probs against PyTorch's ops; the decoding matmuls against a float32
+reference and oneDNN's rounding. test_losses.py and test_lean_ops.py run every
 loss, RMSNorm, SwiGLU and RoPE test on both the native kernels and PyTorch's ops."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from thrifty import attention_kernels, native_kernels
+from thrifty.fused_linear import FusedLinear
 from thrifty.grpo_batches import group_mask
 from thrifty.losses import selective_log_probs
 from thrifty.lora import LoraConfig, apply_lora, lora_layers
@@ -38,6 +41,7 @@ def test_builds_on_a_cpu_with_avx512_bf16_and_amx() -> None:
     assert native_kernels.attention_backward() is not None
     assert native_kernels.token_log_probs() is not None
     assert native_kernels.elementwise() is not None
+    assert native_kernels.decode_linear() is not None
 
 
 def packed_mask(batch: int, length: int) -> torch.Tensor:
@@ -174,3 +178,55 @@ def test_token_log_probs_agree_with_pytorchs_ops_on_a_real_vocabulary(temperatur
     torch.testing.assert_close(native[0], pytorchs[0], atol=2e-5, rtol=1e-5)
     # Both round d log p / d logits to bf16 before the matmul: a bf16 ulp or so apart.
     torch.testing.assert_close(native[1].float(), pytorchs[1].float(), atol=1e-3, rtol=2e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("rows, width, out, rank, bias", [
+    (1, 576, 960, 48, True), (32, 576, 3072, 32, False), (64, 1536, 576, 16, False),
+    (65, 64, 100, 8, True),  # a second brgemm row block, a partial column block
+    (7, 32, 45, 0, False),   # no adapter
+])
+def test_decode_linear_matches_a_float32_reference(rows: int, width: int, out: int, rank: int,
+                                                   bias: bool) -> None:
+    module = native_kernels.decode_linear()
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, width, generator=g).bfloat16()
+    weight = (torch.randn(out, width, generator=g) * 0.05).bfloat16()
+    b = torch.randn(out, generator=g).bfloat16() if bias else None
+    lora_a = torch.randn(rank, width, generator=g) * 0.05
+    lora_bt = torch.randn(rank, out, generator=g) * 0.05
+    got = module.decode_linear(x, module.decode_linear_pack(weight), out, b,
+                               lora_a if rank else None, lora_bt if rank else None)
+    expected = x.float() @ weight.float().t() + (x.float() @ lora_a.t()) @ lora_bt
+    if bias:
+        expected += b.float()
+    assert got.shape == (rows, out) and got.dtype == torch.bfloat16
+    # One rounding of a float sum: within half a bf16 ulp (2^-9 relative) plus float noise.
+    assert ((got.float() - expected).abs() <= expected.abs() * 2.0**-8 + 1e-3).all()
+
+
+@needs_native
+def test_lora_generation_matmuls_beat_onednns_rounding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_hf_model("qwen2", tmp_path)  # biased q/k/v
+    model = apply_lora(load_ours(tmp_path).to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8)).eval()
+    randomise_adapters(model)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (16, 3)))  # 48 rows: decoding-sized
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.__dict__["_fused_for_inference"]["qkv"].native is not None  # the model's path
+
+    generator = torch.Generator().manual_seed(3)
+    for layers in ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj]):
+        x = torch.randn(48, layers[0].in_features, generator=generator).bfloat16()
+        with torch.no_grad():
+            reference = torch.cat([copy.deepcopy(layer).float()(x.float()) for layer in layers], dim=-1)
+        native = torch.cat(FusedLinear(layers).split(x), dim=-1).float()
+        with monkeypatch.context() as patch:
+            patch.setattr(native_kernels, "decode_linear", lambda: None)
+            fallback = FusedLinear(layers)
+            onednn = torch.cat(fallback.split(x), dim=-1).float()
+            assert fallback.native is None
+        native_error = (native - reference).abs().max().item()
+        # One rounding of the float sum, where oneDNN's path rounds twice.
+        assert native_error <= (onednn - reference).abs().max().item() + 1e-6
+        assert native_error <= 2.0**-8 * reference.abs().max().item()

@@ -54,6 +54,11 @@ def attention_backward() -> ModuleType | None:
     return module if module is not None and module.brgemm_bf16() else None
 
 
+def decode_linear() -> ModuleType | None:
+    """The module if its `decode_linear` runs here (it needs oneDNN's bf16 brgemm)."""
+    return attention_backward()
+
+
 def token_log_probs() -> ModuleType | None:
     """The module if its `token_log_probs` runs here."""
     return native_module()
@@ -88,7 +93,8 @@ def _build(name: str, sources: list[Path]) -> ModuleType:
 
 def main() -> None:
     started = time.perf_counter()
-    kernels = {"attention backward": attention_backward(), "token log-probs": token_log_probs(),
+    kernels = {"attention backward": attention_backward(), "decoding matmuls": decode_linear(),
+               "token log-probs": token_log_probs(),
                "RMSNorm, SwiGLU and RoPE": elementwise()}
     elapsed = time.perf_counter() - started
     for name, module in kernels.items():

@@ -72,3 +72,9 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor
 // rope.cpp: x [B, H, T, D] (last dim contiguous), cos/sin [B or 1, 1, T, D]; all bf16.
 at::Tensor rope_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rope_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin);
+
+// decode_linear.cpp: bf16 linear layers for a few dozen rows (token generation).
+at::Tensor decode_linear_pack(const at::Tensor& weight);
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_a,
+                         const c10::optional<at::Tensor>& lora_bt);
