@@ -230,3 +230,30 @@ def test_lora_generation_matmuls_beat_onednns_rounding(tmp_path: Path, monkeypat
         # One rounding of the float sum, where oneDNN's path rounds twice.
         assert native_error <= (onednn - reference).abs().max().item() + 1e-6
         assert native_error <= 2.0**-8 * reference.abs().max().item()
+
+
+@needs_native
+@pytest.mark.parametrize("batch, heads, kv_heads, keys, masked", [
+    (32, 9, 3, 47, True), (1, 4, 4, 1, False), (5, 8, 2, 300, True),
+])
+def test_decode_attention_matches_a_float32_reference(batch: int, heads: int, kv_heads: int, keys: int,
+                                                      masked: bool) -> None:
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randn(batch, 1, heads, 64, generator=g).bfloat16().transpose(1, 2)  # the model's strides
+    cache_k = torch.randn(batch, kv_heads, keys + 9, 64, generator=g).bfloat16()  # a longer cache
+    cache_v = torch.randn(batch, kv_heads, keys + 9, 64, generator=g).bfloat16()
+    k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]
+    mask = None
+    if masked:  # left padding of a different length per row; the newest key always visible
+        start = torch.randint(0, keys, (batch, 1), generator=g)
+        mask = (torch.arange(keys) >= start).unsqueeze(1).unsqueeze(1)
+    with torch.no_grad():
+        assert attention_kernels._native_decode_applies(q, k, v)
+        got = attention_kernels.scaled_dot_product_attention(q, k, v, mask, is_causal=False)
+        expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                  enable_gqa=heads != kv_heads)
+        pytorchs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+    assert got.shape == (batch, heads, 1, 64) and got.dtype == torch.bfloat16
+    error = (got.float() - expected).abs().max().item()
+    assert error <= 2.0**-7 * expected.abs().max().item()
+    assert error <= (pytorchs.float() - expected).abs().max().item() + 1e-6

@@ -1,4 +1,4 @@
-"""Attention kernels for training on CPU.
+"""Attention kernels on CPU: training, and generation's decoding steps.
 
 With bf16 weights on a CPU with AVX-512 BF16, training attention runs PyTorch's
 flash-attention forward and Thrifty's C++ backward (native/attention_backward.cpp):
@@ -14,6 +14,9 @@ shipped example: ~55 tokens), so attention was ~30% of the step until short batc
 went to the math kernel. The native backward beats both at every length (forward +
 backward, same shapes, causal: 8x64 3.7 ms vs math 5.2, 8x128 7.8 vs 19.5, 4x512 29
 vs flash 115), so with it the math kernel is never chosen.
+
+Decoding steps (one query per row, no gradients) run native/decode_attention.cpp:
+PyTorch's flash attention took ~320 us per layer there, for about a MFLOP of work.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def scaled_dot_product_attention(
     [batch, 1, queries, keys], True where a query may attend."""
     if _native_backward_applies(q, k) and not (is_causal and q.shape[2] != k.shape[2]):
         return _FlashAttentionNativeBackward.apply(q, k, v, mask, is_causal)
+    if q.shape[2] == 1 and _native_decode_applies(q, k, v):
+        return native_kernels.decode_attention().decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -53,6 +58,13 @@ def _native_backward_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
     return (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and q.device.type == "cpu"
             and q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0
             and native_kernels.attention_backward() is not None)
+
+
+def _native_decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """A decoding step (one query per row) without gradients, in bf16 on this CPU."""
+    return (not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and q.device.type == "cpu" and q.dtype == torch.bfloat16 and native_kernels.decode_attention() is not None
+            and native_kernels.decode_attention().decode_attention_supports(q.shape[-1]))
 
 
 class _FlashAttentionNativeBackward(torch.autograd.Function):

@@ -59,6 +59,11 @@ def decode_linear() -> ModuleType | None:
     return attention_backward()
 
 
+def decode_attention() -> ModuleType | None:
+    """The module if its `decode_attention` runs here."""
+    return native_module()
+
+
 def token_log_probs() -> ModuleType | None:
     """The module if its `token_log_probs` runs here."""
     return native_module()
@@ -94,6 +99,7 @@ def _build(name: str, sources: list[Path]) -> ModuleType:
 def main() -> None:
     started = time.perf_counter()
     kernels = {"attention backward": attention_backward(), "decoding matmuls": decode_linear(),
+               "decoding attention": decode_attention(),
                "token log-probs": token_log_probs(),
                "RMSNorm, SwiGLU and RoPE": elementwise()}
     elapsed = time.perf_counter() - started

@@ -78,3 +78,8 @@ at::Tensor decode_linear_pack(const at::Tensor& weight);
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_a,
                          const c10::optional<at::Tensor>& lora_bt);
+
+// decode_attention.cpp: one query per row ([B, H, 1, D]) over cached keys/values.
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const c10::optional<at::Tensor>& mask, double scale);
+bool decode_attention_supports(int64_t head_dim);
