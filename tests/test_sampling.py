@@ -5,8 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from thrifty import native_kernels
 from thrifty.errors import ThriftyError
 from thrifty.sampling import TOP_P_CANDIDATES, SamplingParams, sample_next_tokens
+
+
+@pytest.fixture(autouse=True, params=["native", "pytorch"])
+def sampling_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the C++ whole-vocabulary sampler (native/sampling.cpp) and
+    with the PyTorch ops used where it cannot run."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(native_kernels, "sampling", lambda: None)
+    elif native_kernels.sampling() is None:
+        pytest.skip("no native kernels on this machine: the PyTorch variant covers it")
+    return request.param
 
 
 def reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -33,6 +45,7 @@ def empirical(logits: torch.Tensor, p: SamplingParams, draws: int) -> torch.Tens
 
 SETTINGS = [
     SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.6),
     SamplingParams(temperature=0.7, top_k=5),
     SamplingParams(temperature=1.0, top_p=0.8),
     SamplingParams(temperature=1.3, top_k=12, top_p=0.9),

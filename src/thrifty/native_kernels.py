@@ -64,6 +64,11 @@ def decode_attention() -> ModuleType | None:
     return native_module()
 
 
+def sampling() -> ModuleType | None:
+    """The module if its `sample_tokens` runs here."""
+    return native_module()
+
+
 def token_log_probs() -> ModuleType | None:
     """The module if its `token_log_probs` runs here."""
     return native_module()
@@ -99,7 +104,7 @@ def _build(name: str, sources: list[Path]) -> ModuleType:
 def main() -> None:
     started = time.perf_counter()
     kernels = {"attention backward": attention_backward(), "decoding matmuls": decode_linear(),
-               "decoding attention": decode_attention(),
+               "decoding attention": decode_attention(), "sampling": sampling(),
                "token log-probs": token_log_probs(),
                "RMSNorm, SwiGLU and RoPE": elementwise()}
     elapsed = time.perf_counter() - started

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from thrifty import native_kernels
 from thrifty.errors import ThriftyError
 
 
@@ -49,6 +50,12 @@ def sample_next_tokens(
     """
     if params.greedy:
         return logits.argmax(dim=-1)
+    native = native_kernels.sampling() if logits.device.type == "cpu" else None
+    if native is not None and not (0 < params.top_k < logits.shape[-1]) and params.top_p >= 1.0 \
+            and params.min_p == 0.0 and logits.dtype in (torch.float32, torch.bfloat16) and logits.stride(-1) == 1:
+        # The whole vocabulary, temperature only: one fused pass (native/sampling.cpp).
+        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+        return native.sample_tokens(logits, uniform, params.temperature)
     # A full pass over [batch, vocab]: skipped when it would change nothing.
     logits = logits.float() / params.temperature if params.temperature != 1.0 else logits.float()
     vocab = logits.shape[-1]

@@ -21,5 +21,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ W^T (+ bias) (+ (x @ A^T) @ B^T) for a few rows, W packed by decode_linear_pack.");
   m.def("decode_attention", &decode_attention, "Softmax attention of one query per row over its keys.");
   m.def("decode_attention_supports", &decode_attention_supports, "Whether decode_attention takes this head_dim.");
+  m.def("sample_tokens", &sample_tokens, "One token per row from softmax(logits / temperature), inverse CDF.");
   m.def("rope_backward", &rope_backward, "d loss / d x of rope_forward, from the output's gradient.");
 }

@@ -83,3 +83,6 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const c10::optional<at::Tensor>& mask, double scale);
 bool decode_attention_supports(int64_t head_dim);
+
+// sampling.cpp: one token per row from softmax(logits / temperature); uniform [rows].
+at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& uniform, double temperature);
