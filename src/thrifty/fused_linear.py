@@ -20,8 +20,8 @@ slower than the plain model (bf16 matmuls with K = 16 take a slow path on CPU).
 Where Thrifty's native kernels run (AVX-512 BF16 CPUs), decoding-sized batches go
 through native/decode_linear.cpp instead: weights streamed in blocks of 32 columns
 (1.2-2x oneDNN's speed per layer at 32 rows) and the LoRA branch added in the same
-epilogue. Bigger batches (prefill, scoring) then use the layers' own forwards, which
-are compute-bound there and need no second packed copy of the weights.
+epilogue. Bigger batches (prefill, scoring) then multiply by the layers' own weights,
+compute-bound there, so no second packed copy of the weights is kept.
 """
 
 from __future__ import annotations
@@ -111,22 +111,28 @@ class FusedLinear:
             self.source = key
         # Flatten to 2-D: a 3-D bf16 input can fall into a slow bmm over an expanded weight.
         flat = x.reshape(-1, x.shape[-1])
-        if self.native is not None and flat.shape[0] > DECODE_ROWS:
-            return tuple(layer(x) for layer in self.layers)
         adapters = self.live_adapters()
-        if self.native is not None:
+        if self.native is not None and flat.shape[0] <= DECODE_ROWS:
             lora_a, lora_bt = adapters if adapters is not None else (None, None)
             out = self.native.decode_linear(flat.contiguous(), self.weight, sum(self.sizes), self.bias,
                                             lora_a, lora_bt)
+            outs = list(out.split(self.sizes, dim=1))
         else:
-            if self.prepacked:
-                out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+            if self.native is not None:
+                # Many rows (prefill, scoring): compute-bound matmuls on the layers' own weights.
+                outs = [F.linear(flat, base.weight, base.bias) for base in self.bases]
+            elif self.prepacked:
+                outs = [torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")]
             else:
-                out = F.linear(flat, self.weight, self.bias)
+                outs = [F.linear(flat, self.weight, self.bias)]
             if adapters is not None:
                 lora_a, lora_bt = adapters
-                out.add_(torch.mm(F.linear(flat.float(), lora_a), lora_bt))  # fp32 sum, one rounding
-        return out.view(*x.shape[:-1], out.shape[-1]).split(self.sizes, dim=-1)
+                delta = torch.mm(F.linear(flat.float(), lora_a), lora_bt)  # fp32 sum, one rounding
+                for out, columns in zip(outs, delta.split([out.shape[1] for out in outs], dim=1)):
+                    out.add_(columns)
+            if len(outs) == 1:
+                outs = list(outs[0].split(self.sizes, dim=1))
+        return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
 
     def live_adapters(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """fp32 (A of every active adapter stacked [sum r, in], the transpose of the

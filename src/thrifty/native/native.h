@@ -50,6 +50,11 @@ struct HeadRows {
 #define THRIFTY_NATIVE_AVX512 0
 #endif
 
+// at::parallel_for grain for rows of `row_elements` values: work under ~32k values runs
+// on the calling thread, where waking the second one would cost more than it saves
+// (decoding steps call these kernels on [32, 576] tensors).
+inline int64_t grain_rows(int64_t row_elements) { return row_elements >= (1 << 15) ? 1 : (1 << 15) / row_elements; }
+
 // attention_backward.cpp
 std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& query,
                                            const at::Tensor& key, const at::Tensor& value,

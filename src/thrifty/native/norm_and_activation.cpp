@@ -48,7 +48,7 @@ std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& 
   const BFloat16* w = weight.data_ptr<BFloat16>();
   BFloat16* o = out.data_ptr<BFloat16>();
   float* r = rstd.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_rows(width), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const BFloat16* row = xs + i * width;
       __m512 sum = _mm512_setzero_ps();
@@ -82,7 +82,7 @@ at::Tensor rms_norm_backward(const at::Tensor& grad, const at::Tensor& x, const 
   const BFloat16* w = weight.data_ptr<BFloat16>();
   const float* r = scales.data_ptr<float>();
   BFloat16* out = grad_x.data_ptr<BFloat16>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_rows(width), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const BFloat16* g_row = gs + i * width;
       const BFloat16* x_row = xs + i * width;
@@ -122,7 +122,7 @@ at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
   const BFloat16* u = u2.data_ptr<BFloat16>();
   BFloat16* o = out.data_ptr<BFloat16>();
   const int64_t gs = g2.stride(0), us = u2.stride(0);
-  at::parallel_for(0, g2.size(0), std::max<int64_t>(1, (1 << 14) / width), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g2.size(0), grain_rows(width), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       lanes(width, [&](int64_t j, int n) {
         const __m512 x = load16(g + i * gs + j, n);
@@ -147,7 +147,7 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor
   BFloat16* du = grad_up.data_ptr<BFloat16>();
   const int64_t ds = d2.stride(0), gs = g2.stride(0), us = u2.stride(0);
   const __m512 one = _mm512_set1_ps(1.f);
-  at::parallel_for(0, g2.size(0), std::max<int64_t>(1, (1 << 14) / width), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g2.size(0), grain_rows(width), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       lanes(width, [&](int64_t j, int n) {
         const __m512 x = load16(g + i * gs + j, n), dy = load16(d + i * ds + j, n);

@@ -32,7 +32,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   auto out = at::empty({B, H, T, D}, x.options());
   const HeadRows xs(x), cs(cos), ss(sin);
   BFloat16* o = out.data_ptr<BFloat16>();
-  at::parallel_for(0, B * H * T, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H * T, grain_rows(D), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (H * T), h = item / T % H, t = item % T;
       const BFloat16* xr = xs.at(b, h) + t * xs.row;
