@@ -184,6 +184,7 @@ def test_token_log_probs_agree_with_pytorchs_ops_on_a_real_vocabulary(temperatur
 @pytest.mark.parametrize("rows, width, out, rank, bias", [
     (1, 576, 960, 48, True), (32, 576, 3072, 32, False), (64, 1536, 576, 16, False),
     (65, 64, 100, 8, True),  # a second brgemm row block, a partial column block
+    (3, 64, 64, 80, False),  # a rank over 64: two passes of the rank loop
     (7, 32, 45, 0, False),   # no adapter
 ])
 def test_decode_linear_matches_a_float32_reference(rows: int, width: int, out: int, rank: int,
@@ -196,7 +197,7 @@ def test_decode_linear_matches_a_float32_reference(rows: int, width: int, out: i
     lora_a = torch.randn(rank, width, generator=g) * 0.05
     lora_bt = torch.randn(rank, out, generator=g) * 0.05
     got = module.decode_linear(x, module.decode_linear_pack(weight), out, b,
-                               lora_a if rank else None, lora_bt if rank else None)
+                               lora_a.t().contiguous() if rank else None, lora_bt if rank else None)
     expected = x.float() @ weight.float().t() + (x.float() @ lora_a.t()) @ lora_bt
     if bias:
         expected += b.float()

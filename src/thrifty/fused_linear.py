@@ -65,7 +65,7 @@ class FusedLinear:
         self.bias: torch.Tensor | None = None
         self.prepacked = False
         self.adapter_source: tuple | None = None
-        self.adapters: tuple[torch.Tensor, torch.Tensor] | None = None  # (stacked A, block-diagonal B^T)
+        self.adapters: tuple[torch.Tensor, torch.Tensor] | None = None  # (stacked A^T, block-diagonal B^T)
         self.native = None  # native_kernels' module when its decode kernel holds the weight
 
     # The fused weight is derived data (and an opaque oneDNN tensor that cannot be
@@ -113,9 +113,9 @@ class FusedLinear:
         flat = x.reshape(-1, x.shape[-1])
         adapters = self.live_adapters()
         if self.native is not None and flat.shape[0] <= DECODE_ROWS:
-            lora_a, lora_bt = adapters if adapters is not None else (None, None)
+            lora_at, lora_bt = adapters if adapters is not None else (None, None)
             out = self.native.decode_linear(flat.contiguous(), self.weight, sum(self.sizes), self.bias,
-                                            lora_a, lora_bt)
+                                            lora_at, lora_bt)
             outs = list(out.split(self.sizes, dim=1))
         else:
             if self.native is not None:
@@ -126,8 +126,8 @@ class FusedLinear:
             else:
                 outs = [F.linear(flat, self.weight, self.bias)]
             if adapters is not None:
-                lora_a, lora_bt = adapters
-                delta = torch.mm(F.linear(flat.float(), lora_a), lora_bt)  # fp32 sum, one rounding
+                lora_at, lora_bt = adapters
+                delta = torch.mm(torch.mm(flat.float(), lora_at), lora_bt)  # fp32 sum, one rounding
                 for out, columns in zip(outs, delta.split([out.shape[1] for out in outs], dim=1)):
                     out.add_(columns)
             if len(outs) == 1:
@@ -135,9 +135,9 @@ class FusedLinear:
         return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
 
     def live_adapters(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """fp32 (A of every active adapter stacked [sum r, in], the transpose of the
-        block-diagonal scaling * B [sum r, sum out]); None when no layer has an active
-        adapter."""
+        """fp32 (the transpose of every active adapter's A stacked [in, sum r], the
+        transpose of the block-diagonal scaling * B [sum r, sum out]); None when no layer
+        has an active adapter."""
         active = [isinstance(layer, LoraLinear) and not layer.disabled for layer in self.layers]
         if not any(active):
             return None
@@ -152,7 +152,7 @@ class FusedLinear:
                     b_blocks.append(layer.lora_B.weight.detach().float() * layer.scaling)
                 else:  # a layer without an adapter: zero rows in the output of the branch
                     b_blocks.append(torch.zeros(base.out_features, 0, device=base.weight.device))
-            self.adapters = torch.cat(a_blocks), torch.block_diag(*b_blocks).t().contiguous()
+            self.adapters = torch.cat(a_blocks).t().contiguous(), torch.block_diag(*b_blocks).t().contiguous()
             self.adapter_source = key
         return self.adapters
 

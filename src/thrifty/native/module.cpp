@@ -18,7 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_forward", &rope_forward, "x * cos + rotate_half(x) * sin, [B, H, T, D] contiguous.");
   m.def("decode_linear_pack", &decode_linear_pack, "A bf16 [out, in] weight in decode_linear's blocked layout.");
   m.def("decode_linear", &decode_linear,
-        "x @ W^T (+ bias) (+ (x @ A^T) @ B^T) for a few rows, W packed by decode_linear_pack.");
+        "x @ W^T (+ bias) (+ (x @ A^T) @ B^T) for a few rows, W packed by decode_linear_pack, A^T and B^T given.");
   m.def("decode_attention", &decode_attention, "Softmax attention of one query per row over its keys.");
   m.def("decode_attention_supports", &decode_attention_supports, "Whether decode_attention takes this head_dim.");
   m.def("sample_tokens", &sample_tokens, "One token per row from softmax(logits / temperature), inverse CDF.");

@@ -81,7 +81,7 @@ at::Tensor rope_backward(const at::Tensor& grad, const at::Tensor& cos, const at
 // decode_linear.cpp: bf16 linear layers for a few dozen rows (token generation).
 at::Tensor decode_linear_pack(const at::Tensor& weight);
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
-                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_a,
+                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_at,
                          const c10::optional<at::Tensor>& lora_bt);
 
 // decode_attention.cpp: one query per row ([B, H, 1, D]) over cached keys/values.
