@@ -62,9 +62,10 @@ def _native_backward_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def _native_decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """A decoding step (one query per row) without gradients, in bf16 on this CPU."""
-    return (not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and q.device.type == "cpu" and q.dtype == torch.bfloat16 and native_kernels.decode_attention() is not None
-            and native_kernels.decode_attention().decode_attention_supports(q.shape[-1]))
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    module = native_kernels.decode_attention() if q.device.type == "cpu" and q.dtype == torch.bfloat16 else None
+    return module is not None and module.decode_attention_supports(q.shape[-1])
 
 
 class _FlashAttentionNativeBackward(torch.autograd.Function):

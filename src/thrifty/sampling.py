@@ -50,10 +50,8 @@ def sample_next_tokens(
     """
     if params.greedy:
         return logits.argmax(dim=-1)
-    native = native_kernels.sampling() if logits.device.type == "cpu" else None
-    if native is not None and not (0 < params.top_k < logits.shape[-1]) and params.top_p >= 1.0 \
-            and params.min_p == 0.0 and logits.dtype in (torch.float32, torch.bfloat16) and logits.stride(-1) == 1:
-        # The whole vocabulary, temperature only: one fused pass (native/sampling.cpp).
+    native = _native_whole_vocabulary_sampler(logits, params)
+    if native is not None:
         uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
         return native.sample_tokens(logits, uniform, params.temperature)
     # A full pass over [batch, vocab]: skipped when it would change nothing.
@@ -79,6 +77,17 @@ def sample_next_tokens(
     if candidates is not None:
         chosen = candidates.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
     return chosen
+
+
+def _native_whole_vocabulary_sampler(logits: torch.Tensor, params: SamplingParams):  # type: ignore[no-untyped-def]
+    """native/sampling.cpp's module when only a temperature applies: one fused pass per row
+    (max, exp, inverse-CDF scan) instead of a float copy, softmax, cumsum and search."""
+    temperature_only = not (0 < params.top_k < logits.shape[-1]) and params.top_p >= 1.0 and params.min_p == 0.0
+    if not temperature_only or logits.device.type != "cpu" or logits.stride(-1) != 1:
+        return None
+    if logits.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return native_kernels.sampling()
 
 
 def nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,9 @@
 // oneDNN per layer shape.
 //
 // The epilogue adds the bias and scaling * B (A x) in float before the one rounding to
-// bf16. A x is computed here too (from A^T, as B^T: both stored input-major), so a layer's adapters cost two tiny in-cache
-// products rather than four PyTorch ops (cast, two fp32 matmuls, a mixed-dtype add).
+// bf16. A x is computed here too (A^T and B^T come stored input-major), so a layer's
+// adapters cost two tiny in-cache products rather than four PyTorch ops (cast, two
+// fp32 matmuls, a mixed-dtype add).
 #include "native.h"
 
 #if THRIFTY_NATIVE_AVX512
