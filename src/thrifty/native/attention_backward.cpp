@@ -45,21 +45,6 @@ void pack_vnni(const BFloat16* src, int64_t row_stride, int64_t rows, int64_t K,
   }
 }
 
-// VNNI-2 of X^T for a row-major X [N, K]: element (k, n) of X^T is X[n][k].
-// Rows of X at or past `rows` are zero.
-void pack_vnni_transposed(const BFloat16* src, int64_t row_stride, int64_t rows, int64_t K,
-                          int64_t N, BFloat16* out) {
-  for (int64_t n = 0; n < N; ++n) {
-    const BFloat16* x = src + n * row_stride;
-    const bool valid = n < rows;
-    for (int64_t k = 0; k < K; k += 2) {
-      BFloat16* dst = out + ((k / 2) * N + n) * 2;
-      dst[0] = valid ? x[k] : BFloat16(0.f);
-      dst[1] = valid ? x[k + 1] : BFloat16(0.f);
-    }
-  }
-}
-
 void copy_rows(const BFloat16* src, int64_t row_stride, int64_t rows, int64_t total_rows,
                int64_t width, BFloat16* out) {
   for (int64_t r = 0; r < total_rows; ++r) {

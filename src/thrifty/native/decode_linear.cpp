@@ -62,17 +62,13 @@ at::Tensor decode_linear_pack(const at::Tensor& weight) {
               "decode_linear_pack: a bf16 [out, in] weight with an even `in`");
   const auto w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1), blocks = (N + kColumns - 1) / kColumns;
-  auto packed = at::zeros({blocks, K / 2, kColumns, 2}, w.options());
+  auto packed = at::empty({blocks, K / 2, kColumns, 2}, w.options());
   const BFloat16* src = w.data_ptr<BFloat16>();
   BFloat16* dst = packed.data_ptr<BFloat16>();
-  // VNNI-2: element (k, n) of the block's [K, 32] matrix W^T at ((k / 2) * 32 + n) * 2 + k % 2.
+  // Block b is W^T of output columns [32 b, 32 b + 32), zero past the last one.
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      BFloat16* block = dst + b * K * kColumns;
-      for (int64_t n = b * kColumns; n < std::min(N, (b + 1) * kColumns); ++n) {
-        const BFloat16* row = src + n * K;
-        for (int64_t k = 0; k < K; ++k) block[((k / 2) * kColumns + n % kColumns) * 2 + k % 2] = row[k];
-      }
+      pack_vnni_transposed(src + b * kColumns * K, K, N - b * kColumns, K, kColumns, dst + b * K * kColumns);
     }
   });
   return packed;

@@ -50,6 +50,22 @@ struct HeadRows {
 #define THRIFTY_NATIVE_AVX512 0
 #endif
 
+// brgemm reads B in VNNI-2 layout: element (k, n) of a [K, N] matrix sits at
+// ((k / 2) * N + n) * 2 + k % 2. This packs X^T for a row-major X [N, K] (K even):
+// element (k, n) of X^T is X[n][k]; rows of X at or past `rows` are zero.
+inline void pack_vnni_transposed(const at::BFloat16* src, int64_t row_stride, int64_t rows, int64_t K,
+                                 int64_t N, at::BFloat16* out) {
+  for (int64_t n = 0; n < N; ++n) {
+    const at::BFloat16* x = src + n * row_stride;
+    const bool valid = n < rows;
+    for (int64_t k = 0; k < K; k += 2) {
+      at::BFloat16* dst = out + ((k / 2) * N + n) * 2;
+      dst[0] = valid ? x[k] : at::BFloat16(0.f);
+      dst[1] = valid ? x[k + 1] : at::BFloat16(0.f);
+    }
+  }
+}
+
 // at::parallel_for grain for rows of `row_elements` values: work under ~32k values runs
 // on the calling thread, where waking the second one would cost more than it saves
 // (decoding steps call these kernels on [32, 576] tensors).
