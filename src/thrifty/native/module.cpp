@@ -16,11 +16,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up, rounded as PyTorch's two bf16 ops.");
   m.def("swiglu_backward", &swiglu_backward, "(d loss / d gate, d loss / d up).");
   m.def("rope_forward", &rope_forward, "x * cos + rotate_half(x) * sin, [B, H, T, D] contiguous.");
+  m.def("rope_backward", &rope_backward, "d loss / d x of rope_forward, from the output's gradient.");
   m.def("decode_linear_pack", &decode_linear_pack, "A bf16 [out, in] weight in decode_linear's blocked layout.");
   m.def("decode_linear", &decode_linear,
         "x @ W^T (+ bias) (+ (x @ A^T) @ B^T) for a few rows, W packed by decode_linear_pack, A^T and B^T given.");
   m.def("decode_attention", &decode_attention, "Softmax attention of one query per row over its keys.");
   m.def("decode_attention_supports", &decode_attention_supports, "Whether decode_attention takes this head_dim.");
   m.def("sample_tokens", &sample_tokens, "One token per row from softmax(logits / temperature), inverse CDF.");
-  m.def("rope_backward", &rope_backward, "d loss / d x of rope_forward, from the output's gradient.");
 }
