@@ -163,10 +163,7 @@ def base_linear(layer: nn.Module) -> nn.Linear | None:
     layers keep their own forward."""
     if type(layer) is nn.Linear:
         return layer
-    if (isinstance(layer, LoraLinear) and type(layer.base_layer) is nn.Linear
-            and not layer.merged and not layer.use_dora):
-        return layer.base_layer
-    return None
+    return layer.plain_base if isinstance(layer, LoraLinear) else None
 
 
 def fused_for_inference(owner: nn.Module, name: str, layers: list[nn.Module]) -> FusedLinear | None:

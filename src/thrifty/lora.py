@@ -151,6 +151,14 @@ class LoraLinear(nn.Module):
     def use_dora(self) -> bool:
         return self.lora_magnitude_vector is not None
 
+    @property
+    def plain_base(self) -> nn.Linear | None:
+        """The base nn.Linear when this layer's output is its matmul plus the low-rank
+        branch (unmerged, no DoRA, not quantized): what fused paths may compute directly."""
+        if type(self.base_layer) is nn.Linear and not self.merged and not self.use_dora:
+            return self.base_layer
+        return None
+
     def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base layer's weight [out, in] in `dtype` (dequantized if quantized)."""
         if is_quantized(self.base_layer):

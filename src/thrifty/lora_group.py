@@ -26,10 +26,10 @@ def fusable_for_training(layers: list[nn.Module], x: torch.Tensor) -> bool:
     """Whether lora_group_forward computes exactly what the layers' own forwards would."""
     return all(
         isinstance(layer, LoraLinear)
-        and type(layer.base_layer) is nn.Linear
+        and layer.plain_base is not None
+        and not layer.disabled
         and not any(p.requires_grad for p in layer.base_layer.parameters())
         and layer.base_layer.weight.dtype == x.dtype
-        and not (layer.disabled or layer.merged or layer.use_dora)
         and (isinstance(layer.lora_dropout, nn.Identity) or not layer.training)
         for layer in layers
     )
