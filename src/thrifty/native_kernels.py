@@ -48,15 +48,20 @@ def native_module() -> ModuleType | None:
     return module if module.avx512_bf16() else None
 
 
-def attention_backward() -> ModuleType | None:
-    """The module if its `attention_backward` runs here (it needs oneDNN's bf16 brgemm)."""
+def _with_brgemm() -> ModuleType | None:
+    """The module if oneDNN's bf16 brgemm, which some of its kernels call, runs here."""
     module = native_module()
     return module if module is not None and module.brgemm_bf16() else None
 
 
+def attention_backward() -> ModuleType | None:
+    """The module if its `attention_backward` runs here."""
+    return _with_brgemm()
+
+
 def decode_linear() -> ModuleType | None:
-    """The module if its `decode_linear` runs here (it needs oneDNN's bf16 brgemm)."""
-    return attention_backward()
+    """The module if its `decode_linear` runs here."""
+    return _with_brgemm()
 
 
 def decode_attention() -> ModuleType | None:
