@@ -30,29 +30,95 @@ namespace cpublas = at::native::cpublas;
 constexpr int64_t kColumns = 32;  // output columns per packed block (best of 32-256 measured)
 constexpr int64_t kRows = 64;     // input rows per brgemm call
 
-// x A^T for every row: [rows, rank] float, from x in bf16 and A^T in float [K, rank].
-// Vectorised over the rank, so there is no horizontal sum; on the calling thread: for
-// 32 rows, K = 576 and rank 48 it is ~55k vector FMAs, less than waking a second thread.
-std::vector<float> lora_down(const BFloat16* x, int64_t rows, int64_t K, const float* a_t, int64_t rank) {
-  std::vector<float> xa(rows * rank);
-  for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t r0 = 0; r0 < rank; r0 += 64) {
-      const int64_t chunks = (std::min<int64_t>(64, rank - r0) + 15) / 16;
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t k = 0; k < K; ++k) {
-        const __m512 xk = _mm512_set1_ps(static_cast<float>(x[m * K + k]));
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int count = static_cast<int>(std::min<int64_t>(16, rank - r0 - 16 * c));
-          acc[c] = _mm512_fmadd_ps(xk, load16(a_t + k * rank + r0 + 16 * c, count), acc[c]);
-        }
-      }
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int count = static_cast<int>(std::min<int64_t>(16, rank - r0 - 16 * c));
-        store16(xa.data() + m * rank + r0 + 16 * c, acc[c], count);
-      }
+// x A^T for `Rows` rows and ranks [r0, r0 + 32): independent accumulators for every
+// (row, rank vector), fully unrolled so they stay in registers. One accumulator chain
+// per rank vector made this latency-bound, 4x slower than the layer's matmul itself.
+template <int Rows>
+void lora_down_block(const float* x, int64_t K, const float* a_t, int64_t rank, int64_t r0, float* xa) {
+  const int count0 = static_cast<int>(std::min<int64_t>(16, rank - r0));
+  const int count1 = static_cast<int>(std::clamp<int64_t>(rank - r0 - 16, 0, 16));
+  __m512 acc0[Rows], acc1[Rows];
+#pragma GCC unroll 8
+  for (int i = 0; i < Rows; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 a0 = load16(a_t + k * rank + r0, count0);
+    const __m512 a1 = count1 > 0 ? load16(a_t + k * rank + r0 + 16, count1) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) {
+      const __m512 xk = _mm512_set1_ps(x[i * K + k]);  // a broadcast load: no shuffle-port uop
+      acc0[i] = _mm512_fmadd_ps(xk, a0, acc0[i]);
+      if (count1 > 0) acc1[i] = _mm512_fmadd_ps(xk, a1, acc1[i]);
     }
   }
+#pragma GCC unroll 8
+  for (int i = 0; i < Rows; ++i) {
+    store16(xa + i * rank + r0, acc0[i], count0);
+    if (count1 > 0) store16(xa + i * rank + r0 + 16, acc1[i], count1);
+  }
+}
+
+// x A^T for every row: [rows, rank] float, from x in bf16 and A^T in float [K, rank].
+// Vectorised over the rank, so there is no horizontal sum; on the calling thread: for
+// 32 rows, K = 576 and rank 48 it is ~40k vector FMAs, less than waking a second thread.
+std::vector<float> lora_down(const BFloat16* x, int64_t rows, int64_t K, const float* a_t, int64_t rank) {
+  // x in float first, so the FMA loop broadcasts straight from memory.
+  std::vector<float> xf(rows * K);
+  for (int64_t i = 0; i < rows * K; i += 16) {
+    const int count = static_cast<int>(std::min<int64_t>(16, rows * K - i));
+    store16(xf.data() + i, load16(x + i, count), count);
+  }
+  std::vector<float> xa(rows * rank);
+  for (int64_t r0 = 0; r0 < rank; r0 += 32) {
+    int64_t m = 0;
+    for (; m + 8 <= rows; m += 8) lora_down_block<8>(xf.data() + m * K, K, a_t, rank, r0, xa.data() + m * rank);
+    for (; m < rows; ++m) lora_down_block<1>(xf.data() + m * K, K, a_t, rank, r0, xa.data() + m * rank);
+  }
   return xa;
+}
+
+// `Rows` rows of one packed block's output: acc [Rows, 32] float from brgemm, plus the
+// bias and xa [Rows, rank] times B^T's columns [n0, n0 + columns), rounded once to bf16.
+// 2 x Rows independent FMA chains over the rank (one chain per output vector was
+// latency-bound).
+template <int Rows>
+void epilogue_rows(const float* acc, int64_t n0, int64_t columns, int64_t N, const BFloat16* bias,
+                   const float* xa, const float* bt, int64_t rank, BFloat16* out) {
+  const int count0 = static_cast<int>(std::min<int64_t>(16, columns));
+  const int count1 = static_cast<int>(std::clamp<int64_t>(columns - 16, 0, 16));
+  const __m512 bias0 = bias != nullptr ? load16(bias + n0, count0) : _mm512_setzero_ps();
+  const __m512 bias1 = bias != nullptr ? load16(bias + n0 + 16, count1) : _mm512_setzero_ps();
+  __m512 value0[Rows], value1[Rows];
+#pragma GCC unroll 8
+  for (int i = 0; i < Rows; ++i) {
+    value0[i] = _mm512_add_ps(load16(acc + i * kColumns), bias0);
+    value1[i] = _mm512_add_ps(load16(acc + i * kColumns + 16), bias1);
+  }
+  for (int64_t r = 0; r < rank; ++r) {
+    const __m512 b0 = load16(bt + r * N + n0, count0);
+    const __m512 b1 = load16(bt + r * N + n0 + 16, count1);
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) {
+      const __m512 xr = _mm512_set1_ps(xa[i * rank + r]);
+      value0[i] = _mm512_fmadd_ps(xr, b0, value0[i]);
+      value1[i] = _mm512_fmadd_ps(xr, b1, value1[i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < Rows; ++i) {
+    store16(out + i * N + n0, value0[i], count0);
+    store16(out + i * N + n0 + 16, value1[i], count1);
+  }
+}
+
+void block_epilogue(const float* acc, int64_t rows, int64_t n0, int64_t columns, int64_t N,
+                    const BFloat16* bias, const float* xa, const float* bt, int64_t rank, BFloat16* out) {
+  int64_t m = 0;
+  for (; m + 4 <= rows; m += 4) {
+    epilogue_rows<4>(acc + m * kColumns, n0, columns, N, bias, xa + m * rank, bt, rank, out + m * N);
+  }
+  for (; m < rows; ++m) {
+    epilogue_rows<1>(acc + m * kColumns, n0, columns, N, bias, xa + m * rank, bt, rank, out + m * N);
+  }
 }
 
 }  // namespace
@@ -109,18 +175,8 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
         const int64_t rows = std::min(kRows, M - m0);
         cpublas::brgemm(rows, kColumns, K, K, kColumns, kColumns, false, x_data + m0 * K,
                         w_data + b * K * kColumns, acc.data());
-        for (int64_t m = 0; m < rows; ++m) {
-          for (int64_t j = 0; j < columns; j += 16) {
-            const int count = static_cast<int>(std::min<int64_t>(16, columns - j));
-            __m512 value = load16(acc.data() + m * kColumns + j);
-            if (bias_data != nullptr) value = _mm512_add_ps(value, load16(bias_data + n0 + j, count));
-            for (int64_t r = 0; r < rank; ++r) {
-              value = _mm512_fmadd_ps(_mm512_set1_ps(xa[(m0 + m) * rank + r]), load16(bt + r * N + n0 + j, count),
-                                      value);
-            }
-            store16(out_data + (m0 + m) * N + n0 + j, value, count);
-          }
-        }
+        block_epilogue(acc.data(), rows, n0, columns, N, bias_data, xa.data() + m0 * rank, bt, rank,
+                       out_data + m0 * N);
       }
     }
     cpublas::brgemm_release();
