@@ -184,8 +184,10 @@ def test_token_log_probs_agree_with_pytorchs_ops_on_a_real_vocabulary(temperatur
 @pytest.mark.parametrize("rows, width, out, rank, bias", [
     (1, 576, 960, 48, True), (32, 576, 3072, 32, False), (64, 1536, 576, 16, False),
     (65, 64, 100, 8, True),  # a second brgemm row block, a partial column block
-    (3, 64, 64, 80, False),  # a rank over 64: two passes of the rank loop
+    (3, 64, 64, 80, False),  # a rank over 64
+    (5, 64, 40, 3, True),    # an odd rank: the up-projection's rows padded to even
     (7, 32, 45, 0, False),   # no adapter
+    (2, 75, 33, 5, True),    # an input width that is not a whole tile step (nor even)
 ])
 def test_decode_linear_matches_a_float32_reference(rows: int, width: int, out: int, rank: int,
                                                    bias: bool) -> None:
@@ -196,8 +198,8 @@ def test_decode_linear_matches_a_float32_reference(rows: int, width: int, out: i
     b = torch.randn(out, generator=g).bfloat16() if bias else None
     lora_a = torch.randn(rank, width, generator=g) * 0.05
     lora_bt = torch.randn(rank, out, generator=g) * 0.05
-    got = module.decode_linear(x, module.decode_linear_pack(weight), out, b,
-                               lora_a.t().contiguous() if rank else None, lora_bt if rank else None)
+    lora = (*module.decode_lora_pack(lora_a.t().contiguous(), lora_bt), rank) if rank else ()
+    got = module.decode_linear(x, module.decode_linear_pack(weight), out, b, *lora)
     expected = x.float() @ weight.float().t() + (x.float() @ lora_a.t()) @ lora_bt
     if bias:
         expected += b.float()

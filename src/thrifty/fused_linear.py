@@ -66,6 +66,7 @@ class FusedLinear:
         self.prepacked = False
         self.adapter_source: tuple | None = None
         self.adapters: tuple[torch.Tensor, torch.Tensor] | None = None  # (stacked A^T, block-diagonal B^T)
+        self.native_adapters: list[torch.Tensor] | None = None  # self.adapters packed by decode_lora_pack
         self.native = None  # native_kernels' module when its decode kernel holds the weight
 
     # The fused weight is derived data (and an opaque oneDNN tensor that cannot be
@@ -93,7 +94,7 @@ class FusedLinear:
                 for b, base in zip(biases, self.bases)
             ])
         self.native = None
-        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0:
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             self.native = native_kernels.decode_linear()
         self.prepacked = self.native is None and can_prepack(weight)
         if self.native is not None:
@@ -113,9 +114,8 @@ class FusedLinear:
         flat = x.reshape(-1, x.shape[-1])
         adapters = self.live_adapters()
         if self.native is not None and flat.shape[0] <= DECODE_ROWS:
-            lora_at, lora_bt = adapters if adapters is not None else (None, None)
-            out = self.native.decode_linear(flat.contiguous(), self.weight, sum(self.sizes), self.bias,
-                                            lora_at, lora_bt)
+            lora = (*self.native_adapters, adapters[0].shape[1]) if adapters is not None else ()
+            out = self.native.decode_linear(flat.contiguous(), self.weight, sum(self.sizes), self.bias, *lora)
             outs = list(out.split(self.sizes, dim=1))
         else:
             if self.native is not None:
@@ -154,6 +154,9 @@ class FusedLinear:
                     b_blocks.append(torch.zeros(base.out_features, 0, device=base.weight.device))
             self.adapters = torch.cat(a_blocks).t().contiguous(), torch.block_diag(*b_blocks).t().contiguous()
             self.adapter_source = key
+            self.native_adapters = None
+        if self.native is not None and self.native_adapters is None:
+            self.native_adapters = self.native.decode_lora_pack(*self.adapters)
         return self.adapters
 
 

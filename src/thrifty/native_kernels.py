@@ -60,8 +60,9 @@ def attention_backward() -> ModuleType | None:
 
 
 def decode_linear() -> ModuleType | None:
-    """The module if its `decode_linear` runs here."""
-    return _with_brgemm()
+    """The module if its `decode_linear` (AMX tiles) runs here."""
+    module = native_module()
+    return module if module is not None and module.decode_linear_available() else None
 
 
 def decode_attention() -> ModuleType | None:

@@ -1,23 +1,29 @@
-// Linear layers at decoding batch sizes (a few dozen rows) in bf16, with the bias and
-// the LoRA branch fused into the matmul's epilogue.
+// Linear layers at decoding batch sizes (a few dozen rows) in bf16 on the AMX tile
+// unit, with the bias and the LoRA branch fused in.
 //
 // A decoding step reads every weight of the model from memory for a handful of rows,
 // so its matmuls are bound by how fast they stream their weights. oneDNN's pre-packed
 // matmul streamed cold weights at 8-11 GB/s here (32 rows) where a plain read gets 20.
 // Here the weight is packed in blocks of 32 output columns, each block contiguous in the
-// VNNI layout brgemm reads, and each thread takes a contiguous range of blocks: one
-// sequential stream per core. Measured on cold weights, 32 rows: 1.2-2x faster than
-// oneDNN per layer shape.
+// layout the tiles read, and each thread takes a contiguous range of blocks: one
+// sequential stream per core. The tile instructions are issued directly: through
+// oneDNN's brgemm (ATen's cpublas), each 32 x 32 block paid a kernel-cache lookup and
+// a tile reconfiguration, about as long as its arithmetic.
 //
-// The epilogue adds the bias and scaling * B (A x) in float before the one rounding to
-// bf16. A x is computed here too (A^T and B^T come stored input-major), so a layer's
-// adapters cost two tiny in-cache products rather than four PyTorch ops (cast, two
-// fp32 matmuls, a mixed-dtype add).
+// A LoRA branch, scaling * B (A x), runs on the tiles too, accumulated into the same
+// float block as the base product, and the bias is added before the one rounding to
+// bf16. To keep the branch as accurate as float while the tiles multiply bf16, every
+// float operand is split into a bf16 "hi" part and a bf16 "lo" part (v = hi + lo to
+// ~16 mantissa bits): x A^T = x A_hi^T + x A_lo^T (x is bf16 already), and
+// (x A^T) B^T = xa_hi B_hi^T + xa_hi B_lo^T + xa_lo B_hi^T. On the vector units in
+// float (this CPU has one 512-bit FMA port), the branch had cost 1-1.5x the block's
+// whole matmul; here it is three extra input rows per rank.
 #include "native.h"
 
-#if THRIFTY_NATIVE_AVX512
+#if THRIFTY_NATIVE_AMX
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <vector>
@@ -25,171 +31,231 @@
 namespace {
 
 using at::BFloat16;
-namespace cpublas = at::native::cpublas;
 
 constexpr int64_t kColumns = 32;  // output columns per packed block (best of 32-256 measured)
-constexpr int64_t kRows = 64;     // input rows per brgemm call
+constexpr int64_t kRows = 32;     // input rows per pass: 2 x 2 float tiles of 16 x 16
+constexpr int64_t kDepth = 32;    // input columns per tile step (a tile row holds 32 bf16)
 
-// x A^T for `Rows` rows and ranks [r0, r0 + 32): independent accumulators for every
-// (row, rank vector), fully unrolled so they stay in registers. One accumulator chain
-// per rank vector made this latency-bound, 4x slower than the layer's matmul itself.
-template <int Rows>
-void lora_down_block(const float* x, int64_t K, const float* a_t, int64_t rank, int64_t r0, float* xa) {
-  const int count0 = static_cast<int>(std::min<int64_t>(16, rank - r0));
-  const int count1 = static_cast<int>(std::clamp<int64_t>(rank - r0 - 16, 0, 16));
-  __m512 acc0[Rows], acc1[Rows];
-#pragma GCC unroll 8
-  for (int i = 0; i < Rows; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 a0 = load16(a_t + k * rank + r0, count0);
-    const __m512 a1 = count1 > 0 ? load16(a_t + k * rank + r0 + 16, count1) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int i = 0; i < Rows; ++i) {
-      const __m512 xk = _mm512_set1_ps(x[i * K + k]);  // a broadcast load: no shuffle-port uop
-      acc0[i] = _mm512_fmadd_ps(xk, a0, acc0[i]);
-      if (count1 > 0) acc1[i] = _mm512_fmadd_ps(xk, a1, acc1[i]);
+int64_t round_up(int64_t n, int64_t step) { return (n + step - 1) / step * step; }
+
+// Linux hands out the tile registers' state only to processes that ask for it.
+bool tiles_permitted() {
+  constexpr int kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  static const bool permitted = syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  return permitted;
+}
+
+// Tiles 0-3: the float accumulators of a 32 x 32 output block (rows 0-15 / 16-31 x
+// columns 0-15 / 16-31); 4-5: two 16-row slices of the input; 6-7: two 16-column
+// slices of the weight block. All are 16 rows of 64 bytes. Configured for a scope.
+class TileScope {
+ public:
+  TileScope() {
+    struct alignas(64) {
+      uint8_t palette = 1, start_row = 0, reserved[14] = {};
+      uint16_t bytes_per_row[16] = {};
+      uint8_t rows[16] = {};
+    } config;
+    for (int t = 0; t < 8; ++t) {
+      config.bytes_per_row[t] = 64;
+      config.rows[t] = 16;
     }
+    _tile_loadconfig(&config);
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < Rows; ++i) {
-    store16(xa + i * rank + r0, acc0[i], count0);
-    if (count1 > 0) store16(xa + i * rank + r0 + 16, acc1[i], count1);
+  ~TileScope() { _tile_release(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
+
+// The accumulators += x [32 rows, depth] (row stride `x_stride`) times a packed block
+// [depth / 2, 32, 2]: pairs of input rows interleaved, as the bf16 dot-product tiles read.
+inline void accumulate(const BFloat16* x, int64_t x_stride, const BFloat16* block, int64_t depth) {
+  const int64_t x_bytes = x_stride * static_cast<int64_t>(sizeof(BFloat16));
+  for (int64_t k = 0; k < depth; k += kDepth) {
+    _tile_loadd(4, x + k, x_bytes);
+    _tile_loadd(5, x + 16 * x_stride + k, x_bytes);
+    const BFloat16* rows = block + k * kColumns;  // input rows [k, k + 32): 16 interleaved pairs
+    _tile_loadd(6, rows, kColumns * 2 * sizeof(BFloat16));
+    _tile_loadd(7, rows + 32, kColumns * 2 * sizeof(BFloat16));
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
   }
 }
 
-// x A^T for every row: [rows, rank] float, from x in bf16 and A^T in float [K, rank].
-// Vectorised over the rank, so there is no horizontal sum; on the calling thread: for
-// 32 rows, K = 576 and rank 48 it is ~40k vector FMAs, less than waking a second thread.
-std::vector<float> lora_down(const BFloat16* x, int64_t rows, int64_t K, const float* a_t, int64_t rank) {
-  // x in float first, so the FMA loop broadcasts straight from memory.
-  std::vector<float> xf(rows * K);
-  for (int64_t i = 0; i < rows * K; i += 16) {
-    const int count = static_cast<int>(std::min<int64_t>(16, rows * K - i));
-    store16(xf.data() + i, load16(x + i, count), count);
-  }
-  std::vector<float> xa(rows * rank);
-  for (int64_t r0 = 0; r0 < rank; r0 += 32) {
-    int64_t m = 0;
-    for (; m + 8 <= rows; m += 8) lora_down_block<8>(xf.data() + m * K, K, a_t, rank, r0, xa.data() + m * rank);
-    for (; m < rows; ++m) lora_down_block<1>(xf.data() + m * K, K, a_t, rank, r0, xa.data() + m * rank);
+inline void zero_accumulators() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+inline void store_accumulators(float* acc) {  // acc: [32, 32] float
+  constexpr int64_t stride = kColumns * sizeof(float);
+  _tile_stored(0, acc, stride);
+  _tile_stored(1, acc + 16, stride);
+  _tile_stored(2, acc + 16 * kColumns, stride);
+  _tile_stored(3, acc + 16 * kColumns + 16, stride);
+}
+
+// x [rows, K] copied into a zeroed [round_up(rows, 32), depth] buffer, so every tile is whole.
+std::vector<BFloat16> padded_rows(const BFloat16* x, int64_t rows, int64_t K, int64_t depth) {
+  std::vector<BFloat16> out(round_up(rows, kRows) * depth, BFloat16(0.f));
+  for (int64_t m = 0; m < rows; ++m) std::copy(x + m * K, x + (m + 1) * K, out.data() + m * depth);
+  return out;
+}
+
+// Rows of the up-projection's input per rank: [xa_hi, xa_hi, xa_lo] against B's
+// [hi; lo; hi], padded to whole tile steps.
+int64_t up_depth(int64_t rank) { return round_up(3 * rank, kDepth); }
+
+// The up-projection's input [round_up(rows, 32), up_depth(rank)] in bf16 from x (padded):
+// x A^T against the down-projection packed as the blocks of [A_hi; A_lo] ([2 rank, K]).
+std::vector<BFloat16> lora_hidden(const std::vector<BFloat16>& x, int64_t depth, const BFloat16* down,
+                                  int64_t rank) {
+  const int64_t padded_rows = x.size() / depth, width = up_depth(rank);
+  std::vector<BFloat16> xa(padded_rows * width, BFloat16(0.f));
+  std::vector<float> sums(kRows * round_up(2 * rank, kColumns));
+  const int64_t sums_stride = round_up(2 * rank, kColumns);
+  TileScope tiles;
+  for (int64_t m0 = 0; m0 < padded_rows; m0 += kRows) {
+    float acc[kRows * kColumns];
+    for (int64_t c0 = 0; c0 < 2 * rank; c0 += kColumns) {
+      zero_accumulators();
+      accumulate(x.data() + m0 * depth, depth, down + c0 * depth, depth);
+      store_accumulators(acc);
+      for (int64_t m = 0; m < kRows; ++m) {
+        std::copy(acc + m * kColumns, acc + (m + 1) * kColumns, sums.data() + m * sums_stride + c0);
+      }
+    }
+    for (int64_t m = 0; m < kRows; ++m) {
+      const float* hidden = sums.data() + m * sums_stride;  // [x A_hi^T, x A_lo^T]
+      BFloat16* row = xa.data() + (m0 + m) * width;
+      for (int64_t r = 0; r < rank; r += 16) {
+        const int count = static_cast<int>(std::min<int64_t>(16, rank - r));
+        const __m512 value = _mm512_add_ps(load16(hidden + r, count), load16(hidden + rank + r, count));
+        const __m512 hi = round_bf16(value);
+        store16(row + r, hi, count);
+        store16(row + rank + r, hi, count);
+        store16(row + 2 * rank + r, _mm512_sub_ps(value, hi), count);
+      }
+    }
   }
   return xa;
 }
 
-// `Rows` rows of one packed block's output: acc [Rows, 32] float from brgemm, plus the
-// bias and xa [Rows, rank] times B^T's columns [n0, n0 + columns), rounded once to bf16.
-// 2 x Rows independent FMA chains over the rank (one chain per output vector was
-// latency-bound).
-template <int Rows>
-void epilogue_rows(const float* acc, int64_t n0, int64_t columns, int64_t N, const BFloat16* bias,
-                   const float* xa, const float* bt, int64_t rank, BFloat16* out) {
-  const int count0 = static_cast<int>(std::min<int64_t>(16, columns));
-  const int count1 = static_cast<int>(std::clamp<int64_t>(columns - 16, 0, 16));
-  const __m512 bias0 = bias != nullptr ? load16(bias + n0, count0) : _mm512_setzero_ps();
-  const __m512 bias1 = bias != nullptr ? load16(bias + n0 + 16, count1) : _mm512_setzero_ps();
-  __m512 value0[Rows], value1[Rows];
-#pragma GCC unroll 8
-  for (int i = 0; i < Rows; ++i) {
-    value0[i] = _mm512_add_ps(load16(acc + i * kColumns), bias0);
-    value1[i] = _mm512_add_ps(load16(acc + i * kColumns + 16), bias1);
-  }
-  for (int64_t r = 0; r < rank; ++r) {
-    const __m512 b0 = load16(bt + r * N + n0, count0);
-    const __m512 b1 = load16(bt + r * N + n0 + 16, count1);
-#pragma GCC unroll 8
-    for (int i = 0; i < Rows; ++i) {
-      const __m512 xr = _mm512_set1_ps(xa[i * rank + r]);
-      value0[i] = _mm512_fmadd_ps(xr, b0, value0[i]);
-      value1[i] = _mm512_fmadd_ps(xr, b1, value1[i]);
+// acc [rows, 32] float plus the bias, rounded once to bf16 into columns [n0, n0 + columns) of out.
+void block_epilogue(const float* acc, int64_t rows, int64_t n0, int64_t columns, int64_t N,
+                    const BFloat16* bias, BFloat16* out) {
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t j = 0; j < columns; j += 16) {
+      const int count = static_cast<int>(std::min<int64_t>(16, columns - j));
+      __m512 value = load16(acc + m * kColumns + j);
+      if (bias != nullptr) value = _mm512_add_ps(value, load16(bias + n0 + j, count));
+      store16(out + m * N + n0 + j, value, count);
     }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < Rows; ++i) {
-    store16(out + i * N + n0, value0[i], count0);
-    store16(out + i * N + n0 + 16, value1[i], count1);
-  }
 }
 
-void block_epilogue(const float* acc, int64_t rows, int64_t n0, int64_t columns, int64_t N,
-                    const BFloat16* bias, const float* xa, const float* bt, int64_t rank, BFloat16* out) {
-  int64_t m = 0;
-  for (; m + 4 <= rows; m += 4) {
-    epilogue_rows<4>(acc + m * kColumns, n0, columns, N, bias, xa + m * rank, bt, rank, out + m * N);
-  }
-  for (; m < rows; ++m) {
-    epilogue_rows<1>(acc + m * kColumns, n0, columns, N, bias, xa + m * rank, bt, rank, out + m * N);
-  }
-}
-
-}  // namespace
-
-at::Tensor decode_linear_pack(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.size(1) % 2 == 0,
-              "decode_linear_pack: a bf16 [out, in] weight with an even `in`");
-  const auto w = weight.contiguous();
-  const int64_t N = w.size(0), K = w.size(1), blocks = (N + kColumns - 1) / kColumns;
-  auto packed = at::empty({blocks, K / 2, kColumns, 2}, w.options());
-  const BFloat16* src = w.data_ptr<BFloat16>();
+// A row-major [N, K] bf16 matrix X as blocks of 32 output columns: block b holds
+// X^T's columns [32 b, 32 b + 32) as [depth / 2, 32, 2], depth = K rounded up to 32;
+// zero past N and K.
+at::Tensor pack_blocks(const at::Tensor& matrix) {
+  const int64_t N = matrix.size(0), K = matrix.size(1), depth = round_up(K, kDepth);
+  const auto padded = at::constant_pad_nd(matrix.to(at::kBFloat16), {0, depth - K}).contiguous();
+  const int64_t blocks = (N + kColumns - 1) / kColumns;
+  auto packed = at::empty({blocks, depth / 2, kColumns, 2}, padded.options());
+  const BFloat16* src = padded.data_ptr<BFloat16>();
   BFloat16* dst = packed.data_ptr<BFloat16>();
-  // Block b is W^T of output columns [32 b, 32 b + 32), zero past the last one.
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      pack_vnni_transposed(src + b * kColumns * K, K, N - b * kColumns, K, kColumns, dst + b * K * kColumns);
+      pack_vnni_transposed(src + b * kColumns * depth, depth, N - b * kColumns, depth, kColumns,
+                           dst + b * depth * kColumns);
     }
   });
   return packed;
 }
 
+// v = hi + lo, both bf16 (round to nearest even).
+std::pair<at::Tensor, at::Tensor> split_hi_lo(const at::Tensor& v) {
+  const auto hi = v.to(at::kBFloat16);
+  return {hi, (v - hi.to(at::kFloat)).to(at::kBFloat16)};
+}
+
+}  // namespace
+
+bool decode_linear_available() { return tiles_permitted(); }
+
+at::Tensor decode_linear_pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "decode_linear_pack: a bf16 [out, in] weight");
+  return pack_blocks(weight);
+}
+
+std::vector<at::Tensor> decode_lora_pack(const at::Tensor& a_t, const at::Tensor& bt) {
+  TORCH_CHECK(a_t.dim() == 2 && bt.dim() == 2 && a_t.size(1) == bt.size(0) && a_t.scalar_type() == at::kFloat &&
+                  bt.scalar_type() == at::kFloat,
+              "decode_lora_pack: float A^T [in, rank] and B^T [rank, out]");
+  const auto [a_hi, a_lo] = split_hi_lo(a_t.t());
+  const auto [b_hi, b_lo] = split_hi_lo(bt.t());
+  return {pack_blocks(at::cat({a_hi, a_lo})), pack_blocks(at::cat({b_hi, b_lo, b_hi}, 1))};
+}
+
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
-                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_at,
-                         const c10::optional<at::Tensor>& lora_bt) {
+                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_down,
+                         const c10::optional<at::Tensor>& lora_up, int64_t lora_rank) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
               "decode_linear: x must be a contiguous bf16 [rows, in] tensor");
   const int64_t M = x.size(0), K = x.size(1), N = out_features, blocks = packed.size(0);
-  TORCH_CHECK(packed.size(1) * 2 == K && blocks * kColumns >= N, "decode_linear: packed weight does not fit x");
-  const bool has_lora = lora_at.has_value();
-  const int64_t rank = has_lora ? lora_at->size(1) : 0;
-  if (has_lora) {
-    TORCH_CHECK(lora_at->scalar_type() == at::kFloat && lora_at->is_contiguous() && lora_at->size(0) == K &&
-                    lora_bt.has_value() && lora_bt->scalar_type() == at::kFloat && lora_bt->is_contiguous() &&
-                    lora_bt->size(0) == rank && lora_bt->size(1) == N,
-                "decode_linear: LoRA needs float A^T [in, rank] and scaled B^T [rank, out], contiguous");
-  }
+  const int64_t depth = packed.size(1) * 2;
+  TORCH_CHECK(depth == round_up(K, kDepth) && blocks * kColumns >= N, "decode_linear: packed weight does not fit x");
+  const bool has_lora = lora_down.has_value();
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous()),
               "decode_linear: bias must be contiguous bf16");
 
+  const std::vector<BFloat16> rows = padded_rows(x.data_ptr<BFloat16>(), M, K, depth);
+  std::vector<BFloat16> xa;
+  int64_t width = 0;
+  if (has_lora) {
+    width = up_depth(lora_rank);
+    TORCH_CHECK(lora_up.has_value() && lora_down->size(0) * kColumns >= 2 * lora_rank &&
+                    lora_down->size(1) * 2 == depth && lora_up->size(0) == blocks && lora_up->size(1) * 2 == width,
+                "decode_linear: LoRA weights must come from decode_lora_pack for this layer and rank");
+    xa = lora_hidden(rows, depth, lora_down->data_ptr<BFloat16>(), lora_rank);
+  }
   auto out = at::empty({M, N}, x.options());
-  const BFloat16* x_data = x.data_ptr<BFloat16>();
   const BFloat16* w_data = packed.data_ptr<BFloat16>();
+  const BFloat16* up = has_lora ? lora_up->data_ptr<BFloat16>() : nullptr;
   const BFloat16* bias_data = bias.has_value() ? bias->data_ptr<BFloat16>() : nullptr;
-  const std::vector<float> xa = has_lora ? lora_down(x_data, M, K, lora_at->data_ptr<float>(), rank)
-                                         : std::vector<float>();
-  const float* bt = has_lora ? lora_bt->data_ptr<float>() : nullptr;
   BFloat16* out_data = out.data_ptr<BFloat16>();
 
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(kRows * kColumns);
+    TileScope tiles;
+    float acc[kRows * kColumns];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * kColumns, columns = std::min(kColumns, N - n0);
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        const int64_t rows = std::min(kRows, M - m0);
-        cpublas::brgemm(rows, kColumns, K, K, kColumns, kColumns, false, x_data + m0 * K,
-                        w_data + b * K * kColumns, acc.data());
-        block_epilogue(acc.data(), rows, n0, columns, N, bias_data, xa.data() + m0 * rank, bt, rank,
-                       out_data + m0 * N);
+        zero_accumulators();
+        accumulate(rows.data() + m0 * depth, depth, w_data + b * depth * kColumns, depth);
+        if (has_lora) accumulate(xa.data() + m0 * width, width, up + b * width * kColumns, width);
+        store_accumulators(acc);
+        block_epilogue(acc, std::min(kRows, M - m0), n0, columns, N, bias_data, out_data + m0 * N);
       }
     }
-    cpublas::brgemm_release();
   });
   return out;
 }
 
 #else
 
-at::Tensor decode_linear_pack(const at::Tensor&) { TORCH_CHECK(false, "decode_linear needs AVX-512 BF16"); }
+bool decode_linear_available() { return false; }
+at::Tensor decode_linear_pack(const at::Tensor&) { TORCH_CHECK(false, "decode_linear needs AMX"); }
+std::vector<at::Tensor> decode_lora_pack(const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "decode_linear needs AMX");
+}
 at::Tensor decode_linear(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&,
-                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "decode_linear needs AVX-512 BF16");
+                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t) {
+  TORCH_CHECK(false, "decode_linear needs AMX");
 }
 
 #endif

@@ -18,8 +18,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_forward", &rope_forward, "x * cos + rotate_half(x) * sin, [B, H, T, D] contiguous.");
   m.def("rope_backward", &rope_backward, "d loss / d x of rope_forward, from the output's gradient.");
   m.def("decode_linear_pack", &decode_linear_pack, "A bf16 [out, in] weight in decode_linear's blocked layout.");
+  m.def("decode_lora_pack", &decode_lora_pack,
+        "A LoRA branch (float A^T [in, rank], scaled B^T [rank, out]) in decode_linear's layout: [down, up].");
   m.def("decode_linear", &decode_linear,
-        "x @ W^T (+ bias) (+ (x @ A^T) @ B^T) for a few rows, W packed by decode_linear_pack, A^T and B^T given.");
+        "x @ W^T (+ bias) (+ (x @ A^T) @ B^T) for a few rows, W and the LoRA branch packed by decode_*_pack.",
+        py::arg("x"), py::arg("packed"), py::arg("out_features"), py::arg("bias"), py::arg("lora_down") = py::none(),
+        py::arg("lora_up") = py::none(), py::arg("lora_rank") = 0);
+  m.def("decode_linear_available", &decode_linear_available, "Whether decode_linear runs here (AMX tiles).");
   m.def("decode_attention", &decode_attention, "Softmax attention of one query per row over its keys.");
   m.def("decode_attention_supports", &decode_attention_supports, "Whether decode_attention takes this head_dim.");
   m.def("sample_tokens", &sample_tokens, "One token per row from softmax(logits / temperature), inverse CDF.");

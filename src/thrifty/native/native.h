@@ -50,6 +50,12 @@ struct HeadRows {
 #define THRIFTY_NATIVE_AVX512 0
 #endif
 
+#if THRIFTY_NATIVE_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define THRIFTY_NATIVE_AMX 1
+#else
+#define THRIFTY_NATIVE_AMX 0
+#endif
+
 // brgemm reads B in VNNI-2 layout: element (k, n) of a [K, N] matrix sits at
 // ((k / 2) * N + n) * 2 + k % 2. This packs X^T for a row-major X [N, K] (K even):
 // element (k, n) of X^T is X[n][k]; rows of X at or past `rows` are zero.
@@ -94,11 +100,14 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor
 at::Tensor rope_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rope_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin);
 
-// decode_linear.cpp: bf16 linear layers for a few dozen rows (token generation).
+// decode_linear.cpp: bf16 linear layers for a few dozen rows (token generation), on AMX.
+bool decode_linear_available();
 at::Tensor decode_linear_pack(const at::Tensor& weight);
+// decode_lora_pack: float A^T [in, rank] and scaled B^T [rank, out] -> {down, up}.
+std::vector<at::Tensor> decode_lora_pack(const at::Tensor& a_t, const at::Tensor& bt);
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
-                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_at,
-                         const c10::optional<at::Tensor>& lora_bt);
+                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_down,
+                         const c10::optional<at::Tensor>& lora_up, int64_t lora_rank);
 
 // decode_attention.cpp: one query per row ([B, H, 1, D]) over cached keys/values.
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
