@@ -87,3 +87,45 @@ def test_fused_path_uses_live_lora_weights(tiny, dtype: torch.dtype) -> None:
         base = model(ids).detach()
     assert (without.float() - base.float()).abs().max().item() <= tolerance
     assert (without.float() - fused.float()).abs().max().item() > 10 * tolerance
+
+
+def test_weights_frozen_checks_once_per_block_and_generation_sees_updates(tiny) -> None:
+    from thrifty.fused_linear import weights_frozen
+    from thrifty.generation import generate_tokens
+    from thrifty.lora import LoraConfig, apply_lora
+    from thrifty.sampling import SamplingParams
+
+    model = apply_lora(tiny, LoraConfig(r=4, lora_alpha=8)).to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(4))
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    with torch.no_grad():
+        for p in lora_b:
+            p.copy_(torch.randn_like(p) * 0.1)
+        with weights_frozen():
+            first = model(ids)
+            for p in lora_b:
+                p.mul_(3.0)
+            # The block's promise is that nothing changes: the copy checked on entry stays in use.
+            assert torch.equal(model(ids), first)
+        after = model(ids)  # out of the block, every call checks again
+        with torch.enable_grad():
+            expected = model(ids).detach()
+    assert (after.float() - expected.float()).abs().max().item() <= 3e-2
+    assert not torch.equal(after, first)
+
+    # Each generate call is one block: an update between two calls is seen by the second.
+    greedy = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+    prompts = [[3, 4, 5]]
+    before_update, _ = generate_tokens(model, prompts, max_new_tokens=6, sampling=greedy)
+    with torch.no_grad():
+        for p in lora_b:
+            p.copy_(torch.randn_like(p))
+    after_update, _ = generate_tokens(model, prompts, max_new_tokens=6, sampling=greedy)
+    with torch.no_grad():  # the reference: the same greedy decoding without any fused copy
+        reference = torch.tensor(prompts)
+        for _ in range(6):
+            with torch.enable_grad():
+                logits = model(reference).detach()
+            reference = torch.cat([reference, logits[:, -1:].argmax(-1)], dim=1)
+    assert after_update[0] == reference[0, 3:].tolist()
+    assert after_update != before_update

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from thrifty.errors import ThriftyError
+from thrifty.fused_linear import weights_frozen
 from thrifty.kv_cache import KVCache
 from thrifty.model import CausalLM
 from thrifty.sampling import SamplingParams, sample_next_tokens
@@ -130,6 +131,7 @@ def cut_at_stop_string(text: str, stop: Sequence[str]) -> str:
 
 
 @torch.inference_mode()
+@weights_frozen()
 def generate_tokens(
     model: CausalLM,
     prompt_ids: list[list[int]],
