@@ -17,10 +17,9 @@ B (scaling folded in), rebuilt only when an adapter changes: one rank-16 branch 
 layer in bf16, added into a column slice of the output, had made LoRA generation 2x
 slower than the plain model (bf16 matmuls with K = 16 take a slow path on CPU).
 
-Where Thrifty's native kernels run (AVX-512 BF16 CPUs), decoding-sized batches go
+Where Thrifty's native decoding matmul runs (CPUs with AMX), decoding-sized batches go
 through native/decode_linear.cpp instead: weights streamed in blocks of 32 columns
-(1.2-2x oneDNN's speed per layer at 32 rows) and the LoRA branch added in the same
-epilogue. Bigger batches (prefill, scoring) then multiply by the layers' own weights,
+through the tile unit, with the LoRA branch accumulated into the same tiles. Bigger batches (prefill, scoring) then multiply by the layers' own weights,
 compute-bound there, so no second packed copy of the weights is kept.
 """
 
