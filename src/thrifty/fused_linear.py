@@ -126,8 +126,9 @@ class FusedLinear:
             weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
         self.weight = weight
 
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(layer(x) for layer in self.layers), computed together."""
+    def ensure_current(self) -> None:
+        """Rebuild the fused copy if a layer's weight or adapter changed (once per
+        weights_frozen() block, else on every call)."""
         token = _FrozenWeights.token
         if token is None or self.checked_in is not token:
             key = self.source_key()
@@ -136,13 +137,22 @@ class FusedLinear:
                 self.source = key
             self.current_adapters = self.live_adapters()
             self.checked_in = token
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The concatenated outputs for x [rows <= DECODE_ROWS, in], by the native kernel
+        (self.native set), with the weights and adapters of the last ensure_current()."""
+        adapters = self.current_adapters
+        lora = (*self.native_adapters, adapters[0].shape[1]) if adapters is not None else ()
+        return self.native.decode_linear(x.contiguous(), self.weight, sum(self.sizes), self.bias, *lora)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(layer(x) for layer in self.layers), computed together."""
+        self.ensure_current()
         # Flatten to 2-D: a 3-D bf16 input can fall into a slow bmm over an expanded weight.
         flat = x.reshape(-1, x.shape[-1])
         adapters = self.current_adapters
         if self.native is not None and flat.shape[0] <= DECODE_ROWS:
-            lora = (*self.native_adapters, adapters[0].shape[1]) if adapters is not None else ()
-            out = self.native.decode_linear(flat.contiguous(), self.weight, sum(self.sizes), self.bias, *lora)
-            outs = list(out.split(self.sizes, dim=1))
+            outs = list(self.decode(flat).split(self.sizes, dim=1))
         else:
             if self.native is not None:
                 # Many rows (prefill, scoring): compute-bound matmuls on the layers' own weights.

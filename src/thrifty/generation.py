@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from thrifty.decoding_step import DecodingStep
 from thrifty.errors import ThriftyError
 from thrifty.fused_linear import weights_frozen
 from thrifty.kv_cache import KVCache
@@ -193,6 +194,7 @@ def generate_tokens(
     generated: list[list[int]] = [[] for _ in range(num_rows)]
     reasons: list[FinishReason] = ["length"] * num_rows
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), device=device, dtype=torch.long)
+    decoding_step = DecodingStep.for_model(model)
 
     for step in range(max_new_tokens):
         next_tokens = sample_next_tokens(logits, sampling, generator)
@@ -221,8 +223,10 @@ def generate_tokens(
         end = cache.length + 1
         query_positions = key_positions[:, cache.length:end]
         mask = attention_mask(query_positions, key_positions[:, :end], cfg.sliding_window)
-        hidden = model.hidden_states(next_tokens.unsqueeze(1), query_positions, mask, cache)
-        logits = model.logits(hidden[:, -1])
+        hidden = decoding_step(next_tokens, query_positions, mask, cache) if decoding_step is not None else None
+        if hidden is None:
+            hidden = model.hidden_states(next_tokens.unsqueeze(1), query_positions, mask, cache)[:, -1]
+        logits = model.logits(hidden)
     return generated, reasons
 
 
