@@ -212,10 +212,13 @@ def fused_for_inference(owner: nn.Module, name: str, layers: list[nn.Module]) ->
     not state) and is rebuilt when any of the layers is swapped for another module.
     """
     fused = owner.__dict__.setdefault("_fused_for_inference", {})
+    cached = fused.get(name)
+    token = _FrozenWeights.token
+    if cached is not None and token is not None and cached.checked_in is token:
+        return cached  # checked in this weights_frozen() block: no layer was swapped since
     if any(base_linear(layer) is None for layer in layers):
         fused.pop(name, None)  # free a stale fused copy
         return None
-    cached = fused.get(name)
     if cached is None or any(a is not b for a, b in zip(cached.layers, layers)):
         cached = fused[name] = FusedLinear(layers)
     return cached
@@ -226,10 +229,7 @@ def project(owner: nn.Module, name: str, layers: list[nn.Module], x: torch.Tenso
     are needed and the layers allow it; one autograd node for a group of LoRA layers
     in training (lora_group.py); the layers' own forwards otherwise."""
     if not torch.is_grad_enabled():
-        token = _FrozenWeights.token
-        fused = owner.__dict__.get("_fused_for_inference", {}).get(name) if token is not None else None
-        if fused is None or fused.checked_in is not token:
-            fused = fused_for_inference(owner, name, layers)
+        fused = fused_for_inference(owner, name, layers)
         if fused is not None:
             return fused.split(x)
     elif fusable_for_training(layers, x):
