@@ -15,23 +15,13 @@ from thrifty.lora import LoraConfig, apply_lora
 from thrifty.sampling import SamplingParams
 from test_lora import load_ours, randomise_adapters
 from test_native_kernels import needs_native
-from tiny_models import BASE, FAMILIES
+from tiny_models import make_hf_model
 
 
 def tiny_model_with_head_dim_64(family: str, directory: Path):  # type: ignore[no-untyped-def]
     """A tiny random model whose heads are 64 wide (the decoding attention kernel's size),
     in bf16 with random LoRA adapters on every linear layer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = {**BASE, **FAMILIES[family], "hidden_size": 256}
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if name.endswith("bias"):
-                param.copy_(torch.randn_like(param) * 0.1)
-    hf.save_pretrained(directory)
+    make_hf_model(family, hidden_size=256).save_pretrained(directory)
     model = apply_lora(load_ours(directory).to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     randomise_adapters(model)
     return model.eval()

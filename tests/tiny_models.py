@@ -29,12 +29,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def make_hf_model(family: str, seed: int = 0) -> Any:
-    """A transformers model of `family` with random weights (biases and norms randomised
-    too, so a forgotten bias or norm cannot hide behind zeros/ones)."""
+def make_hf_model(family: str, seed: int = 0, **overrides: Any) -> Any:
+    """A transformers model of `family` (config fields overridden by `overrides`) with
+    random weights (biases and norms randomised too, so a forgotten bias or norm cannot
+    hide behind zeros/ones)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = {**BASE, **FAMILIES[family]}
+    spec = {**BASE, **FAMILIES[family], **overrides}
     model_type = spec.pop("model_type")
     config = AutoConfig.for_model(model_type, **spec)
     if model_type == "mistral":
