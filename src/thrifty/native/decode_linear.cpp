@@ -115,9 +115,9 @@ int64_t up_depth(int64_t rank) { return round_up(3 * rank, kDepth); }
 std::vector<BFloat16> lora_hidden(const std::vector<BFloat16>& x, int64_t depth, const BFloat16* down,
                                   int64_t rank) {
   const int64_t padded_rows = x.size() / depth, width = up_depth(rank);
-  std::vector<BFloat16> xa(padded_rows * width, BFloat16(0.f));
-  std::vector<float> sums(kRows * round_up(2 * rank, kColumns));
   const int64_t sums_stride = round_up(2 * rank, kColumns);
+  std::vector<BFloat16> xa(padded_rows * width, BFloat16(0.f));
+  std::vector<float> sums(kRows * sums_stride);
   TileScope tiles;
   for (int64_t m0 = 0; m0 < padded_rows; m0 += kRows) {
     float acc[kRows * kColumns];
