@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from thrifty import attention_kernels, fused_linear, native_kernels
 from thrifty.fused_linear import FusedLinear
-from thrifty.grpo_batches import group_mask
+from thrifty.grpo_batches import group_mask, pack_groups
 from thrifty.losses import selective_log_probs
 from thrifty.lora import LoraConfig, apply_lora, lora_layers
 from tiny_models import save_hf_model
@@ -61,6 +61,29 @@ def packed_mask(batch: int, length: int) -> torch.Tensor:
     return mask & (segments_t >= 0).unsqueeze(1).unsqueeze(-1)
 
 
+def grpo_mask() -> torch.Tensor:
+    """Two GRPO rows as pack_groups lays them out: [prompt | completion 1 | ...], the
+    completions of different lengths (some over 128 tokens), rows padded to 384. A late
+    completion's queries see the prompt and themselves only: whole 64-key blocks in
+    between are hidden, so the native backward skips them."""
+    prompts = [[1] * 38] * 4 + [[2] * 45] * 3
+    lengths = [64, 150, 17, 100, 30, 200, 5]
+    completions = [[3] * n for n in lengths]
+    completion_mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).float()
+    batch = pack_groups(prompts, completions, completion_mask, torch.zeros(len(lengths)), pad_token_id=0,
+                        sliding_window=None, device=torch.device("cpu"))
+    return batch.mask
+
+
+def hidden_blocks_between_visible_ones(mask: torch.Tensor) -> int:
+    """How many (64-query block, 64-key block) pairs are entirely masked although the
+    query block sees keys further right: the blocks only the block table skips."""
+    rows, _, queries, keys = mask.shape
+    blocks = mask.view(rows, queries // 64, 64, keys // 64, 64).any(4).any(2)  # [rows, query blocks, key blocks]
+    later_visible = blocks.flip(-1).cumsum(-1).flip(-1) > blocks.long()
+    return int((~blocks & later_visible).sum())
+
+
 def gradients(q, k, v, grad_out, mask, causal, native: bool):  # type: ignore[no-untyped-def]
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     if native:
@@ -72,34 +95,41 @@ def gradients(q, k, v, grad_out, mask, causal, native: bool):  # type: ignore[no
 
 
 CASES = {
-    # name: batch, length, query heads, kv heads, head_dim, masked
-    "causal-gqa-512": (2, 512, 9, 3, 64, False),
-    "causal-odd-length": (3, 37, 9, 3, 64, False),
-    "causal-one-block": (1, 64, 4, 4, 32, False),
-    "causal-two-tokens": (2, 2, 4, 2, 16, False),
-    "packed-mask-padding": (3, 200, 6, 2, 64, True),
+    # name: batch, length, query heads, kv heads, head_dim, mask (None: causal)
+    "causal-gqa-512": (2, 512, 9, 3, 64, None),
+    "causal-odd-length": (3, 37, 9, 3, 64, None),
+    "causal-one-block": (1, 64, 4, 4, 32, None),
+    "causal-two-tokens": (2, 2, 4, 2, 16, None),
+    "packed-mask-padding": (3, 200, 6, 2, 64, "packed"),
+    "grpo-groups": (2, 384, 9, 3, 64, "grpo"),  # batch and length: what grpo_mask() packs
 }
 
 
 @needs_native
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_gradients_match_a_float32_reference(case: str) -> None:
-    batch, length, heads, kv_heads, head_dim, masked = CASES[case]
+    batch, length, heads, kv_heads, head_dim, mask_kind = CASES[case]
+    mask = None
+    if mask_kind == "packed":
+        mask = packed_mask(batch, length)
+    elif mask_kind == "grpo":
+        mask = grpo_mask()
+        assert mask.shape == (batch, 1, length, length)
+        assert hidden_blocks_between_visible_ones(mask) >= 6  # blocks the native backward skips
+    causal = mask is None
     g = torch.Generator().manual_seed(0)
     # q in [batch, seq, heads, dim] memory, viewed as [batch, heads, seq, dim], as the model does.
     q = torch.randn(batch, length, heads, head_dim, generator=g).transpose(1, 2).bfloat16()
     k = torch.randn(batch, kv_heads, length, head_dim, generator=g).bfloat16()
     v = torch.randn(batch, kv_heads, length, head_dim, generator=g).bfloat16()
     grad_out = torch.randn(batch, heads, length, head_dim, generator=g).bfloat16()
-    mask = packed_mask(batch, length) if masked else None
-    causal = not masked
 
     reference_out, reference = gradients(q.float(), k.float(), v.float(), grad_out.float(), mask, causal, native=False)
     out, ours = gradients(q, k, v, grad_out, mask, causal, native=True)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         _, torchs = gradients(q, k, v, grad_out, mask, causal, native=False)
 
-    if masked:  # fully masked query rows: no output to speak of and no gradient
+    if mask_kind == "packed":  # fully masked query rows: no output to speak of and no gradient
         empty = ~mask.any(-1).squeeze(1)  # [batch, seq]
         assert empty.any()
         assert torch.all(ours[0].transpose(1, 2)[empty] == 0)

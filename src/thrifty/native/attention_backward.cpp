@@ -9,6 +9,15 @@
 // against 50-56 ms for PyTorch's, and its key/value gradients are closer to a float32
 // reference (accumulated in float across the whole sequence).
 //
+// Key blocks are skipped by a table of which 64-key blocks each 64-query block sees at
+// all (built once per call from the mask), not just past the last visible key: a GRPO
+// row ([prompt | completion 1 | completion 2 | ...], grpo_batches.py) lets a completion
+// see the prompt and itself only, so a late completion's block used to run through every
+// other completion's keys. At the GRPO benchmark shape (4 x 576 tokens: a 38-token prompt
+// and 8 completions of ~60; 9 / 3 heads of 64) ~1/3 of the causal blocks are visible:
+// 32 ms against 50 ms before (medians of 40 interleaved calls, 2 busy cores; minima 20
+// against 37). Runs of consecutive visible blocks go to brgemm as one call each.
+//
 #include "native.h"
 
 #if THRIFTY_NATIVE_AVX512
@@ -69,15 +78,16 @@ inline __m512i interleave(__m256i a, __m256i b) {
 }
 
 struct Row {
-  const float* scores;
+  const float* scores;  // this row of the score block: compacted columns
   const float* grad_p;
   int64_t limit;      // keys [0, limit) may be attended; 0 for padding rows
   float lse, delta;
   const bool* mask;   // this row of the mask, or null
 };
 
-// Softmax probabilities of keys j..j+15 (0 where not attended) and their dS.
-inline void probabilities(const Row& row, int64_t j, float scale, __m512& p, __m512& ds) {
+// Softmax probabilities of keys j..j+15 (0 where not attended) and their dS; the keys'
+// scores sit at `column` of the compacted score block.
+inline void probabilities(const Row& row, int64_t j, int64_t column, float scale, __m512& p, __m512& ds) {
   const int64_t left = row.limit - j;
   __mmask16 allowed = left <= 0 ? 0 : left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
   if (row.mask != nullptr && allowed) {
@@ -89,9 +99,65 @@ inline void probabilities(const Row& row, int64_t j, float scale, __m512& p, __m
     return;
   }
   const __m512 vscale = _mm512_set1_ps(scale);
-  const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(row.scores + j), vscale), _mm512_set1_ps(row.lse));
+  const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(row.scores + column), vscale), _mm512_set1_ps(row.lse));
   p = _mm512_maskz_mov_ps(allowed, __m512(Vec(x).exp_u20()));
-  ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(row.grad_p + j), _mm512_set1_ps(row.delta))), vscale);
+  ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(row.grad_p + column), _mm512_set1_ps(row.delta))), vscale);
+}
+
+// Which blocks of kBlock keys each block of kBlock queries sees at all: [batches, query
+// blocks, key blocks], 1 where some query of the block may attend to some key of it.
+// A GRPO row ([prompt | completion 1 | completion 2 | ...]) lets each completion see the
+// prompt and itself only, so most blocks of a late completion's rows are hidden; the
+// table is built once per call (a scan of the mask, ~T * S bytes per batch element) and
+// shared by all heads.
+std::vector<uint8_t> visible_key_blocks(const bool* mask, int64_t mask_b, int64_t mask_row, int64_t batches,
+                                        int64_t T, int64_t S, bool causal) {
+  const int64_t nq = (T + kBlock - 1) / kBlock, nk = (S + kBlock - 1) / kBlock;
+  std::vector<uint8_t> visible(batches * nq * nk, 0);
+  for (int64_t b = 0; b < batches; ++b) {
+    for (int64_t qb = 0; qb < nq; ++qb) {
+      uint8_t* row_blocks = visible.data() + (b * nq + qb) * nk;
+      const int64_t i0 = qb * kBlock, rows = std::min(kBlock, T - i0);
+      if (mask == nullptr) {  // causal: up to the diagonal; otherwise everything
+        const int64_t keys = causal ? std::min(S, i0 + rows) : S;
+        std::fill(row_blocks, row_blocks + (keys + kBlock - 1) / kBlock, uint8_t(1));
+        continue;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool* m = mask + b * mask_b + (i0 + r) * mask_row;
+        for (int64_t kb = 0; kb < nk; ++kb) {
+          if (row_blocks[kb]) continue;
+          const int64_t width = std::min(kBlock, S - kb * kBlock);
+          const __m512i bytes = _mm512_maskz_loadu_epi8(width == 64 ? ~0ull : (1ull << width) - 1, m + kb * kBlock);
+          row_blocks[kb] = _mm512_test_epi8_mask(bytes, bytes) != 0;
+        }
+      }
+    }
+  }
+  return visible;
+}
+
+// Consecutive visible key blocks: keys [key, key + count) (count a multiple of kBlock),
+// whose scores are columns [column, column + count) of the compacted score block. Each
+// run is one brgemm call per product; calls have a fixed cost, so runs, not blocks.
+struct KeyRun {
+  int64_t key, count, column;
+};
+
+// The runs of one query block's row of the table; returns the compacted width.
+int64_t key_runs(const uint8_t* visible, int64_t nk, std::vector<KeyRun>& runs) {
+  runs.clear();
+  int64_t width = 0;
+  for (int64_t kb = 0; kb < nk; ++kb) {
+    if (!visible[kb]) continue;
+    if (!runs.empty() && runs.back().key + runs.back().count == kb * kBlock) {
+      runs.back().count += kBlock;
+    } else {
+      runs.push_back({kb * kBlock, kBlock, width});
+    }
+    width += kBlock;
+  }
+  return width;
 }
 
 }  // namespace
@@ -140,11 +206,17 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   float* gk_data = grad_key.data_ptr<float>();
   float* gv_data = grad_value.data_ptr<float>();
 
+  // Batch elements share one table when the mask broadcasts over them.
+  const int64_t table_batches = has_mask && mask_b != 0 ? B : 1;
+  const int64_t nq = (T + kBlock - 1) / kBlock, nk = Sp / kBlock;
+  const std::vector<uint8_t> visible = visible_key_blocks(mask_data, mask_b, mask_row, table_batches, T, S, causal);
+
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<BFloat16> key_t(D * Sp), value_t(D * Sp), key_v(Sp * D);
     std::vector<BFloat16> q_rows(kBlock * D), q_t(D * kBlock), go_rows(kBlock * D), go_t(D * kBlock);
     std::vector<float> scores(kBlock * Sp), grad_p(kBlock * Sp), grad_q(kBlock * D), delta(kBlock);
     std::vector<BFloat16> ds(kBlock * Sp), ds_v(kBlock * Sp), p_v(kBlock * Sp);
+    std::vector<KeyRun> runs;
     int64_t packed = -1;  // the (batch, kv head) whose keys and values are packed
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / H, h = item % H, hk = h / group;
@@ -157,29 +229,17 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
       float* gk_t = gk_data + (b * H + h) * D * Sp;
       float* gv_t = gv_data + (b * H + h) * D * Sp;
       std::fill(gk_t, gk_t + D * Sp, 0.f);  // zeroed here, while the thread's cache wants it
-      std::fill(gv_t, gv_t + D * Sp, 0.f);
+      std::fill(gv_t, gv_t + D * Sp, 0.f);  // (columns of hidden key blocks stay 0)
 
       for (int64_t i0 = 0; i0 < T; i0 += kBlock) {
         const int64_t rows = std::min(kBlock, T - i0);
-        // Keys this block can see: causal stops at the diagonal, a mask at its last True.
-        int64_t keys = S;
-        if (causal) {
-          keys = std::min(S, i0 + rows);
-        } else if (has_mask) {
-          keys = 0;
-          for (int64_t r = 0; r < rows; ++r) {
-            const bool* m = mask_data + b * mask_b + (i0 + r) * mask_row;
-            for (int64_t j = S - 1; j >= keys; --j) {
-              if (m[j]) { keys = j + 1; break; }
-            }
-          }
-        }
+        // Only the key blocks this block sees, compacted: e columns in runs.
+        const int64_t e = key_runs(visible.data() + ((table_batches > 1 ? b : 0) * nq + i0 / kBlock) * nk, nk, runs);
         BFloat16* gq = gq_data + ((b * H + h) * T + i0) * D;
-        if (keys == 0) {
+        if (e == 0) {
           std::fill(gq, gq + rows * D, BFloat16(0.f));
           continue;
         }
-        const int64_t e = (keys + kBlock - 1) / kBlock * kBlock;
 
         copy_rows(q.at(b, h) + i0 * q.row, q.row, rows, kBlock, D, q_rows.data());
         copy_rows(go.at(b, h) + i0 * go.row, go.row, rows, kBlock, D, go_rows.data());
@@ -195,9 +255,14 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
           delta[r] = acc;
         }
 
-        // scores = q k^T, grad_p = dO v^T: [kBlock, e] in float.
-        cpublas::brgemm(kBlock, e, D, D, Sp, e, false, q_rows.data(), key_t.data(), scores.data());
-        cpublas::brgemm(kBlock, e, D, D, Sp, e, false, go_rows.data(), value_t.data(), grad_p.data());
+        // scores = q k^T, grad_p = dO v^T: [kBlock, e] in float. Column n of the packed
+        // K^T / V^T starts at element 2 n (VNNI pairs), row pitch Sp.
+        for (const KeyRun& run : runs) {
+          cpublas::brgemm(kBlock, run.count, D, D, Sp, e, false, q_rows.data(), key_t.data() + 2 * run.key,
+                          scores.data() + run.column);
+          cpublas::brgemm(kBlock, run.count, D, D, Sp, e, false, go_rows.data(), value_t.data() + 2 * run.key,
+                          grad_p.data() + run.column);
+        }
 
         // Probabilities P and dS = P * (dP - delta) * scale, two rows at a time so that
         // both can be written interleaved: the VNNI layout brgemm reads its B in.
@@ -208,26 +273,37 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
             Row& w = row[x];
             w.scores = scores.data() + (r + x) * e;
             w.grad_p = grad_p.data() + (r + x) * e;
-            w.limit = r + x >= rows ? 0 : (causal ? std::min(keys, i + 1) : keys);
+            w.limit = r + x >= rows ? 0 : (causal ? std::min(S, i + 1) : S);
             w.lse = w.limit ? lse_data[b * lse_b + h * lse_h + i * lse_t] : 0.f;
             w.delta = delta[r + x];
             w.mask = has_mask && w.limit ? mask_data + b * mask_b + i * mask_row : nullptr;
           }
-          for (int64_t j = 0; j < e; j += 16) {
-            __m512 p[2], g[2];
-            for (int x = 0; x < 2; ++x) probabilities(row[x], j, scale, p[x], g[x]);
-            const __m256i p0 = to_bf16(p[0]), p1 = to_bf16(p[1]), g0 = to_bf16(g[0]), g1 = to_bf16(g[1]);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds.data() + r * e + j), g0);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds.data() + (r + 1) * e + j), g1);
-            _mm512_storeu_si512(ds_v.data() + (r * e + 2 * j), interleave(g0, g1));
-            _mm512_storeu_si512(p_v.data() + (r * e + 2 * j), interleave(p0, p1));
+          for (const KeyRun& run : runs) {
+            for (int64_t j = 0; j < run.count; j += 16) {
+              const int64_t c = run.column + j;
+              __m512 p[2], g[2];
+              for (int x = 0; x < 2; ++x) probabilities(row[x], run.key + j, c, scale, p[x], g[x]);
+              const __m256i p0 = to_bf16(p[0]), p1 = to_bf16(p[1]), g0 = to_bf16(g[0]), g1 = to_bf16(g[1]);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds.data() + r * e + c), g0);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds.data() + (r + 1) * e + c), g1);
+              _mm512_storeu_si512(ds_v.data() + (r * e + 2 * c), interleave(g0, g1));
+              _mm512_storeu_si512(p_v.data() + (r * e + 2 * c), interleave(p0, p1));
+            }
           }
         }
 
-        // grad_q = dS k; grad_k^T += q^T dS; grad_v^T += dO^T P.
-        cpublas::brgemm(kBlock, D, e, e, D, D, false, ds.data(), key_v.data(), grad_q.data());
-        cpublas::brgemm(D, e, kBlock, kBlock, e, Sp, true, q_t.data(), ds_v.data(), gk_t);
-        cpublas::brgemm(D, e, kBlock, kBlock, e, Sp, true, go_t.data(), p_v.data(), gv_t);
+        // grad_q = dS k; grad_k^T += q^T dS; grad_v^T += dO^T P. Run by run: dS's columns
+        // at run.column, K's VNNI rows (pairs of keys, D wide) at run.key * D, and the
+        // compacted VNNI dS / P columns at 2 * run.column, row pitch e.
+        for (size_t n = 0; n < runs.size(); ++n) {
+          const KeyRun& run = runs[n];
+          cpublas::brgemm(kBlock, D, run.count, e, D, D, n > 0, ds.data() + run.column, key_v.data() + run.key * D,
+                          grad_q.data());
+          cpublas::brgemm(D, run.count, kBlock, kBlock, e, Sp, true, q_t.data(), ds_v.data() + 2 * run.column,
+                          gk_t + run.key);
+          cpublas::brgemm(D, run.count, kBlock, kBlock, e, Sp, true, go_t.data(), p_v.data() + 2 * run.column,
+                          gv_t + run.key);
+        }
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t c = 0; c < D; c += 16) store16(gq + r * D + c, load16(grad_q.data() + r * D + c));
         }
