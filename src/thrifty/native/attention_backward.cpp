@@ -19,6 +19,7 @@
 // against 37). Runs of consecutive visible blocks go to brgemm as one call each.
 //
 #include "native.h"
+#include "attention_blocks.h"
 
 #if THRIFTY_NATIVE_AVX512
 #include <ATen/Parallel.h>
@@ -34,36 +35,7 @@ namespace {
 using at::BFloat16;
 using Vec = at::vec::Vectorized<float>;
 namespace cpublas = at::native::cpublas;
-
-// Query rows per block; key counts are rounded up to it so every brgemm K is even.
-constexpr int64_t kBlock = 64;
-
-// brgemm reads B in VNNI-2 layout: element (k, n) of a [K, N] matrix sits at
-// ((k / 2) * ld + n) * 2 + k % 2. Rows at or past `rows` are zero.
-void pack_vnni(const BFloat16* src, int64_t row_stride, int64_t rows, int64_t K, int64_t N,
-               BFloat16* out) {
-  for (int64_t k = 0; k < K; k += 2) {
-    BFloat16* dst = out + (k / 2) * N * 2;
-    const bool has0 = k < rows, has1 = k + 1 < rows;
-    const BFloat16* r0 = src + k * row_stride;
-    const BFloat16* r1 = r0 + row_stride;
-    for (int64_t n = 0; n < N; ++n) {
-      dst[2 * n] = has0 ? r0[n] : BFloat16(0.f);
-      dst[2 * n + 1] = has1 ? r1[n] : BFloat16(0.f);
-    }
-  }
-}
-
-void copy_rows(const BFloat16* src, int64_t row_stride, int64_t rows, int64_t total_rows,
-               int64_t width, BFloat16* out) {
-  for (int64_t r = 0; r < total_rows; ++r) {
-    if (r < rows) {
-      std::copy(src + r * row_stride, src + r * row_stride + width, out + r * width);
-    } else {
-      std::fill(out + r * width, out + (r + 1) * width, BFloat16(0.f));
-    }
-  }
-}
+using namespace attention_blocks;
 
 template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, T* out) {
@@ -88,12 +60,7 @@ struct Row {
 // Softmax probabilities of keys j..j+15 (0 where not attended) and their dS; the keys'
 // scores sit at `column` of the compacted score block.
 inline void probabilities(const Row& row, int64_t j, int64_t column, float scale, __m512& p, __m512& ds) {
-  const int64_t left = row.limit - j;
-  __mmask16 allowed = left <= 0 ? 0 : left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-  if (row.mask != nullptr && allowed) {
-    const __m128i m = _mm_maskz_loadu_epi8(allowed, row.mask + j);
-    allowed &= _mm_test_epi8_mask(m, m);
-  }
+  const __mmask16 allowed = attended(row.limit, row.mask, j);
   if (!allowed) {
     p = ds = _mm512_setzero_ps();
     return;
@@ -102,62 +69,6 @@ inline void probabilities(const Row& row, int64_t j, int64_t column, float scale
   const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(row.scores + column), vscale), _mm512_set1_ps(row.lse));
   p = _mm512_maskz_mov_ps(allowed, __m512(Vec(x).exp_u20()));
   ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(row.grad_p + column), _mm512_set1_ps(row.delta))), vscale);
-}
-
-// Which blocks of kBlock keys each block of kBlock queries sees at all: [batches, query
-// blocks, key blocks], 1 where some query of the block may attend to some key of it.
-// A GRPO row ([prompt | completion 1 | completion 2 | ...]) lets each completion see the
-// prompt and itself only, so most blocks of a late completion's rows are hidden; the
-// table is built once per call (a scan of the mask, ~T * S bytes per batch element) and
-// shared by all heads.
-std::vector<uint8_t> visible_key_blocks(const bool* mask, int64_t mask_b, int64_t mask_row, int64_t batches,
-                                        int64_t T, int64_t S, bool causal) {
-  const int64_t nq = (T + kBlock - 1) / kBlock, nk = (S + kBlock - 1) / kBlock;
-  std::vector<uint8_t> visible(batches * nq * nk, 0);
-  for (int64_t b = 0; b < batches; ++b) {
-    for (int64_t qb = 0; qb < nq; ++qb) {
-      uint8_t* row_blocks = visible.data() + (b * nq + qb) * nk;
-      const int64_t i0 = qb * kBlock, rows = std::min(kBlock, T - i0);
-      if (mask == nullptr) {  // causal: up to the diagonal; otherwise everything
-        const int64_t keys = causal ? std::min(S, i0 + rows) : S;
-        std::fill(row_blocks, row_blocks + (keys + kBlock - 1) / kBlock, uint8_t(1));
-        continue;
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const bool* m = mask + b * mask_b + (i0 + r) * mask_row;
-        for (int64_t kb = 0; kb < nk; ++kb) {
-          if (row_blocks[kb]) continue;
-          const int64_t width = std::min(kBlock, S - kb * kBlock);
-          const __m512i bytes = _mm512_maskz_loadu_epi8(width == 64 ? ~0ull : (1ull << width) - 1, m + kb * kBlock);
-          row_blocks[kb] = _mm512_test_epi8_mask(bytes, bytes) != 0;
-        }
-      }
-    }
-  }
-  return visible;
-}
-
-// Consecutive visible key blocks: keys [key, key + count) (count a multiple of kBlock),
-// whose scores are columns [column, column + count) of the compacted score block. Each
-// run is one brgemm call per product; calls have a fixed cost, so runs, not blocks.
-struct KeyRun {
-  int64_t key, count, column;
-};
-
-// The runs of one query block's row of the table; returns the compacted width.
-int64_t key_runs(const uint8_t* visible, int64_t nk, std::vector<KeyRun>& runs) {
-  runs.clear();
-  int64_t width = 0;
-  for (int64_t kb = 0; kb < nk; ++kb) {
-    if (!visible[kb]) continue;
-    if (!runs.empty() && runs.back().key + runs.back().count == kb * kBlock) {
-      runs.back().count += kBlock;
-    } else {
-      runs.push_back({kb * kBlock, kBlock, width});
-    }
-    width += kBlock;
-  }
-  return width;
 }
 
 }  // namespace
@@ -206,10 +117,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   float* gk_data = grad_key.data_ptr<float>();
   float* gv_data = grad_value.data_ptr<float>();
 
-  // Batch elements share one table when the mask broadcasts over them.
-  const int64_t table_batches = has_mask && mask_b != 0 ? B : 1;
-  const int64_t nq = (T + kBlock - 1) / kBlock, nk = Sp / kBlock;
-  const std::vector<uint8_t> visible = visible_key_blocks(mask_data, mask_b, mask_row, table_batches, T, S, causal);
+  const KeyBlockTable table(mask_data, mask_b, mask_row, B, T, S, causal);
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<BFloat16> key_t(D * Sp), value_t(D * Sp), key_v(Sp * D);
@@ -234,7 +142,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
       for (int64_t i0 = 0; i0 < T; i0 += kBlock) {
         const int64_t rows = std::min(kBlock, T - i0);
         // Only the key blocks this block sees, compacted: e columns in runs.
-        const int64_t e = key_runs(visible.data() + ((table_batches > 1 ? b : 0) * nq + i0 / kBlock) * nk, nk, runs);
+        const int64_t e = table.runs(b, i0, runs);
         BFloat16* gq = gq_data + ((b * H + h) * T + i0) * D;
         if (e == 0) {
           std::fill(gq, gq + rows * D, BFloat16(0.f));
