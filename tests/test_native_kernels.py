@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from thrifty import attention_kernels, fused_linear, native_kernels
 from thrifty.fused_linear import FusedLinear
-from thrifty.grpo_batches import group_mask
+from thrifty.grpo_batches import group_mask, pack_groups
 from thrifty.losses import selective_log_probs
 from thrifty.lora import LoraConfig, apply_lora, lora_layers
 from tiny_models import save_hf_model
@@ -39,6 +39,7 @@ needs_native = pytest.mark.skipif(not (cpu_has("avx512_bf16") and cpu_has("amx_b
 def test_builds_on_a_cpu_with_avx512_bf16_and_amx() -> None:
     # On such a CPU a None here means the build broke and training silently got slower.
     assert native_kernels.attention_backward() is not None
+    assert native_kernels.attention_forward() is not None
     assert native_kernels.token_log_probs() is not None
     assert native_kernels.elementwise() is not None
     assert native_kernels.decode_linear() is not None
@@ -61,6 +62,29 @@ def packed_mask(batch: int, length: int) -> torch.Tensor:
     return mask & (segments_t >= 0).unsqueeze(1).unsqueeze(-1)
 
 
+def grpo_mask() -> torch.Tensor:
+    """Two GRPO rows as pack_groups lays them out: [prompt | completion 1 | ...], the
+    completions of different lengths (some over 128 tokens), rows padded to 384. A late
+    completion's queries see the prompt and themselves only: whole 64-key blocks in
+    between are hidden, so the native backward skips them."""
+    prompts = [[1] * 38] * 4 + [[2] * 45] * 3
+    lengths = [64, 150, 17, 100, 30, 200, 5]
+    completions = [[3] * n for n in lengths]
+    completion_mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).float()
+    batch = pack_groups(prompts, completions, completion_mask, torch.zeros(len(lengths)), pad_token_id=0,
+                        sliding_window=None, device=torch.device("cpu"))
+    return batch.mask
+
+
+def hidden_blocks_between_visible_ones(mask: torch.Tensor) -> int:
+    """How many (64-query block, 64-key block) pairs are entirely masked although the
+    query block sees keys further right: the blocks only the block table skips."""
+    rows, _, queries, keys = mask.shape
+    blocks = mask.view(rows, queries // 64, 64, keys // 64, 64).any(4).any(2)  # [rows, query blocks, key blocks]
+    later_visible = blocks.flip(-1).cumsum(-1).flip(-1) > blocks.long()
+    return int((~blocks & later_visible).sum())
+
+
 def gradients(q, k, v, grad_out, mask, causal, native: bool):  # type: ignore[no-untyped-def]
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     if native:
@@ -72,34 +96,44 @@ def gradients(q, k, v, grad_out, mask, causal, native: bool):  # type: ignore[no
 
 
 CASES = {
-    # name: batch, length, query heads, kv heads, head_dim, masked
-    "causal-gqa-512": (2, 512, 9, 3, 64, False),
-    "causal-odd-length": (3, 37, 9, 3, 64, False),
-    "causal-one-block": (1, 64, 4, 4, 32, False),
-    "causal-two-tokens": (2, 2, 4, 2, 16, False),
-    "packed-mask-padding": (3, 200, 6, 2, 64, True),
+    # name: batch, length, query heads, kv heads, head_dim, mask (None: causal)
+    "causal-gqa-512": (2, 512, 9, 3, 64, None),
+    "causal-odd-length": (3, 37, 9, 3, 64, None),
+    "causal-one-block": (1, 64, 4, 4, 32, None),
+    "causal-two-tokens": (2, 2, 4, 2, 16, None),
+    "packed-mask-padding": (3, 200, 6, 2, 64, "packed"),
+    "grpo-groups": (2, 384, 9, 3, 64, "grpo"),  # batch and length: what grpo_mask() packs
 }
 
 
-@needs_native
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_gradients_match_a_float32_reference(case: str) -> None:
-    batch, length, heads, kv_heads, head_dim, masked = CASES[case]
+def case_inputs(case: str) -> tuple[torch.Tensor, ...]:
+    """q, k, v, grad_out (bf16) and the mask (None: causal) of a CASES entry."""
+    batch, length, heads, kv_heads, head_dim, mask_kind = CASES[case]
+    mask = {None: lambda: None, "packed": lambda: packed_mask(batch, length), "grpo": grpo_mask}[mask_kind]()
     g = torch.Generator().manual_seed(0)
     # q in [batch, seq, heads, dim] memory, viewed as [batch, heads, seq, dim], as the model does.
     q = torch.randn(batch, length, heads, head_dim, generator=g).transpose(1, 2).bfloat16()
     k = torch.randn(batch, kv_heads, length, head_dim, generator=g).bfloat16()
     v = torch.randn(batch, kv_heads, length, head_dim, generator=g).bfloat16()
     grad_out = torch.randn(batch, heads, length, head_dim, generator=g).bfloat16()
-    mask = packed_mask(batch, length) if masked else None
-    causal = not masked
+    return q, k, v, grad_out, mask
+
+
+@needs_native
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradients_match_a_float32_reference(case: str) -> None:
+    mask_kind = CASES[case][-1]
+    q, k, v, grad_out, mask = case_inputs(case)
+    if mask_kind == "grpo":
+        assert hidden_blocks_between_visible_ones(mask) >= 6  # blocks the native kernels skip
+    causal = mask is None
 
     reference_out, reference = gradients(q.float(), k.float(), v.float(), grad_out.float(), mask, causal, native=False)
     out, ours = gradients(q, k, v, grad_out, mask, causal, native=True)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         _, torchs = gradients(q, k, v, grad_out, mask, causal, native=False)
 
-    if masked:  # fully masked query rows: no output to speak of and no gradient
+    if mask_kind == "packed":  # fully masked query rows: no output to speak of and no gradient
         empty = ~mask.any(-1).squeeze(1)  # [batch, seq]
         assert empty.any()
         assert torch.all(ours[0].transpose(1, 2)[empty] == 0)
@@ -116,6 +150,46 @@ def test_gradients_match_a_float32_reference(case: str) -> None:
         # bf16 inputs, outputs and dS: errors of a few bf16 ulps of the largest gradient.
         assert my_error <= 0.02 * exact.abs().max().item() + 1e-3, (name, my_error)
         assert my_error <= torch_error * 1.05 + 1e-3, (name, my_error, torch_error)
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["causal-gqa-512", "causal-odd-length", "causal-two-tokens", "packed-mask-padding",
+                                  "grpo-groups"])
+def test_forward_matches_a_float32_reference(case: str) -> None:
+    q, k, v, _, mask = case_inputs(case)
+    causal = mask is None
+    scale = q.shape[-1] ** -0.5
+    out, logsumexp = native_kernels.attention_forward().attention_forward(q, k, v, mask, causal, scale)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16 and logsumexp.shape == q.shape[:3]
+    assert out.transpose(1, 2).is_contiguous()  # [B, T, H, D] memory: the model's reshape is a view
+
+    group = q.shape[1] // k.shape[1]
+    scores = q.float() @ k.float().repeat_interleave(group, 1).transpose(-1, -2) * scale
+    allowed = mask if mask is not None else torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    empty = scores.isinf().all(-1)  # [B, H, T]: rows that attend nothing (packed padding)
+    assert empty.any() == (case == "packed-mask-padding")
+    # Such rows: finite output (0) and a logsumexp that makes every probability 0.
+    assert torch.isfinite(out).all() and torch.all(out[empty] == 0) and torch.all(logsumexp[empty] == float("inf"))
+    expected = scores.softmax(-1).nan_to_num() @ v.float().repeat_interleave(group, 1)
+    assert torch.allclose(logsumexp[~empty], scores.logsumexp(-1)[~empty], atol=1e-4)
+    error = (out.float() - expected).abs().max().item()
+    assert error <= 2.0**-7 * expected.abs().max().item()
+    if not empty.any():  # PyTorch's SDPA (NaN on empty rows): at most as far from exact
+        pytorchs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        assert error <= (pytorchs.float() - expected).abs().max().item() * 1.05 + 1e-6
+
+
+@needs_native
+def test_gradients_with_pytorchs_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native backward on PyTorch's flash forward (its fallback) agrees with it on the native one."""
+    q, k, v, grad_out, mask = case_inputs("grpo-groups")
+    native_out, native = gradients(q, k, v, grad_out, mask, False, native=True)
+    monkeypatch.setattr(native_kernels, "attention_forward", lambda: None)
+    out, fallback = gradients(q, k, v, grad_out, mask, False, native=True)
+    assert torch.allclose(out.float(), native_out.float(), atol=0.02)
+    for mine, theirs in zip(native, fallback):
+        assert torch.allclose(mine.float(), theirs.float(), atol=0.02 * theirs.abs().max().item())
 
 
 @needs_native
@@ -139,12 +213,19 @@ def test_lora_gradients_of_a_bf16_model_match_pytorchs_kernel(masked: bool, tmp_
     original = attention_kernels._FlashAttentionNativeBackward.apply
     monkeypatch.setattr(attention_kernels._FlashAttentionNativeBackward, "apply",
                         lambda *args: calls.append(1) or original(*args))
-    lora_gradients()
+    with monkeypatch.context() as patch:
+        patch.setattr(native_kernels, "attention_forward", lambda: None)  # PyTorch's forward, native backward
+        native_backward = lora_gradients()
     assert len(calls) == 2  # one per layer: the model really takes the native path
     monkeypatch.setattr(attention_kernels, "_native_backward_applies", lambda q, k: False)
     pytorchs = lora_gradients()
-    for mine, theirs in zip(native, pytorchs):
-        assert torch.allclose(mine, theirs, rtol=0.05, atol=0.02 * theirs.abs().max().item())
+    for both, backward, theirs in zip(native, native_backward, pytorchs):
+        assert torch.allclose(backward, theirs, rtol=0.05, atol=0.02 * theirs.abs().max().item())
+        # The native forward rounds differently from PyTorch's (each as close to float32
+        # attention: test_forward_matches_a_float32_reference), and this tiny random
+        # model amplifies bf16 rounding: both are ~50% of the largest gradient away from
+        # the gradients with float32 attention, ~1-3% away from each other.
+        assert torch.allclose(both, theirs, rtol=0.05, atol=0.04 * theirs.abs().max().item())
 
 
 @needs_native

@@ -59,6 +59,11 @@ def attention_backward() -> ModuleType | None:
     return _with_brgemm()
 
 
+def attention_forward() -> ModuleType | None:
+    """The module if its `attention_forward` (the training forward) runs here."""
+    return _with_brgemm()
+
+
 def decode_linear() -> ModuleType | None:
     """The module if its `decode_linear` (AMX tiles) runs here."""
     module = native_module()
@@ -109,7 +114,8 @@ def _build(name: str, sources: list[Path]) -> ModuleType:
 
 def main() -> None:
     started = time.perf_counter()
-    kernels = {"attention backward": attention_backward(), "decoding matmuls": decode_linear(),
+    kernels = {"attention forward": attention_forward(), "attention backward": attention_backward(),
+               "decoding matmuls": decode_linear(),
                "decoding attention": decode_attention(), "sampling": sampling(),
                "token log-probs": token_log_probs(),
                "RMSNorm, SwiGLU and RoPE": elementwise()}

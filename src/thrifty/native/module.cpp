@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("brgemm_bf16", &brgemm_bf16_available, "Whether oneDNN's bf16 brgemm runs on this CPU.");
   m.def("attention_backward", &attention_backward,
         "Gradients of softmax attention from its output and logsumexp (attention_backward.cpp).");
+  m.def("attention_forward", &attention_forward,
+        "Softmax attention's output and logsumexp over the visible key blocks (attention_forward.cpp).");
   m.def("token_log_probs", &token_log_probs,
         "log p(target) per row of a logits chunk; with grad_scale, the chunk becomes d/d logits.");
   m.def("rms_norm_forward", &rms_norm_forward, "(weight * bf16(x * rstd), rstd) per row.");

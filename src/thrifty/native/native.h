@@ -85,6 +85,11 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
                                            double scale);
 bool brgemm_bf16_available();
 
+// attention_forward.cpp: (out [B, H, T, D] bf16, logsumexp [B, H, T] float) as
+// attention_backward takes them; the same arguments as it.
+std::vector<at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                          const c10::optional<at::Tensor>& mask, bool causal, double scale);
+
 // token_log_probs.cpp
 at::Tensor token_log_probs(at::Tensor logits, const at::Tensor& targets, double temperature,
                            const c10::optional<at::Tensor>& grad_scale);
