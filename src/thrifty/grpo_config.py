@@ -79,6 +79,10 @@ class GRPOConfig:
     # On, as in TRL's GRPOConfig: measured on the arithmetic demo, peak RSS 1.6 GB instead of
     # 4.0 GB (32 completions of 64 tokens) for ~20% more training time.
     gradient_checkpointing: bool = True
+    # With checkpointing, also keep each layer's MLP gate/up outputs (2 x intermediate_size
+    # values per token) so the recomputation skips the MLP's matmuls: measured on the
+    # benchmark's 4 x 8 x 64 rollouts, an update took 3.44 s instead of 3.88 (plain: 2.85).
+    gradient_checkpointing_keep_mlp: bool = True
     seed: int = 42
 
     # -- method: LoRA / QLoRA / full ----------------------------------------------------

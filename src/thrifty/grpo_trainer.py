@@ -351,8 +351,8 @@ class GRPOTrainer:
                 if initial_eval is not None:
                     self.metrics.write({"step": 0, "eval_accuracy": initial_eval.accuracy})
                     self.log(f"held-out before training: {initial_eval.summary()}")
-        if cfg.gradient_checkpointing:
-            enable_activation_checkpointing(model)  # only acts where gradients are on: not in generation
+        if cfg.gradient_checkpointing:  # acts only where gradients are on: not in generation
+            enable_activation_checkpointing(model, keep_mlp_outputs=cfg.gradient_checkpointing_keep_mlp)
         progress = ProgressBar(cfg.max_steps, self.step, cfg.disable_tqdm, desc="grpo")
         try:
             while self.step < cfg.max_steps:

@@ -35,14 +35,20 @@ def fusable_for_training(layers: list[nn.Module], x: torch.Tensor) -> bool:
     )
 
 
-def lora_group_forward(layers: list[LoraLinear], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(layer(x) for layer in layers) through one autograd node."""
+def lora_group_forward(layers: list[LoraLinear], x: torch.Tensor,
+                       known_outputs: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """(layer(x) for layer in layers) through one autograd node.
+
+    known_outputs ([tokens, out] each): the outputs when they are known already, as in a
+    checkpointed layer's recomputation (activation_checkpointing.py). The node is then
+    rebuilt without the base matmuls: its backward needs only x and the LoRA branch.
+    """
     flat = x.reshape(-1, x.shape[-1])
     weights = [layer.base_layer.weight for layer in layers]
     biases = [layer.base_layer.bias for layer in layers]
     scalings = [layer.scaling for layer in layers]
     adapters = [layer.lora_A.weight for layer in layers] + [layer.lora_B.weight for layer in layers]
-    outs = _LoraGroup.apply(flat, weights, biases, scalings, *adapters)
+    outs = _LoraGroup.apply(flat, weights, biases, scalings, known_outputs, *adapters)
     return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
 
 
@@ -51,7 +57,7 @@ class _LoraGroup(torch.autograd.Function):
     separately too, with no concatenation in backward."""
 
     @staticmethod
-    def forward(ctx, x, weights, biases, scalings, *adapters):  # type: ignore[no-untyped-def]
+    def forward(ctx, x, weights, biases, scalings, known_outputs, *adapters):  # type: ignore[no-untyped-def]
         n = len(weights)
         lora_a, lora_b = adapters[:n], adapters[n:]
         dtype = x.dtype
@@ -64,10 +70,13 @@ class _LoraGroup(torch.autograd.Function):
         for part, scaling in zip(xa, scalings):
             part.mul_(scaling)
 
-        outs = []
-        for weight, bias, b, part in zip(weights, biases, b_cast, xa):
-            out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-            outs.append(out.addmm_(part, b.t()))
+        if known_outputs is not None:
+            outs = [out.detach() for out in known_outputs]  # new tensors: apply() attaches this node
+        else:
+            outs = []
+            for weight, bias, b, part in zip(weights, biases, b_cast, xa):
+                out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+                outs.append(out.addmm_(part, b.t()))
 
         ctx.save_for_backward(x, a_stacked, *weights, *b_cast, *xa)
         ctx.scalings = scalings
@@ -92,4 +101,4 @@ class _LoraGroup(torch.autograd.Function):
             grad_x = torch.mm(grad_xa_stacked, a_stacked)
             for weight, grad in zip(weights, grad_outs):
                 grad_x.addmm_(grad, weight)
-        return grad_x, None, None, None, *grad_a, *grad_b
+        return grad_x, None, None, None, None, *grad_a, *grad_b
