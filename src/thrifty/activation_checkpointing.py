@@ -33,7 +33,6 @@ from thrifty.lora_group import fusable_for_training, lora_group_forward
 class _LayerCall:
     """One checkpointed call of a layer: what its forward keeps for its recomputation."""
 
-    keep_mlp_outputs: bool
     mlp_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
     recomputing: bool = False
 
@@ -46,8 +45,9 @@ def enable_activation_checkpointing(model: nn.Module, keep_mlp_outputs: bool = F
     for layer in model.model.layers:
         if "forward" in layer.__dict__:
             continue  # already wrapped
-        layer.forward = _checkpointed(layer, keep_mlp_outputs)
-        layer.mlp.forward = _mlp_for_checkpointing(layer.mlp)
+        layer.forward = _checkpointed(layer)
+        if keep_mlp_outputs:
+            layer.mlp.forward = _mlp_keeping_outputs(layer.mlp)
 
 
 def disable_activation_checkpointing(model: nn.Module) -> None:
@@ -56,7 +56,7 @@ def disable_activation_checkpointing(model: nn.Module) -> None:
         layer.mlp.__dict__.pop("forward", None)
 
 
-def _checkpointed(layer: nn.Module, keep_mlp_outputs: bool) -> Any:
+def _checkpointed(layer: nn.Module) -> Any:
     forward = type(layer).forward.__get__(layer)
 
     def run(*args: Any) -> Any:
@@ -67,7 +67,7 @@ def _checkpointed(layer: nn.Module, keep_mlp_outputs: bool) -> Any:
         # backward, outside any `sdpa_kernel` context the forward ran in: re-enter the
         # same attention kernel choice, or it would save different tensors (an error).
         backends = _enabled_sdpa_backends()
-        call = _LayerCall(keep_mlp_outputs)
+        call = _LayerCall()
         return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True,
                           context_fn=lambda: (_inside(call), _recomputing(call, backends)))
 
@@ -90,15 +90,16 @@ def _recomputing(call: _LayerCall, backends: list[SDPBackend]) -> Iterator[None]
         yield
 
 
-def _mlp_for_checkpointing(mlp: nn.Module) -> Any:
-    """The MLP's forward, keeping or reusing its gate/up outputs inside a checkpointed
-    layer that keeps them. The arithmetic is MLP.forward's (model.py) on the LoRA path."""
+def _mlp_keeping_outputs(mlp: nn.Module) -> Any:
+    """The MLP's forward, keeping its gate/up outputs inside a checkpointed layer and
+    reusing them in the recomputation. The arithmetic is MLP.forward's (model.py) on the
+    LoRA path."""
     forward = type(mlp).forward.__get__(mlp)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         call = _current_call.get()
         gate_up, down = [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]
-        if call is None or not call.keep_mlp_outputs or not fusable_for_training(gate_up + down, x):
+        if call is None or not fusable_for_training(gate_up + down, x):
             return forward(x)
         if not call.recomputing:
             gate, up = lora_group_forward(gate_up, x)
