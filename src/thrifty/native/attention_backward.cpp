@@ -125,11 +125,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   const float scale = static_cast<float>(scale_);
   const at::Tensor lse = logsumexp.to(at::kFloat);
   const bool has_mask = mask.has_value();
-  at::Tensor mask_t;
-  if (has_mask) {
-    mask_t = mask->to(at::kBool).expand({B, 1, T, S});
-    if (mask_t.stride(3) != 1) mask_t = mask_t.contiguous();
-  }
+  const at::Tensor mask_t = mask_rows(mask, B, T, S);
   const int64_t Sp = (S + kBlock - 1) / kBlock * kBlock;
 
   auto grad_query = at::empty({B, H, T, D}, query.options());

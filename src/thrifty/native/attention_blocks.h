@@ -62,6 +62,13 @@ inline void copy_rows(const at::BFloat16* src, int64_t row_stride, int64_t rows,
   }
 }
 
+// The boolean mask as [B, 1, T, S] with contiguous rows (an undefined tensor without one).
+inline at::Tensor mask_rows(const c10::optional<at::Tensor>& mask, int64_t B, int64_t T, int64_t S) {
+  if (!mask.has_value()) return at::Tensor();
+  at::Tensor rows = mask->to(at::kBool).expand({B, 1, T, S});
+  return rows.stride(3) == 1 ? rows : rows.contiguous();
+}
+
 // Which of keys j..j+15 a row attends: below `limit` (its causal or padded end; 0 for a
 // padding row) and True in its mask row (`mask` may be null). Reads no mask byte at or
 // past `limit`.

@@ -101,11 +101,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& query, const at::Ten
               "attention_forward: keys and values with an even row stride (read as bf16 pairs)");
   const float scale = static_cast<float>(scale_);
   const bool has_mask = mask.has_value();
-  at::Tensor mask_t;
-  if (has_mask) {
-    mask_t = mask->to(at::kBool).expand({B, 1, T, S});
-    if (mask_t.stride(3) != 1) mask_t = mask_t.contiguous();
-  }
+  const at::Tensor mask_t = mask_rows(mask, B, T, S);
   const int64_t Sp = (S + kBlock - 1) / kBlock * kBlock;
 
   auto out = at::empty({B, T, H, D}, query.options()).transpose(1, 2);
