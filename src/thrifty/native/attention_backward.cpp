@@ -40,11 +40,6 @@ using Vec = at::vec::Vectorized<float>;
 namespace cpublas = at::native::cpublas;
 using namespace attention_blocks;
 
-// Pairs (a[n], b[n]) as 32-bit lanes: two rows of a VNNI-2 block.
-inline __m512i interleave(__m256i a, __m256i b) {
-  return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-}
-
 // X^T [D, kBlock] of a bf16 block X [kBlock, D] (D a multiple of 16). Rows 2p and 2p+1
 // paired into 32-bit lanes (x[2p][c], x[2p+1][c]) are elements 2p, 2p+1 of row c of X^T,
 // so a 32-bit gather per 16 pairs builds each row. The scalar loop it replaced, with the
@@ -154,8 +149,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / H, h = item % H, hk = h / group;
       if (b * Hkv + hk != packed) {  // consecutive query heads share their kv head
-        pack_vnni_transposed_rows(k.at(b, hk), k.row, S, D, Sp, key_t.data());
-        pack_vnni_transposed_rows(v.at(b, hk), v.row, S, D, Sp, value_t.data());
+        pack_vnni_transposed(k.at(b, hk), k.row, S, D, Sp, key_t.data());
+        pack_vnni_transposed(v.at(b, hk), v.row, S, D, Sp, value_t.data());
         pack_vnni(k.at(b, hk), k.row, S, Sp, D, key_v.data());
         packed = b * Hkv + hk;
       }

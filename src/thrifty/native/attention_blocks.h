@@ -15,6 +15,11 @@ namespace attention_blocks {
 // Query rows per block; key counts are rounded up to it so every brgemm K is even.
 constexpr int64_t kBlock = 64;
 
+// Pairs (a[n], b[n]) as 32-bit lanes: two rows of a VNNI-2 block.
+inline __m512i interleave(__m256i a, __m256i b) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
 // brgemm reads B in VNNI-2 layout: element (k, n) of a [K, N] matrix sits at
 // ((k / 2) * ld + n) * 2 + k % 2. Rows at or past `rows` are zero. N a multiple of 16.
 inline void pack_vnni(const at::BFloat16* src, int64_t row_stride, int64_t rows, int64_t K, int64_t N,
@@ -25,28 +30,7 @@ inline void pack_vnni(const at::BFloat16* src, int64_t row_stride, int64_t rows,
     const __mmask16 has0 = k < rows ? 0xFFFF : 0, has1 = k + 1 < rows ? 0xFFFF : 0;
     for (int64_t n = 0; n < N; n += 16) {
       const __m256i a = _mm256_maskz_loadu_epi16(has0, r0 + n), b = _mm256_maskz_loadu_epi16(has1, r0 + row_stride + n);
-      _mm512_storeu_si512(dst + 2 * n, _mm512_or_si512(_mm512_cvtepu16_epi32(a),
-                                                       _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
-    }
-  }
-}
-
-// pack_vnni_transposed (native.h) for the attention kernels' K^T and V^T: the pair
-// (x[n][k], x[n][k + 1]) is one 32-bit word of row n, so each VNNI row is a 32-bit gather
-// down the rows (16 at a time). Row stride and K even, N a multiple of 16.
-inline void pack_vnni_transposed_rows(const at::BFloat16* src, int64_t row_stride, int64_t rows, int64_t K,
-                                      int64_t N, at::BFloat16* out) {
-  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const int* words = reinterpret_cast<const int*>(src);
-  for (int64_t n0 = 0; n0 < N; n0 += 16) {
-    const __mmask16 valid = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(n0))),
-                                                     _mm512_set1_epi32(static_cast<int>(rows)));
-    const __m512i row_words = _mm512_mullo_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(n0))),
-                                                 _mm512_set1_epi32(static_cast<int>(row_stride / 2)));
-    for (int64_t k2 = 0; k2 < K / 2; ++k2) {
-      const __m512i index = _mm512_add_epi32(row_words, _mm512_set1_epi32(static_cast<int>(k2)));
-      _mm512_storeu_si512(out + (k2 * N + n0) * 2,
-                          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, index, words, 4));
+      _mm512_storeu_si512(dst + 2 * n, interleave(a, b));
     }
   }
 }

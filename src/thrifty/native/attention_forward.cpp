@@ -123,7 +123,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& query, const at::Ten
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / H, h = item % H, hk = h / group;
       if (b * Hkv + hk != packed) {  // consecutive query heads share their kv head
-        pack_vnni_transposed_rows(k.at(b, hk), k.row, S, D, Sp, key_t.data());
+        pack_vnni_transposed(k.at(b, hk), k.row, S, D, Sp, key_t.data());
         pack_vnni(v.at(b, hk), v.row, S, Sp, D, value_v.data());
         packed = b * Hkv + hk;
       }

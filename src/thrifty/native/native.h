@@ -56,21 +56,29 @@ struct HeadRows {
 #define THRIFTY_NATIVE_AMX 0
 #endif
 
+#if THRIFTY_NATIVE_AVX512
 // brgemm reads B in VNNI-2 layout: element (k, n) of a [K, N] matrix sits at
-// ((k / 2) * N + n) * 2 + k % 2. This packs X^T for a row-major X [N, K] (K even):
-// element (k, n) of X^T is X[n][k]; rows of X at or past `rows` are zero.
+// ((k / 2) * N + n) * 2 + k % 2. This packs X^T for a row-major X [N, K]: element (k, n)
+// of X^T is X[n][k]; rows of X at or past `rows` are zero. The pair (X[n][k], X[n][k + 1])
+// is one 32-bit word of row n, so each VNNI row is a 32-bit gather down the rows, 16 at
+// a time. Row stride and K even, N a multiple of 16.
 inline void pack_vnni_transposed(const at::BFloat16* src, int64_t row_stride, int64_t rows, int64_t K,
                                  int64_t N, at::BFloat16* out) {
-  for (int64_t n = 0; n < N; ++n) {
-    const at::BFloat16* x = src + n * row_stride;
-    const bool valid = n < rows;
-    for (int64_t k = 0; k < K; k += 2) {
-      at::BFloat16* dst = out + ((k / 2) * N + n) * 2;
-      dst[0] = valid ? x[k] : at::BFloat16(0.f);
-      dst[1] = valid ? x[k + 1] : at::BFloat16(0.f);
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const int* words = reinterpret_cast<const int*>(src);
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const __mmask16 valid = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(n0))),
+                                                     _mm512_set1_epi32(static_cast<int>(rows)));
+    const __m512i row_words = _mm512_mullo_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(n0))),
+                                                 _mm512_set1_epi32(static_cast<int>(row_stride / 2)));
+    for (int64_t k2 = 0; k2 < K / 2; ++k2) {
+      const __m512i index = _mm512_add_epi32(row_words, _mm512_set1_epi32(static_cast<int>(k2)));
+      _mm512_storeu_si512(out + (k2 * N + n0) * 2,
+                          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, index, words, 4));
     }
   }
 }
+#endif
 
 // at::parallel_for grain for rows of `row_elements` values: work under ~32k values runs
 // on the calling thread, where waking the second one would cost more than it saves
