@@ -67,6 +67,12 @@ class TileScope {
   TileScope& operator=(const TileScope&) = delete;
 };
 
+// How far ahead of the tile loads the weight stream is prefetched. The tile loads
+// alone streamed the weights at ~7.8 GB/s; prefetched 2-16 KB ahead, at 10.5-12 GB/s
+// (a plain read gets 11-14 here): the whole model's projections at 32 rows with LoRA
+// 35 -> 23 ms. Past a block's end it runs into the next block, the one read next.
+constexpr int64_t kPrefetchBytes = 4096;
+
 // The accumulators += x [32 rows, depth] (row stride `x_stride`) times a packed block
 // [depth / 2, 32, 2]: pairs of input rows interleaved, as the bf16 dot-product tiles read.
 inline void accumulate(const BFloat16* x, int64_t x_stride, const BFloat16* block, int64_t depth) {
@@ -75,6 +81,8 @@ inline void accumulate(const BFloat16* x, int64_t x_stride, const BFloat16* bloc
     _tile_loadd(4, x + k, x_bytes);
     _tile_loadd(5, x + 16 * x_stride + k, x_bytes);
     const BFloat16* rows = block + k * kColumns;  // input rows [k, k + 32): 16 interleaved pairs
+    const char* ahead = reinterpret_cast<const char*>(rows) + kPrefetchBytes;
+    for (int64_t line = 0; line < kDepth * kColumns * int64_t{sizeof(BFloat16)} / 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
     _tile_loadd(6, rows, kColumns * 2 * sizeof(BFloat16));
     _tile_loadd(7, rows + 32, kColumns * 2 * sizeof(BFloat16));
     _tile_dpbf16ps(0, 4, 6);
