@@ -151,6 +151,12 @@ void attend(const at::BFloat16* const* queries, int64_t group, const at::BFloat1
   weighted_values<kHeadDim / 16>(scores, S, group, totals, values, value_row, mask, mask_step, outs);
 }
 
+// Ask for `bytes` from `data` to be in cache soon.
+inline void prefetch(const void* data, int64_t bytes) {
+  const char* start = static_cast<const char*>(data);
+  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(start + offset, _MM_HINT_T0);
+}
+
 }  // namespace
 
 bool decode_attention_supports(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
@@ -180,13 +186,22 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
   const float scale_f = static_cast<float>(scale);
 
   // One item per (row, kv head): its keys and values stay in cache for the `group`
-  // query heads that share them.
+  // query heads that share them. Each item's keys and values are prefetched while the
+  // item before it is computed: one item's work is too short for the hardware
+  // prefetcher to get ahead of a new stream (30 layers at 32 rows x 70 keys, cache in
+  // memory: 9.1 -> 6.4 ms).
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    auto prefetch_item = [&](int64_t item) {
+      prefetch(k.at(item / Hkv, item % Hkv), S * k.row * static_cast<int64_t>(sizeof(at::BFloat16)));
+      prefetch(v.at(item / Hkv, item % Hkv), S * v.row * static_cast<int64_t>(sizeof(at::BFloat16)));
+    };
+    prefetch_item(begin);
     std::vector<float> scores(group * S), totals(group);
     std::vector<const at::BFloat16*> queries(group);
     std::vector<at::BFloat16*> outs(group);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, hk = item % Hkv;
+      if (item + 1 < end) prefetch_item(item + 1);
       for (int64_t g = 0; g < group; ++g) {
         queries[g] = q.at(b, hk * group + g);
         outs[g] = out_data + (b * H + hk * group + g) * D;
