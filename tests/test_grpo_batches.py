@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from thrifty.grpo_batches import completion_log_probs, pack_groups
+from thrifty.grpo_batches import ROW_TOKENS, balanced_rows, completion_log_probs, pack_groups
 from thrifty.loading.loader import load_model
 from thrifty.lora import LoraConfig, apply_lora, lora_layers
 
@@ -28,8 +28,12 @@ def reference_log_probs(model, prompt: list[int], completion: list[int], tempera
     return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # plain, qkv bias, sliding window of 5
-def test_packed_log_probs_and_gradients_equal_one_row_per_completion(family: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("family", "row_tokens"), [
+    ("llama", ROW_TOKENS), ("qwen2", ROW_TOKENS), ("mistral", ROW_TOKENS),  # plain, qkv bias, sliding window of 5
+    ("llama", 1),  # a row per group
+])
+def test_packed_log_probs_and_gradients_equal_one_row_per_completion(family: str, row_tokens: int,
+                                                                     tmp_path: Path) -> None:
     save_tiny_model_dir(family, tmp_path)
     model, _ = load_model(tmp_path, dtype="float32", device="cpu")
     apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -42,8 +46,8 @@ def test_packed_log_probs_and_gradients_equal_one_row_per_completion(family: str
     lengths = torch.tensor([len(c) for c in COMPLETIONS])
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
     batch = pack_groups(prompts, COMPLETIONS, mask, torch.zeros(len(COMPLETIONS)), pad_token_id=0,
-                        sliding_window=model.config.sliding_window, device=torch.device("cpu"))
-    assert batch.input_ids.shape[0] == len(PROMPTS)  # one row per prompt
+                        sliding_window=model.config.sliding_window, device=torch.device("cpu"), row_tokens=row_tokens)
+    assert batch.input_ids.shape[0] == (1 if row_tokens == ROW_TOKENS else len(PROMPTS))
     assert batch.input_ids.shape[1] % 64 == 0  # rows padded to a few shapes (see ROW_LENGTH_MULTIPLE)
     unpadded = pack_groups(prompts, COMPLETIONS, mask, torch.zeros(len(COMPLETIONS)), pad_token_id=0,
                            sliding_window=None, device=torch.device("cpu"), pad_to_multiple_of=1)
@@ -70,12 +74,20 @@ def test_packed_log_probs_and_gradients_equal_one_row_per_completion(family: str
             torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_same_prompt_in_two_places_gets_its_own_row_each_time() -> None:
-    """Rows follow the order given: a prompt that comes back after another starts a new row,
-    so micro-batch order (and which completions share a row) is never shuffled."""
+def test_same_prompt_in_two_places_is_two_groups() -> None:
+    """Groups follow the order given: a prompt that comes back after another starts a new
+    group, so micro-batch order (and which completions share a prompt) is never shuffled."""
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
     completions = [[1, 2], [3, 4], [5, 6]]
     batch = pack_groups(prompts, completions, torch.ones(3, 2), torch.zeros(3), pad_token_id=0,
                         sliding_window=None, device=torch.device("cpu"))
-    assert batch.input_ids.shape[0] == 3
-    assert batch.input_ids[2, :5].tolist() == PROMPTS[0] + [5]
+    assert batch.input_ids[0, :18].tolist() == PROMPTS[0] + [1] + PROMPTS[1] + [3] + PROMPTS[0] + [5]
+    # The third completion's input token sees its own copy of the prompt, not the first.
+    assert batch.mask[0, 0, 17].nonzero().squeeze(1).tolist() == list(range(13, 18))
+
+
+def test_rows_are_balanced_and_hold_whole_groups() -> None:
+    assert balanced_rows([100, 100, 100, 100], row_tokens=4096) == [[0, 1, 2, 3]]
+    # Two rows needed: the largest groups go to different rows, each row keeps the given order.
+    assert balanced_rows([300, 100, 250, 200], row_tokens=450) == [[0, 1], [2, 3]]
+    assert balanced_rows([50, 900, 60], row_tokens=100) == [[0, 2], [1]]  # a group longer than row_tokens

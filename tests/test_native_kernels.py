@@ -56,17 +56,17 @@ def packed_mask(batch: int, length: int) -> torch.Tensor:
         positions.append(pos)
         segments.append(seg)
     positions_t, segments_t = torch.tensor(positions), torch.tensor(segments)
-    mask = group_mask(positions_t, segments_t, None)
+    mask = group_mask(positions_t, torch.where(segments_t >= 0, 0, -1), segments_t, None)
     # group_mask lets prompt tokens of segment 0 be seen by every completion; padding
-    # (segment -1) sees only padding: make its queries see nothing to test empty rows.
+    # (group and segment -1) sees only padding: make its queries see nothing to test empty rows.
     return mask & (segments_t >= 0).unsqueeze(1).unsqueeze(-1)
 
 
 def grpo_mask() -> torch.Tensor:
-    """Two GRPO rows as pack_groups lays them out: [prompt | completion 1 | ...], the
-    completions of different lengths (some over 128 tokens), rows padded to 384. A late
-    completion's queries see the prompt and themselves only: whole 64-key blocks in
-    between are hidden, so the native backward skips them."""
+    """Two GRPO groups as pack_groups lays them out, in one row padded to 704:
+    [prompt | completion 1 | ... | prompt 2 | ...], the completions of different lengths
+    (some over 128 tokens). A late completion's queries see its prompt and itself only:
+    whole 64-key blocks in between are hidden, so the native kernels skip them."""
     prompts = [[1] * 38] * 4 + [[2] * 45] * 3
     lengths = [64, 150, 17, 100, 30, 200, 5]
     completions = [[3] * n for n in lengths]
@@ -102,7 +102,8 @@ CASES = {
     "causal-one-block": (1, 64, 4, 4, 32, None),
     "causal-two-tokens": (2, 2, 4, 2, 16, None),
     "packed-mask-padding": (3, 200, 6, 2, 64, "packed"),
-    "grpo-groups": (2, 384, 9, 3, 64, "grpo"),  # batch and length: what grpo_mask() packs
+    "grpo-groups": (1, 704, 9, 3, 64, "grpo"),  # batch and length: what grpo_mask() packs
+    "grpo-few-heads": (1, 704, 2, 1, 64, "grpo"),  # the backward splits each head's query blocks in parts
 }
 
 

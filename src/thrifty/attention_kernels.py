@@ -99,8 +99,8 @@ class _FlashAttentionNativeBackward(torch.autograd.Function):
         kv_heads, keys = k.shape[1], k.shape[2]
 
         def per_kv_head(grad: torch.Tensor) -> torch.Tensor:
-            # [batch, heads, head_dim, padded keys] float -> [batch, kv_heads, keys, head_dim]
-            grad = grad.view(batch, kv_heads, heads // kv_heads, head_dim, -1).sum(2)
+            # [batch, heads * parts, head_dim, padded keys] float -> [batch, kv_heads, keys, head_dim]
+            grad = grad.view(batch, kv_heads, -1, head_dim, grad.shape[-1]).sum(2)
             return grad[..., :keys].transpose(-1, -2).to(q.dtype)
 
         return grad_q, per_kv_head(grad_k), per_kv_head(grad_v), None, None

@@ -97,9 +97,9 @@ inline void probabilities(const Row& row, int64_t j, int64_t column, float scale
 // grad_out, query, out: [B, H, T, D]; key, value: [B, Hkv, S, D] (H a multiple of Hkv);
 // logsumexp: [B, H, T] float of the scaled, masked scores; mask: optional bool
 // [B or 1, 1, T, S], True where a query may attend; otherwise causal when `causal`.
-// Returns grad_query [B, H, T, D] bf16 and, per query head, float grad_key and grad_value
-// transposed and padded: [B, H, D, S rounded up to 64] (the caller sums each group of
-// query heads and transposes back).
+// Returns grad_query [B, H, T, D] bf16 and, per query head and part of its query blocks,
+// float grad_key and grad_value transposed and padded: [B, H * parts, D, S rounded up to
+// 64] (the caller sums each kv head's query heads and parts, and transposes back).
 std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& query,
                                            const at::Tensor& key, const at::Tensor& value,
                                            const at::Tensor& out, const at::Tensor& logsumexp,
@@ -123,9 +123,14 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   const at::Tensor mask_t = mask_rows(mask, B, T, S);
   const int64_t Sp = (S + kBlock - 1) / kBlock * kBlock;
 
+  // Work items are (batch, head, part of the query blocks), about 4 per thread: GRPO
+  // packs its groups into a few long rows, and B * H alone would leave threads idle.
+  // Each part accumulates its own grad_key / grad_value.
+  const int64_t nq = (T + kBlock - 1) / kBlock;
+  const int64_t parts = std::clamp<int64_t>((4 * at::get_num_threads() + B * H - 1) / (B * H), 1, nq);
   auto grad_query = at::empty({B, H, T, D}, query.options());
-  auto grad_key = at::empty({B, H, D, Sp}, query.options().dtype(at::kFloat));
-  auto grad_value = at::empty({B, H, D, Sp}, query.options().dtype(at::kFloat));
+  auto grad_key = at::empty({B, H * parts, D, Sp}, query.options().dtype(at::kFloat));
+  auto grad_value = at::empty({B, H * parts, D, Sp}, query.options().dtype(at::kFloat));
 
   const HeadRows q(query), k(key), v(value), o(out), go(grad_out);
   const float* lse_data = lse.data_ptr<float>();
@@ -138,7 +143,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
 
   const KeyBlockTable table(mask_data, mask_b, mask_row, B, T, S, causal);
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<BFloat16> key_t(D * Sp), value_t(D * Sp), key_v(Sp * D);
     std::vector<BFloat16> q_rows(kBlock * D), q_t(D * kBlock), go_rows(kBlock * D), go_t(D * kBlock);
     std::vector<float> scores(kBlock * Sp), grad_p(kBlock * Sp), grad_q(kBlock * D), delta(kBlock);
@@ -147,19 +152,19 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
     std::vector<KeyRun> runs;
     int64_t packed = -1;  // the (batch, kv head) whose keys and values are packed
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / H, h = item % H, hk = h / group;
-      if (b * Hkv + hk != packed) {  // consecutive query heads share their kv head
+      const int64_t b = item / (H * parts), h = item / parts % H, hk = h / group, part = item % parts;
+      if (b * Hkv + hk != packed) {  // consecutive items share their kv head
         pack_vnni_transposed(k.at(b, hk), k.row, S, D, Sp, key_t.data());
         pack_vnni_transposed(v.at(b, hk), v.row, S, D, Sp, value_t.data());
         pack_vnni(k.at(b, hk), k.row, S, Sp, D, key_v.data());
         packed = b * Hkv + hk;
       }
-      float* gk_t = gk_data + (b * H + h) * D * Sp;
-      float* gv_t = gv_data + (b * H + h) * D * Sp;
+      float* gk_t = gk_data + ((b * H + h) * parts + part) * D * Sp;
+      float* gv_t = gv_data + ((b * H + h) * parts + part) * D * Sp;
       std::fill(gk_t, gk_t + D * Sp, 0.f);  // zeroed here, while the thread's cache wants it
       std::fill(gv_t, gv_t + D * Sp, 0.f);  // (columns of hidden key blocks stay 0)
 
-      for (int64_t i0 = 0; i0 < T; i0 += kBlock) {
+      for (int64_t i0 = part * nq / parts * kBlock; i0 < std::min(T, (part + 1) * nq / parts * kBlock); i0 += kBlock) {
         const int64_t rows = std::min(kBlock, T - i0);
         // Only the key blocks this block sees, compacted: e columns in runs.
         const int64_t e = table.runs(b, i0, runs);

@@ -115,19 +115,22 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& query, const at::Ten
   float* lse_data = logsumexp.data_ptr<float>();
   const KeyBlockTable table(mask_data, mask_b, mask_row, B, T, S, causal);
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // One item per (batch, head, query block), so that a few long rows (GRPO packs its
+  // groups into one) still spread over every thread.
+  const int64_t nq = (T + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * H * nq, 1, [&](int64_t begin, int64_t end) {
     std::vector<BFloat16> key_t(D * Sp), value_v(Sp * D), q_rows(kBlock * D), p(kBlock * Sp);
     std::vector<float> scores(kBlock * Sp), acc(kBlock * D), inverse_sum(kBlock);
     std::vector<KeyRun> runs;
     int64_t packed = -1;  // the (batch, kv head) whose keys and values are packed
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / H, h = item % H, hk = h / group;
-      if (b * Hkv + hk != packed) {  // consecutive query heads share their kv head
+      const int64_t b = item / (H * nq), h = item / nq % H, hk = h / group, i0 = item % nq * kBlock;
+      if (b * Hkv + hk != packed) {  // consecutive items share their kv head
         pack_vnni_transposed(k.at(b, hk), k.row, S, D, Sp, key_t.data());
         pack_vnni(v.at(b, hk), v.row, S, Sp, D, value_v.data());
         packed = b * Hkv + hk;
       }
-      for (int64_t i0 = 0; i0 < T; i0 += kBlock) {
+      {
         const int64_t rows = std::min(kBlock, T - i0);
         BFloat16* o = out_data + b * out_b + h * out_h + i0 * out_t;
         float* lse = lse_data + (b * H + h) * T + i0;
