@@ -29,5 +29,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_linear_available", &decode_linear_available, "Whether decode_linear runs here (AMX tiles).");
   m.def("decode_attention", &decode_attention, "Softmax attention of one query per row over its keys.");
   m.def("decode_attention_supports", &decode_attention_supports, "Whether decode_attention takes this head_dim.");
+  py::class_<DecodeLinear>(m, "DecodeLinear", "A fused group of linear layers as decode_linear takes it.")
+      .def(py::init<at::Tensor, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+                    c10::optional<at::Tensor>, int64_t>(),
+           py::arg("packed"), py::arg("out_features"), py::arg("bias"), py::arg("lora_down"), py::arg("lora_up"),
+           py::arg("lora_rank"));
+  py::class_<DecodingLayer>(m, "DecodingLayer", "One decoder layer's weights for decoding steps.")
+      .def(py::init<at::Tensor, at::Tensor, DecodeLinear, DecodeLinear, DecodeLinear, DecodeLinear>(),
+           py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
+           py::arg("down"));
+  py::class_<DecodingLayers>(m, "DecodingLayers", "All decoder layers of a model for decoding steps.")
+      .def(py::init<std::vector<DecodingLayer>, int64_t, int64_t, int64_t, double>(), py::arg("layers"),
+           py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"))
+      .def("step", &DecodingLayers::step, "Hidden states after the last layer; writes the step's keys and values.",
+           py::arg("hidden"), py::arg("cos"), py::arg("sin"), py::arg("mask"), py::arg("keys"), py::arg("values"),
+           py::arg("length"));
   m.def("sample_tokens", &sample_tokens, "One token per row from softmax(logits / temperature), inverse CDF.");
 }

@@ -127,5 +127,30 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
                             const c10::optional<at::Tensor>& mask, double scale);
 bool decode_attention_supports(int64_t head_dim);
 
+// decoding_step.cpp: every decoder layer of one decoding step, as a sequence of the
+// kernels above. A fused group of linear layers, packed by decode_*_pack:
+struct DecodeLinear {
+  at::Tensor packed;
+  int64_t out_features;
+  c10::optional<at::Tensor> bias, lora_down, lora_up;
+  int64_t lora_rank;
+  at::Tensor operator()(const at::Tensor& x) const;
+};
+struct DecodingLayer {
+  at::Tensor input_norm, post_attention_norm;
+  DecodeLinear qkv, o, gate_up, down;
+};
+struct DecodingLayers {
+  std::vector<DecodingLayer> layers;
+  int64_t heads, kv_heads, head_dim;
+  double eps;
+  // The hidden states [rows, hidden] after the last layer (before the final norm) for
+  // the step's input embeddings; writes this step's keys and values at `length` in the
+  // per-layer caches [rows, kv_heads, max_length, head_dim].
+  at::Tensor step(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                  const c10::optional<at::Tensor>& mask, const std::vector<at::Tensor>& keys,
+                  const std::vector<at::Tensor>& values, int64_t length) const;
+};
+
 // sampling.cpp: one token per row from softmax(logits / temperature); uniform [rows].
 at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& uniform, double temperature);

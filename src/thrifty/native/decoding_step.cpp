@@ -1,0 +1,41 @@
+// One decoding step through all decoder layers in one call (decoding_step.py).
+//
+// A step is ~12 kernel calls per layer. Issued from Python, each paid its binding's
+// argument conversion and the tensor views, splits and adds around it went through
+// PyTorch's Python dispatch: ~5 ms of a ~45 ms 32-row step. Here the same calls, in the
+// same order on the same tensors, run from C++, so the results are bit for bit those of
+// the Python loop and of the modules' forward.
+#include "native.h"
+
+#include <cmath>
+
+at::Tensor DecodeLinear::operator()(const at::Tensor& x) const {
+  return decode_linear(x, packed, out_features, bias, lora_down, lora_up, lora_rank);
+}
+
+at::Tensor DecodingLayers::step(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                                const c10::optional<at::Tensor>& mask, const std::vector<at::Tensor>& keys,
+                                const std::vector<at::Tensor>& values, int64_t length) const {
+  TORCH_CHECK(keys.size() == layers.size() && values.size() == layers.size(),
+              "decoding step: one key and one value cache per layer");
+  const int64_t rows = hidden.size(0), q_width = heads * head_dim, kv_width = kv_heads * head_dim;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  at::Tensor x = hidden;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const DecodingLayer& layer = layers[i];
+    TORCH_CHECK(length < keys[i].size(2), "decoding step: KV cache overflow at position ", length);
+    const at::Tensor qkv = layer.qkv(rms_norm_forward(x, layer.input_norm, eps)[0]);
+    const at::Tensor q = rope_forward(qkv.narrow(1, 0, q_width).view({rows, 1, heads, head_dim}).transpose(1, 2), cos, sin);
+    const at::Tensor k = rope_forward(qkv.narrow(1, q_width, kv_width).view({rows, 1, kv_heads, head_dim}).transpose(1, 2),
+                                      cos, sin);
+    keys[i].narrow(2, length, 1).copy_(k);
+    values[i].narrow(2, length, 1).copy_(qkv.narrow(1, q_width + kv_width, kv_width).view({rows, 1, kv_heads, head_dim}).transpose(1, 2));
+    const at::Tensor attended = decode_attention(q, keys[i].narrow(2, 0, length + 1), values[i].narrow(2, 0, length + 1),
+                                                 mask, scale);
+    x = x + layer.o(attended.transpose(1, 2).reshape({rows, q_width}));
+    const at::Tensor gate_up = layer.gate_up(rms_norm_forward(x, layer.post_attention_norm, eps)[0]);
+    const int64_t intermediate = gate_up.size(1) / 2;
+    x = x + layer.down(swiglu_forward(gate_up.narrow(1, 0, intermediate), gate_up.narrow(1, intermediate, intermediate)));
+  }
+  return x;
+}
