@@ -50,10 +50,13 @@ def test_chat_answer_is_correct(default_model_fp32) -> None:
 
 def test_batched_mixed_lengths_equal_one_by_one(default_model_fp32) -> None:
     model, tokenizer = default_model_fp32
-    prompt_ids = [render_prompt(tokenizer, p, True, None) for p in CHAT_PROMPTS]
+    # Eight rows: the first to finish stays in the batch (rows leave it a quarter at a time).
+    prompts = CHAT_PROMPTS + ["Say hi.", "Name a planet.", "What is 2 + 2?", "Describe the sea in one sentence."]
+    prompt_ids = [render_prompt(tokenizer, p, True, None) for p in prompts]
     assert len({len(p) for p in prompt_ids}) > 1  # really mixed lengths
     batched, batched_reasons = generate_tokens(model, prompt_ids, max_new_tokens=32, sampling=GREEDY,
                                                stop_token_ids=tokenizer.stop_token_ids)
+    assert len({len(ids) for ids, reason in zip(batched, batched_reasons) if reason == "stop"}) >= 3
     for ids, got, reason in zip(prompt_ids, batched, batched_reasons):
         (alone,), (alone_reason,) = generate_tokens(model, [ids], max_new_tokens=32, sampling=GREEDY,
                                                     stop_token_ids=tokenizer.stop_token_ids)

@@ -194,32 +194,36 @@ def generate_tokens(
     generated: list[list[int]] = [[] for _ in range(num_rows)]
     reasons: list[FinishReason] = ["length"] * num_rows
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), device=device, dtype=torch.long)
+    done = [False] * num_rows  # per batch row: finished, its further tokens dropped
     decoding_step = DecodingStep.for_model(model)
 
     for step in range(max_new_tokens):
         next_tokens = sample_next_tokens(logits, sampling, generator)
         finished = torch.isin(next_tokens, stop_ids).tolist()
         new_tokens = next_tokens.tolist()
-        for i, row in enumerate(active):
+        live = [i for i, row_done in enumerate(done) if not row_done]
+        for i in live:
+            row = active[i]
             generated[row].append(new_tokens[i])
-            if not finished[i] and stop_checker is not None and stop_checker(generated[row]):
-                finished[i] = True
-            if finished[i]:
+            if finished[i] or (stop_checker is not None and stop_checker(generated[row])):
                 reasons[row] = "stop"
+                done[i] = True
         if on_step is not None:
-            on_step(active, new_tokens)
-        if step == max_new_tokens - 1:
+            on_step([active[i] for i in live], [new_tokens[i] for i in live])
+        if step == max_new_tokens - 1 or all(done):
             break
-        if any(finished):
-            keep = [i for i, done in enumerate(finished) if not done]
-            if not keep:
-                break
-            # Drop finished rows from the batch so they stop costing compute.
+        # Finished rows leave the batch once they are a quarter of it. Dropping rows copies
+        # every layer's cache (~5 ms at 32 rows and 60 tokens; a GRPO step had ~16 such
+        # copies when each finish dropped its row), while a finished row kept costs only
+        # its share of attention and sampling (~0.2 ms a step).
+        if 4 * sum(done) >= len(done):
+            keep = [i for i, row_done in enumerate(done) if not row_done]
             index = torch.tensor(keep, device=device)
             cache.select_rows(index)
             key_positions = key_positions[index]
             next_tokens = next_tokens[index]
             active = [active[i] for i in keep]
+            done = [False] * len(keep)
         end = cache.length + 1
         query_positions = key_positions[:, cache.length:end]
         mask = attention_mask(query_positions, key_positions[:, :end], cfg.sliding_window)
