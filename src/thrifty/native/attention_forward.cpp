@@ -130,52 +130,50 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& query, const at::Ten
         pack_vnni(v.at(b, hk), v.row, S, Sp, D, value_v.data());
         packed = b * Hkv + hk;
       }
-      {
-        const int64_t rows = std::min(kBlock, T - i0);
-        BFloat16* o = out_data + b * out_b + h * out_h + i0 * out_t;
-        float* lse = lse_data + (b * H + h) * T + i0;
-        const int64_t e = table.runs(b, i0, runs);  // visible keys, compacted into e columns
-        if (e == 0) {
-          for (int64_t r = 0; r < rows; ++r) std::fill(o + r * out_t, o + r * out_t + D, BFloat16(0.f));
-          std::fill(lse, lse + rows, std::numeric_limits<float>::infinity());
+      const int64_t rows = std::min(kBlock, T - i0);
+      BFloat16* o = out_data + b * out_b + h * out_h + i0 * out_t;
+      float* lse = lse_data + (b * H + h) * T + i0;
+      const int64_t e = table.runs(b, i0, runs);  // visible keys, compacted into e columns
+      if (e == 0) {
+        for (int64_t r = 0; r < rows; ++r) std::fill(o + r * out_t, o + r * out_t + D, BFloat16(0.f));
+        std::fill(lse, lse + rows, std::numeric_limits<float>::infinity());
+        continue;
+      }
+
+      // scores = q k^T: [kBlock, e] float; column n of the packed K^T at element 2 n.
+      copy_rows(q.at(b, h) + i0 * q.row, q.row, rows, kBlock, D, q_rows.data());
+      for (const KeyRun& run : runs) {
+        cpublas::brgemm(kBlock, run.count, D, D, Sp, e, false, q_rows.data(), key_t.data() + 2 * run.key,
+                        scores.data() + run.column);
+      }
+
+      for (int64_t r = 0; r < kBlock; ++r) {
+        const int64_t i = i0 + r;
+        SoftmaxRow row{scores.data() + r * e, p.data() + r * e, r >= rows ? 0 : (causal ? std::min(S, i + 1) : S),
+                       nullptr};
+        if (has_mask && row.limit) row.mask = mask_data + b * mask_b + i * mask_row;
+        const float max = row.limit ? row_max(row, runs) : -std::numeric_limits<float>::infinity();
+        if (max == -std::numeric_limits<float>::infinity()) {  // padding, or a row that attends nothing
+          std::fill(row.p, row.p + e, BFloat16(0.f));
+          inverse_sum[r] = 0.f;
+          if (r < rows) lse[r] = std::numeric_limits<float>::infinity();
           continue;
         }
+        const float sum = exp_and_sum(row, runs, max, scale);
+        inverse_sum[r] = 1.f / sum;
+        lse[r] = max * scale + std::log(sum);
+      }
 
-        // scores = q k^T: [kBlock, e] float; column n of the packed K^T at element 2 n.
-        copy_rows(q.at(b, h) + i0 * q.row, q.row, rows, kBlock, D, q_rows.data());
-        for (const KeyRun& run : runs) {
-          cpublas::brgemm(kBlock, run.count, D, D, Sp, e, false, q_rows.data(), key_t.data() + 2 * run.key,
-                          scores.data() + run.column);
-        }
-
-        for (int64_t r = 0; r < kBlock; ++r) {
-          const int64_t i = i0 + r;
-          SoftmaxRow row{scores.data() + r * e, p.data() + r * e, r >= rows ? 0 : (causal ? std::min(S, i + 1) : S),
-                         nullptr};
-          if (has_mask && row.limit) row.mask = mask_data + b * mask_b + i * mask_row;
-          const float max = row.limit ? row_max(row, runs) : -std::numeric_limits<float>::infinity();
-          if (max == -std::numeric_limits<float>::infinity()) {  // padding, or a row that attends nothing
-            std::fill(row.p, row.p + e, BFloat16(0.f));
-            inverse_sum[r] = 0.f;
-            if (r < rows) lse[r] = std::numeric_limits<float>::infinity();
-            continue;
-          }
-          const float sum = exp_and_sum(row, runs, max, scale);
-          inverse_sum[r] = 1.f / sum;
-          lse[r] = max * scale + std::log(sum);
-        }
-
-        // out = P V / sum: V's VNNI rows (pairs of keys, D wide) at run.key * D.
-        for (size_t n = 0; n < runs.size(); ++n) {
-          const KeyRun& run = runs[n];
-          cpublas::brgemm(kBlock, D, run.count, e, D, D, n > 0, p.data() + run.column, value_v.data() + run.key * D,
-                          acc.data());
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          const __m512 inv = _mm512_set1_ps(inverse_sum[r]);
-          for (int64_t c = 0; c < D; c += 16) {
-            store16(o + r * out_t + c, _mm512_mul_ps(load16(acc.data() + r * D + c), inv));
-          }
+      // out = P V / sum: V's VNNI rows (pairs of keys, D wide) at run.key * D.
+      for (size_t n = 0; n < runs.size(); ++n) {
+        const KeyRun& run = runs[n];
+        cpublas::brgemm(kBlock, D, run.count, e, D, D, n > 0, p.data() + run.column, value_v.data() + run.key * D,
+                        acc.data());
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 inv = _mm512_set1_ps(inverse_sum[r]);
+        for (int64_t c = 0; c < D; c += 16) {
+          store16(o + r * out_t + c, _mm512_mul_ps(load16(acc.data() + r * D + c), inv));
         }
       }
     }

@@ -151,12 +151,6 @@ void attend(const at::BFloat16* const* queries, int64_t group, const at::BFloat1
   weighted_values<kHeadDim / 16>(scores, S, group, totals, values, value_row, mask, mask_step, outs);
 }
 
-// Ask for `bytes` from `data` to be in cache soon.
-inline void prefetch(const void* data, int64_t bytes) {
-  const char* start = static_cast<const char*>(data);
-  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(start + offset, _MM_HINT_T0);
-}
-
 }  // namespace
 
 bool decode_attention_supports(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }

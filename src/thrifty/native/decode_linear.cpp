@@ -81,8 +81,7 @@ inline void accumulate(const BFloat16* x, int64_t x_stride, const BFloat16* bloc
     _tile_loadd(4, x + k, x_bytes);
     _tile_loadd(5, x + 16 * x_stride + k, x_bytes);
     const BFloat16* rows = block + k * kColumns;  // input rows [k, k + 32): 16 interleaved pairs
-    const char* ahead = reinterpret_cast<const char*>(rows) + kPrefetchBytes;
-    for (int64_t line = 0; line < kDepth * kColumns * int64_t{sizeof(BFloat16)} / 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    prefetch(reinterpret_cast<const char*>(rows) + kPrefetchBytes, kDepth * kColumns * sizeof(BFloat16));
     _tile_loadd(6, rows, kColumns * 2 * sizeof(BFloat16));
     _tile_loadd(7, rows + 32, kColumns * 2 * sizeof(BFloat16));
     _tile_dpbf16ps(0, 4, 6);

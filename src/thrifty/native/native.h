@@ -31,6 +31,12 @@ inline void store16(float* p, __m512 x, int count = 16) {
 inline void store16(at::BFloat16* p, __m512 x, int count = 16) {
   _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << count) - 1), to_bf16(x));
 }
+// Ask for `bytes` from `data` to be in cache soon: the hardware prefetcher does not get
+// ahead of streams that are short or start often (decoding's weights and KV cache).
+inline void prefetch(const void* data, int64_t bytes) {
+  const char* start = static_cast<const char*>(data);
+  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(start + offset, _MM_HINT_T0);
+}
 // What a bf16 tensor op stores: x rounded to bf16, as float again.
 inline __m512 round_bf16(__m512 x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(x)), 16));
