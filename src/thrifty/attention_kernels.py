@@ -7,7 +7,9 @@ Measured at 4 x 512 tokens, 9 query / 3 kv heads of 64: 17-20 ms against 50-56 m
 Both visit only the 64-key blocks a 64-query block sees at all: GRPO rows
 ([prompt | completion 1 | ...], grpo_batches.py) hide most of them. At 4 x 576 GRPO
 rows (8 completions of ~60 tokens per row), per call: forward 4.5 ms against PyTorch's
-11.9, backward ~10 ms against ~19 before the block table.
+11.9, backward ~10 ms against ~19 before the block table. GRPO now lays several groups
+end to end in one row, so both kernels also split each head's query blocks over the
+threads (a row's 9 heads alone would leave threads idle).
 
 Otherwise (another CPU, float32, no compiler) PyTorch picks the kernel: on CPU its
 flash attention whenever it can, but for short training sequences that backward is
