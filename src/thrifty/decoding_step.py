@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 
 from thrifty import native_kernels
-from thrifty.fused_linear import DECODE_ROWS, FusedLinear, fused_for_inference
+from thrifty.fused_linear import DECODE_ROWS, fused_for_inference
 from thrifty.kv_cache import KVCache
 from thrifty.model import CausalLM, DecoderLayer
 
@@ -73,12 +73,5 @@ def _plan(native: ModuleType, layer: DecoderLayer) -> object | None:
         fused.ensure_current()
         if fused.native is None:
             return None
-        groups.append(_decode_linear(native, fused))
+        groups.append(fused.native_linear())
     return native.DecodingLayer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *groups)
-
-
-def _decode_linear(native: ModuleType, fused: FusedLinear) -> object:
-    adapters = fused.current_adapters
-    lora_down, lora_up = fused.native_adapters if adapters is not None else (None, None)
-    return native.DecodeLinear(fused.weight, sum(fused.sizes), fused.bias, lora_down, lora_up,
-                               adapters[0].shape[1] if adapters is not None else 0)

@@ -138,12 +138,17 @@ class FusedLinear:
             self.current_adapters = self.live_adapters()
             self.checked_in = token
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """The concatenated outputs for x [rows <= DECODE_ROWS, in], by the native kernel
-        (self.native set), with the weights and adapters of the last ensure_current()."""
+    def native_linear(self) -> object:
+        """The native kernel's operands (self.native set): the weights and adapters of the
+        last ensure_current(), as a callable native DecodeLinear."""
         adapters = self.current_adapters
-        lora = (*self.native_adapters, adapters[0].shape[1]) if adapters is not None else ()
-        return self.native.decode_linear(x.contiguous(), self.weight, sum(self.sizes), self.bias, *lora)
+        lora_down, lora_up = self.native_adapters if adapters is not None else (None, None)
+        rank = adapters[0].shape[1] if adapters is not None else 0
+        return self.native.DecodeLinear(self.weight, sum(self.sizes), self.bias, lora_down, lora_up, rank)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The concatenated outputs for x [rows <= DECODE_ROWS, in], by the native kernel."""
+        return self.native_linear()(x.contiguous())
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(layer(x) for layer in self.layers), computed together."""

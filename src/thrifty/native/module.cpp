@@ -33,7 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<at::Tensor, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
                     c10::optional<at::Tensor>, int64_t>(),
            py::arg("packed"), py::arg("out_features"), py::arg("bias"), py::arg("lora_down"), py::arg("lora_up"),
-           py::arg("lora_rank"));
+           py::arg("lora_rank"))
+      .def("__call__", &DecodeLinear::operator(), "decode_linear of x [rows, in] with these operands.", py::arg("x"));
   py::class_<DecodingLayer>(m, "DecodingLayer", "One decoder layer's weights for decoding steps.")
       .def(py::init<at::Tensor, at::Tensor, DecodeLinear, DecodeLinear, DecodeLinear, DecodeLinear>(),
            py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
