@@ -263,25 +263,30 @@ def test_token_log_probs_agree_with_pytorchs_ops_on_a_real_vocabulary(temperatur
 
 
 @needs_native
-@pytest.mark.parametrize("rows, width, out, rank, bias", [
-    (1, 576, 960, 48, True), (32, 576, 3072, 32, False), (64, 1536, 576, 16, False),
-    (65, 64, 100, 8, True),  # a second brgemm row block, a partial column block
-    (3, 64, 64, 80, False),  # a rank over 64
-    (5, 64, 40, 3, True),    # an odd rank: the up-projection's rows padded to even
-    (7, 32, 45, 0, False),   # no adapter
-    (2, 75, 33, 5, True),    # an input width that is not a whole tile step (nor even)
+@pytest.mark.parametrize("rows, width, sizes, ranks, bias", [
+    (1, 576, [576, 192, 192], [16, 16, 16], True),  # q/k/v: each column block reads its own adapter only
+    (32, 576, [1536, 1536], [16, 16], False),
+    (64, 1536, [576], [16], False),
+    (65, 64, [100], [8], True),  # a second row block, a partial column block
+    (3, 64, [64], [80], False),  # a rank over 64
+    (5, 64, [40], [3], True),    # an odd rank: the up-projection's rows padded to even
+    (7, 32, [45], [0], False),   # no adapter
+    (2, 75, [33], [5], True),    # an input width that is not a whole tile step (nor even)
+    (9, 64, [20, 50, 30], [4, 0, 6], False),  # blocks spanning adapters; a layer without one
+    (4, 64, [64, 64], [0, 8], True),  # the first layer without an adapter
 ])
-def test_decode_linear_matches_a_float32_reference(rows: int, width: int, out: int, rank: int,
+def test_decode_linear_matches_a_float32_reference(rows: int, width: int, sizes: list[int], ranks: list[int],
                                                    bias: bool) -> None:
     module = native_kernels.decode_linear()
     g = torch.Generator().manual_seed(rows)
+    out = sum(sizes)
     x = torch.randn(rows, width, generator=g).bfloat16()
     weight = (torch.randn(out, width, generator=g) * 0.05).bfloat16()
     b = torch.randn(out, generator=g).bfloat16() if bias else None
-    lora_a = torch.randn(rank, width, generator=g) * 0.05
-    lora_bt = torch.randn(rank, out, generator=g) * 0.05
-    lora = (*module.decode_lora_pack(lora_a.t().contiguous(), lora_bt), rank) if rank else ()
-    got = module.decode_linear(x, module.decode_linear_pack(weight), out, b, *lora)
+    lora_a = torch.randn(sum(ranks), width, generator=g) * 0.05
+    lora_bt = torch.block_diag(*[torch.randn(rank, size, generator=g) * 0.05 for rank, size in zip(ranks, sizes)])
+    lora = module.decode_lora_pack(lora_a.t().contiguous(), lora_bt, ranks, sizes) if sum(ranks) else []
+    got = module.decode_linear(x, module.decode_linear_pack(weight), out, b, lora)
     expected = x.float() @ weight.float().t() + (x.float() @ lora_a.t()) @ lora_bt
     if bias:
         expected += b.float()

@@ -141,10 +141,8 @@ class FusedLinear:
     def native_linear(self) -> object:
         """The native kernel's operands (self.native set): the weights and adapters of the
         last ensure_current(), as a callable native DecodeLinear."""
-        adapters = self.current_adapters
-        lora_down, lora_up = self.native_adapters if adapters is not None else (None, None)
-        rank = adapters[0].shape[1] if adapters is not None else 0
-        return self.native.DecodeLinear(self.weight, sum(self.sizes), self.bias, lora_down, lora_up, rank)
+        lora = self.native_adapters if self.current_adapters is not None else []
+        return self.native.DecodeLinear(self.weight, sum(self.sizes), self.bias, lora)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """The concatenated outputs for x [rows <= DECODE_ROWS, in], by the native kernel."""
@@ -197,7 +195,8 @@ class FusedLinear:
             self.adapter_source = key
             self.native_adapters = None
         if self.native is not None and self.native_adapters is None:
-            self.native_adapters = self.native.decode_lora_pack(*self.adapters)
+            ranks = [layer.lora_A.weight.shape[0] if on else 0 for layer, on in zip(self.layers, active)]
+            self.native_adapters = self.native.decode_lora_pack(*self.adapters, ranks, self.sizes)
         return self.adapters
 
 

@@ -10,7 +10,7 @@
 #include <cmath>
 
 at::Tensor DecodeLinear::operator()(const at::Tensor& x) const {
-  return decode_linear(x, packed, out_features, bias, lora_down, lora_up, lora_rank);
+  return decode_linear(x, packed, out_features, bias, lora);
 }
 
 at::Tensor DecodingLayers::step(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,

@@ -21,19 +21,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_backward", &rope_backward, "d loss / d x of rope_forward, from the output's gradient.");
   m.def("decode_linear_pack", &decode_linear_pack, "A bf16 [out, in] weight in decode_linear's blocked layout.");
   m.def("decode_lora_pack", &decode_lora_pack,
-        "A LoRA branch (float A^T [in, rank], scaled B^T [rank, out]) in decode_linear's layout: [down, up].");
+        "A group's LoRA branches (float A^T [in, sum(ranks)], block-diagonal scaled B^T [sum(ranks), sum(sizes)]) "
+        "as decode_linear's `lora` operands.",
+        py::arg("a_t"), py::arg("bt"), py::arg("ranks"), py::arg("sizes"));
   m.def("decode_linear", &decode_linear,
         "x @ W^T (+ bias) (+ (x @ A^T) @ B^T) for a few rows, W and the LoRA branch packed by decode_*_pack.",
-        py::arg("x"), py::arg("packed"), py::arg("out_features"), py::arg("bias"), py::arg("lora_down") = py::none(),
-        py::arg("lora_up") = py::none(), py::arg("lora_rank") = 0);
+        py::arg("x"), py::arg("packed"), py::arg("out_features"), py::arg("bias"),
+        py::arg("lora") = std::vector<at::Tensor>());
   m.def("decode_linear_available", &decode_linear_available, "Whether decode_linear runs here (AMX tiles).");
   m.def("decode_attention", &decode_attention, "Softmax attention of one query per row over its keys.");
   m.def("decode_attention_supports", &decode_attention_supports, "Whether decode_attention takes this head_dim.");
   py::class_<DecodeLinear>(m, "DecodeLinear", "A fused group of linear layers as decode_linear takes it.")
-      .def(py::init<at::Tensor, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
-                    c10::optional<at::Tensor>, int64_t>(),
-           py::arg("packed"), py::arg("out_features"), py::arg("bias"), py::arg("lora_down"), py::arg("lora_up"),
-           py::arg("lora_rank"))
+      .def(py::init<at::Tensor, int64_t, c10::optional<at::Tensor>, std::vector<at::Tensor>>(), py::arg("packed"),
+           py::arg("out_features"), py::arg("bias"), py::arg("lora"))
       .def("__call__", &DecodeLinear::operator(), "decode_linear of x [rows, in] with these operands.", py::arg("x"));
   py::class_<DecodingLayer>(m, "DecodingLayer", "One decoder layer's weights for decoding steps.")
       .def(py::init<at::Tensor, at::Tensor, DecodeLinear, DecodeLinear, DecodeLinear, DecodeLinear>(),

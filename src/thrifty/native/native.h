@@ -122,11 +122,13 @@ at::Tensor rope_backward(const at::Tensor& grad, const at::Tensor& cos, const at
 // decode_linear.cpp: bf16 linear layers for a few dozen rows (token generation), on AMX.
 bool decode_linear_available();
 at::Tensor decode_linear_pack(const at::Tensor& weight);
-// decode_lora_pack: float A^T [in, rank] and scaled B^T [rank, out] -> {down, up}.
-std::vector<at::Tensor> decode_lora_pack(const at::Tensor& a_t, const at::Tensor& bt);
+// decode_lora_pack: a group's LoRA branches, float A^T [in, sum(ranks)] stacked and
+// block-diagonal scaled B^T [sum(ranks), sum(sizes)] (rank 0: a layer without one) ->
+// the operands decode_linear takes as `lora` (empty: no LoRA).
+std::vector<at::Tensor> decode_lora_pack(const at::Tensor& a_t, const at::Tensor& bt, const std::vector<int64_t>& ranks,
+                                         const std::vector<int64_t>& sizes);
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
-                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_down,
-                         const c10::optional<at::Tensor>& lora_up, int64_t lora_rank);
+                         const c10::optional<at::Tensor>& bias, const std::vector<at::Tensor>& lora);
 
 // decode_attention.cpp: one query per row ([B, H, 1, D]) over cached keys/values.
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -138,8 +140,8 @@ bool decode_attention_supports(int64_t head_dim);
 struct DecodeLinear {
   at::Tensor packed;
   int64_t out_features;
-  c10::optional<at::Tensor> bias, lora_down, lora_up;
-  int64_t lora_rank;
+  c10::optional<at::Tensor> bias;
+  std::vector<at::Tensor> lora;
   at::Tensor operator()(const at::Tensor& x) const;
 };
 struct DecodingLayer {
