@@ -20,10 +20,13 @@ Both engines stop a completion at EOS, so completion lengths are sampled and dif
 to run and engine to engine: step times compare similar, not identical, work. The
 tokens/step column (completion tokens incl. EOS, mean over the measured steps) shows
 how much each engine generated, and gen tokens/s (those tokens / generation time) is
-the fairer per-token comparison of generation. Run:
+the fairer per-token comparison of generation. With --fixed-length no completion may
+end before the max tokens (Thrifty's min_completion_length, transformers'
+min_new_tokens): both engines then do the same work per step. Run:
 
     .venv/bin/python benchmarks/bench_grpo.py              # 4 steps per run
     .venv/bin/python benchmarks/bench_grpo.py --steps 6    # less noisy
+    .venv/bin/python benchmarks/bench_grpo.py --fixed-length  # the same tokens per step on both
     .venv/bin/python benchmarks/bench_grpo.py --quick      # smoke test: 2 steps, 1/4 of the tokens
 """
 
@@ -55,7 +58,8 @@ def task_rows() -> list[dict[str, Any]]:
     return get_task("arithmetic").rows("train", PROMPTS, seed=0)
 
 
-def run_thrifty(generations: int, new_tokens: int, steps: int, checkpointing: bool) -> list[dict[str, float]]:
+def run_thrifty(generations: int, new_tokens: int, steps: int, checkpointing: bool,
+                fixed_length: bool) -> list[dict[str, float]]:
     from thrifty import GRPOConfig, GRPOTrainer, load_model
 
     model, tokenizer = load_model(None, dtype="bfloat16")
@@ -66,6 +70,7 @@ def run_thrifty(generations: int, new_tokens: int, steps: int, checkpointing: bo
             learning_rate=LEARNING_RATE, max_steps=steps, lora_r=RANK, lora_alpha=ALPHA,
             lora_target_modules="all-linear", num_eval_samples=0, eval_on_start=False, save_steps=0,
             log_completions=0, logging_steps=1, disable_tqdm=True, gradient_checkpointing=checkpointing,
+            min_completion_length=new_tokens if fixed_length else 0,
         )
         # train_dataset: the task's reward functions and weights still apply (reward_funcs=None).
         trainer = GRPOTrainer(model, tokenizer, train_dataset=task_rows(), config=config, log=lambda line: None)
@@ -76,7 +81,8 @@ def run_thrifty(generations: int, new_tokens: int, steps: int, checkpointing: bo
              "tokens": r["completions/mean_length"] * rows} for r in records if "time/step" in r]
 
 
-def run_trl(generations: int, new_tokens: int, steps: int, checkpointing: bool) -> list[dict[str, float]]:
+def run_trl(generations: int, new_tokens: int, steps: int, checkpointing: bool,
+            fixed_length: bool) -> list[dict[str, float]]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -123,6 +129,7 @@ def run_trl(generations: int, new_tokens: int, steps: int, checkpointing: bool) 
             max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=True,
             disable_tqdm=True, dataloader_num_workers=0, seed=42,
             gradient_checkpointing=checkpointing,
+            generation_kwargs={"min_new_tokens": new_tokens} if fixed_length else None,
         )
         peft_config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
@@ -153,15 +160,17 @@ def run_trl(generations: int, new_tokens: int, steps: int, checkpointing: bool) 
 def child(args: argparse.Namespace) -> None:
     generations, new_tokens = SHAPES[args.shape]
     runner = run_thrifty if args.engine == "thrifty" else run_trl
-    steps = runner(generations, new_tokens // args.token_divisor, args.steps, args.gradient_checkpointing)
+    steps = runner(generations, new_tokens // args.token_divisor, args.steps, args.gradient_checkpointing,
+                   args.fixed_length)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(RESULT_MARK + json.dumps({"steps": steps, "peak_rss": peak_rss}), flush=True)
 
 
-def measure(engine: str, shape: str, steps: int, token_divisor: int, checkpointing: bool) -> dict:
+def measure(engine: str, shape: str, steps: int, token_divisor: int, checkpointing: bool, fixed_length: bool) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", "--engine", engine, "--shape", shape, "--steps", str(steps),
-         "--token-divisor", str(token_divisor), *(["--gradient-checkpointing"] if checkpointing else [])],
+         "--token-divisor", str(token_divisor), *(["--gradient-checkpointing"] if checkpointing else []),
+         *(["--fixed-length"] if fixed_length else [])],
         capture_output=True, text=True,
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith(RESULT_MARK)]
@@ -191,6 +200,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="GRPO steps per run (the first is warm-up)")
     parser.add_argument("--token-divisor", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both engines (default: off)")
+    parser.add_argument("--fixed-length", action="store_true",
+                        help="no EOS before the max tokens on both engines (min_completion_length / min_new_tokens): "
+                             "the same work per step")
     parser.add_argument("--quick", action="store_true", help="2 steps, a quarter of the new tokens")
     args = parser.parse_args()
     if args.child:
@@ -201,6 +213,7 @@ def main() -> None:
 
     print(f"default model, LoRA r={RANK} all linear layers, bf16, arithmetic task, temperature 1.0, beta 0, dapo; "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+          f"{'every completion max tokens long (no EOS before)' if args.fixed_length else 'completions stop at EOS'}; "
           f"median of {args.steps} steps minus 1 warm-up\n")
     print("| shape (prompts x completions x max tokens) | engine | s/step | generation | scoring | training | "
           "tokens/step | gen tokens/s | peak RSS | TRL/Thrifty time | Thrifty/TRL RSS |")
@@ -212,7 +225,7 @@ def main() -> None:
         for engine in ENGINES:  # TRL first: Thrifty's ratios need its numbers
             try:
                 results[engine] = r = summarise(measure(engine, shape, args.steps, args.token_divisor,
-                                                         args.gradient_checkpointing))
+                                                         args.gradient_checkpointing, args.fixed_length))
             except RuntimeError as e:
                 print(f"| {label} | {engine} | failed: {e} |||||||||", flush=True)
                 continue

@@ -107,6 +107,22 @@ def test_stop_string_and_length_limit(default_model_fp32) -> None:
     assert short.finish_reason == "length" and len(short.token_ids) == 3
 
 
+def test_min_new_tokens_holds_back_stop_tokens_as_transformers(tmp_path: Path) -> None:
+    reference = save_hf_model("llama", tmp_path)
+    ours = build_model(load_hf_config(tmp_path), load_hf_state_dict(tmp_path), str(tmp_path)).eval()
+    prompt = torch.randint(3, 97, (5,), generator=torch.Generator().manual_seed(4)).tolist()
+    (free,), _ = generate_tokens(ours, [prompt], max_new_tokens=12, sampling=GREEDY)
+    stop = free[1]  # a stop token greedy decoding reaches at the second token
+    (early,), reasons = generate_tokens(ours, [prompt], max_new_tokens=12, sampling=GREEDY, stop_token_ids=[stop])
+    assert reasons == ["stop"] and len(early) <= 2
+    (held,), _ = generate_tokens(ours, [prompt], max_new_tokens=12, sampling=GREEDY, stop_token_ids=[stop],
+                                 min_new_tokens=6)
+    ids = torch.tensor([prompt])
+    expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=6,
+                                  do_sample=False, eos_token_id=stop, pad_token_id=0)[0, len(prompt):].tolist()
+    assert held == expected and len(held) >= 6 and stop not in held[:6]
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
 def test_left_padded_batch_equals_transformers_greedy(family: str, tmp_path: Path) -> None:
     """Tiny models: mixed prompt lengths, enough tokens to cross Mistral's sliding window."""

@@ -230,6 +230,21 @@ def test_config_checks_and_example_loads() -> None:
         GRPOConfig(num_generations=1)
     with pytest.raises(ThriftyError, match="temperature"):
         GRPOConfig(temperature=0.0)
+    with pytest.raises(ThriftyError, match="min_completion_length"):
+        GRPOConfig(max_completion_length=8, min_completion_length=9)
+
+
+def test_min_completion_length_holds_back_the_stop_tokens(tiny_dir: Path, tmp_path: Path) -> None:
+    """The same seeded rollout: without it some completions stop early, with it every
+    completion runs to max_completion_length (what bench_grpo.py --fixed-length relies on)."""
+    lengths = {}
+    for minimum in (0, 24):
+        config = tiny_config(tmp_path, tiny_dir, num_generations=8, max_completion_length=24,
+                             min_completion_length=minimum)
+        groups = tiny_trainer(tiny_dir, config).rollout([0, 1])
+        lengths[minimum] = [len(c) for g in groups for c in g.completion_ids]
+    assert min(lengths[0]) < 24
+    assert lengths[24] == [24] * 16
 
 
 def test_pass_at_k_estimator() -> None:

@@ -145,11 +145,16 @@ def generate_tokens(
     pad_token_id: int = 0,
     stop_checker: Callable[[list[int]], bool] | None = None,
     on_step: StepCallback | None = None,
+    min_new_tokens: int = 0,
 ) -> tuple[list[list[int]], list[FinishReason]]:
     """The engine on token ids. Returns, per output row (prompt-major), the generated ids
-    and why each row finished."""
+    and why each row finished. Before min_new_tokens tokens, the stop tokens get no
+    probability (transformers' min_new_tokens)."""
     if max_new_tokens < 1:
         raise ThriftyError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ThriftyError(f"min_new_tokens must be between 0 and max_new_tokens ({max_new_tokens}), "
+                           f"got {min_new_tokens}.")
     if num_return_sequences < 1:
         raise ThriftyError(f"num_return_sequences must be at least 1, got {num_return_sequences}.")
     if any(len(p) == 0 for p in prompt_ids):
@@ -198,6 +203,8 @@ def generate_tokens(
     decoding_step = DecodingStep.for_model(model)
 
     for step in range(max_new_tokens):
+        if step < min_new_tokens and len(stop_ids):
+            logits = logits.index_fill(1, stop_ids, float("-inf"))
         next_tokens = sample_next_tokens(logits, sampling, generator)
         finished = torch.isin(next_tokens, stop_ids).tolist()
         new_tokens = next_tokens.tolist()

@@ -46,6 +46,10 @@ class GRPOConfig:
     # -- generation ---------------------------------------------------------------------
     num_generations: int = 8  # completions per prompt (the group)
     max_completion_length: int = 256
+    # Stop tokens get no probability before this many tokens (transformers' min_new_tokens;
+    # = max_completion_length makes every completion that long, as benchmarks/bench_grpo.py's
+    # --fixed-length does on both engines).
+    min_completion_length: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -118,6 +122,8 @@ class GRPOConfig:
              "must be at least 2: GRPO's advantages compare completions of the same prompt")
         need(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
              "must be at least 1, or null")
+        need(0 <= self.min_completion_length <= self.max_completion_length, "min_completion_length",
+             "must be between 0 and max_completion_length")
         need(self.temperature > 0, "temperature", "must be positive: GRPO needs sampled (varied) completions")
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(self.top_k >= 0, "top_k", "must be 0 (off) or more")

@@ -211,7 +211,8 @@ class GRPOTrainer:
                                           sampling=self.sampling, num_return_sequences=G,
                                           seed=self._generation_seed(draw),
                                           stop_token_ids=self.tokenizer.stop_token_ids,
-                                          pad_token_id=self.tokenizer.pad_token_id)
+                                          pad_token_id=self.tokenizer.pad_token_id,
+                                          min_new_tokens=cfg.min_completion_length)
         self.model.train()
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         scored = time.perf_counter()
