@@ -235,8 +235,9 @@ std::vector<at::Tensor> decode_lora_pack(const at::Tensor& a_t, const at::Tensor
   int64_t rank = 0, N = 0;
   for (int64_t r : ranks) rank += r;
   for (int64_t n : sizes) N += n;
-  TORCH_CHECK(a_t.dim() == 2 && bt.dim() == 2 && a_t.size(1) == rank && bt.size(0) == rank && bt.size(1) == N &&
-                  !ranks.empty() && ranks.size() == sizes.size() && a_t.scalar_type() == at::kFloat && bt.scalar_type() == at::kFloat,
+  TORCH_CHECK(!ranks.empty() && ranks.size() == sizes.size() && a_t.dim() == 2 && bt.dim() == 2 &&
+                  a_t.size(1) == rank && bt.size(0) == rank && bt.size(1) == N && a_t.scalar_type() == at::kFloat &&
+                  bt.scalar_type() == at::kFloat,
               "decode_lora_pack: float A^T [in, sum(ranks)] and block-diagonal B^T [sum(ranks), sum(sizes)]");
   const auto [a_hi, a_lo] = split_hi_lo(a_t.t());
   const auto [b_hi, b_lo] = split_hi_lo(bt.t());  // [N, rank]
@@ -244,7 +245,7 @@ std::vector<at::Tensor> decode_lora_pack(const at::Tensor& a_t, const at::Tensor
   const int64_t adapters = static_cast<int64_t>(ranks.size());
   auto segments = at::empty({adapters, 3}, at::kLong);
   int64_t* seg = segments.data_ptr<int64_t>();
-  std::vector<at::Tensor> rows;  // the up-projection's input rows, as columns of [N, width]
+  std::vector<at::Tensor> rows;  // the up-projection's input rows in segment order, as columns of [N, width]
   std::vector<int64_t> column_end(adapters), segment_end(adapters);
   for (int64_t j = 0, first = 0, start = 0, column = 0; j < adapters; ++j) {
     const int64_t r = ranks[j], width = round_up(3 * r, kDepth);
