@@ -1,6 +1,7 @@
 """Activation checkpointing changes no number: with or without keeping the MLP's
-gate/up outputs, gradients equal those of the plain backward, and keeping them takes
-the MLP's matmuls out of the recomputation."""
+gate/up outputs and the attention's q/k/v and output, gradients equal those of the
+plain backward, and keeping them takes those matmuls and the attention forward out of
+the recomputation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from test_lora_group import lora_model
+from thrifty import native_kernels
 from thrifty.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.grpo_batches import pack_groups
 
@@ -43,30 +45,54 @@ def _gradients(model: torch.nn.Module, batch) -> tuple[dict[str, torch.Tensor], 
     return grads, counter.get_total_flops()
 
 
+class _CountingAttentionForward:
+    """The native attention forward, counting its calls."""
+
+    def __init__(self, module) -> None:  # type: ignore[no-untyped-def]
+        self.module, self.calls = module, 0
+
+    def attention_forward(self, *args):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return self.module.attention_forward(*args)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_checkpointing_keeps_gradients_and_keeping_the_mlp_skips_its_matmuls(tmp_path: Path, family: str) -> None:
+def test_checkpointing_keeps_gradients_and_keeping_outputs_skips_their_work(
+        tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = lora_model(tmp_path, family, torch.bfloat16, rank_pattern={}, alpha_pattern={})
     model.train()
     batch = _batch(model.config.vocab_size)
-    runs = {}
-    for name, keep in (("plain", None), ("checkpointed", False), ("keeping the MLP", True)):
+    counting = _CountingAttentionForward(native_kernels.attention_forward())
+    monkeypatch.setattr(native_kernels, "attention_forward", lambda: counting)
+    runs, attention_calls = {}, {}
+    for name, keep in (("plain", None), ("checkpointed", (False, False)), ("keeping the MLP", (True, False)),
+                       ("keeping the MLP and attention", (True, True))):
         disable_activation_checkpointing(model)
         if keep is not None:
-            enable_activation_checkpointing(model, keep_mlp_outputs=keep)
+            enable_activation_checkpointing(model, keep_mlp_outputs=keep[0], keep_attention_outputs=keep[1])
+        counting.calls = 0
         runs[name] = _gradients(model, batch)
+        attention_calls[name] = counting.calls
     disable_activation_checkpointing(model)
 
     plain, _ = runs["plain"]
     assert len(plain) == 2 * 7 * model.config.num_hidden_layers  # every LoRA A and B
-    for name in ("checkpointed", "keeping the MLP"):
+    for name in ("checkpointed", "keeping the MLP", "keeping the MLP and attention"):
         grads, _ = runs[name]
         assert grads.keys() == plain.keys()
         for key in plain:
             assert torch.equal(grads[key], plain[key]), (name, key)
 
     # The recomputation skips gate/up (2 x hidden x intermediate) and down (intermediate x
-    # hidden) per token and layer: nothing else changes.
+    # hidden) per token and layer, then q/k/v (hidden x (q + 2 kv)) and the attention
+    # forward: nothing else changes.
     cfg = model.config
-    tokens = batch.input_ids.numel()
-    skipped = 2 * tokens * 3 * cfg.hidden_size * cfg.intermediate_size * cfg.num_hidden_layers
-    assert runs["checkpointed"][1] - runs["keeping the MLP"][1] == skipped
+    tokens, layers = batch.input_ids.numel(), cfg.num_hidden_layers
+    assert runs["checkpointed"][1] - runs["keeping the MLP"][1] == (
+        2 * tokens * 3 * cfg.hidden_size * cfg.intermediate_size * layers)
+    assert runs["keeping the MLP"][1] - runs["keeping the MLP and attention"][1] == (
+        2 * tokens * cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) * layers)
+    # Attention forwards: one per layer, and one more per layer in the recomputation
+    # unless its output is kept.
+    assert attention_calls["plain"] == attention_calls["keeping the MLP and attention"] == layers
+    assert attention_calls["checkpointed"] == attention_calls["keeping the MLP"] == 2 * layers

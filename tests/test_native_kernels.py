@@ -88,7 +88,7 @@ def hidden_blocks_between_visible_ones(mask: torch.Tensor) -> int:
 def gradients(q, k, v, grad_out, mask, causal, native: bool):  # type: ignore[no-untyped-def]
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     if native:
-        out = attention_kernels._FlashAttentionNativeBackward.apply(q, k, v, mask, causal)
+        out, _ = attention_kernels._FlashAttentionNativeBackward.apply(q, k, v, mask, causal, None)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
     out.backward(grad_out.to(out.dtype))

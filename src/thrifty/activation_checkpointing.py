@@ -11,6 +11,12 @@ outputs (2 x intermediate_size values per token, ~5x the layer input), so the
 recomputation skips the MLP's matmuls, ~3/4 of its work: the gate/up outputs are
 known, and the down projection's output is never read (backward needs only the
 saved tensors, and the layer output is the last thing a layer computes).
+
+With keep_attention_outputs, it also keeps its q/k/v projections' outputs and the
+attention's output and logsumexp (q + 2 kv + q widths plus one float per head per
+token, ~2.7x the layer input for SmolLM2), so the recomputation skips the q/k/v
+matmuls and the attention forward kernel too: what is left of it is the norms, RoPE
+and the o projection. Both only change what is recomputed, never a number (tested).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -25,6 +32,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from thrifty.attention_kernels import attention_with_logsumexp, scaled_dot_product_attention
 from thrifty.lean_ops import swiglu
 from thrifty.lora_group import fusable_for_training, lora_group_forward
 
@@ -34,13 +42,16 @@ class _LayerCall:
     """One checkpointed call of a layer: what its forward keeps for its recomputation."""
 
     mlp_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+    qkv_outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    attention_outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # (output, logsumexp)
     recomputing: bool = False
 
 
 _current_call: ContextVar[_LayerCall | None] = ContextVar("thrifty_checkpointed_layer", default=None)
 
 
-def enable_activation_checkpointing(model: nn.Module, keep_mlp_outputs: bool = False) -> None:
+def enable_activation_checkpointing(model: nn.Module, keep_mlp_outputs: bool = False,
+                                    keep_attention_outputs: bool = False) -> None:
     """Checkpoint every layer in `model.model.layers` while gradients are enabled."""
     for layer in model.model.layers:
         if "forward" in layer.__dict__:
@@ -48,12 +59,14 @@ def enable_activation_checkpointing(model: nn.Module, keep_mlp_outputs: bool = F
         layer.forward = _checkpointed(layer)
         if keep_mlp_outputs:
             layer.mlp.forward = _mlp_keeping_outputs(layer.mlp)
+        if keep_attention_outputs:
+            layer.self_attn.forward = _attention_keeping_outputs(layer.self_attn)
 
 
 def disable_activation_checkpointing(model: nn.Module) -> None:
     for layer in model.model.layers:
-        layer.__dict__.pop("forward", None)
-        layer.mlp.__dict__.pop("forward", None)
+        for module in (layer, layer.mlp, layer.self_attn):
+            module.__dict__.pop("forward", None)
 
 
 def _checkpointed(layer: nn.Module) -> Any:
@@ -113,6 +126,40 @@ def _mlp_keeping_outputs(mlp: nn.Module) -> Any:
         return out
 
     return run
+
+
+def _attention_keeping_outputs(attention: nn.Module) -> Any:
+    """The attention's forward, keeping its q/k/v outputs and the attention's output and
+    logsumexp inside a checkpointed layer and reusing them in the recomputation. The
+    arithmetic is Attention.forward's (model.py) on the LoRA path."""
+    forward = type(attention).forward.__get__(attention)
+
+    def run(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+            cache: Any) -> torch.Tensor:
+        call = _current_call.get()
+        qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
+        if call is None or cache is not None or not fusable_for_training(qkv, x):
+            return forward(x, cos, sin, mask, cache)
+        if not call.recomputing:
+            q, k, v = lora_group_forward(qkv, x)
+            call.qkv_outputs = (q.detach().flatten(0, -2), k.detach().flatten(0, -2), v.detach().flatten(0, -2))
+        else:
+            q, k, v = lora_group_forward(qkv, x, known_outputs=call.qkv_outputs)
+        return attention.attend(q, k, v, cos, sin, mask, cache, attention=partial(_attention_keeping_output, call))
+
+    return run
+
+
+def _attention_keeping_output(call: _LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    result = attention_with_logsumexp(q, k, v, mask, is_causal,
+                                      known=call.attention_outputs if call.recomputing else None)
+    if result is None:  # not the native kernels: recomputed as usual
+        return scaled_dot_product_attention(q, k, v, mask, is_causal)
+    out, logsumexp = result
+    if not call.recomputing:
+        call.attention_outputs = (out.detach(), logsumexp)
+    return out
 
 
 def _enabled_sdpa_backends() -> list[SDPBackend]:

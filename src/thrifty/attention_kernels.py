@@ -52,12 +52,26 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """SDPA over [batch, heads, seq, head_dim] with grouped kv heads; `mask` is boolean
     [batch, 1, queries, keys], True where a query may attend."""
-    if _native_backward_applies(q, k) and not (is_causal and q.shape[2] != k.shape[2]):
-        return _FlashAttentionNativeBackward.apply(q, k, v, mask, is_causal)
+    result = attention_with_logsumexp(q, k, v, mask, is_causal)
+    if result is not None:
+        return result[0]
     if q.shape[2] == 1 and _native_decode_applies(q, k, v):
         return native_kernels.decode_attention().decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+def attention_with_logsumexp(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(output, logsumexp) of training attention through the native backward, or None
+    where it does not apply. `known`: the (output, logsumexp) of an earlier forward of
+    the same inputs, as in a checkpointed layer's recomputation (activation_checkpointing.py):
+    the node is rebuilt without running the forward kernel."""
+    if not _native_backward_applies(q, k) or (is_causal and q.shape[2] != k.shape[2]):
+        return None
+    return _FlashAttentionNativeBackward.apply(q, k, v, mask, is_causal, known)
 
 
 def _native_backward_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -79,19 +93,23 @@ class _FlashAttentionNativeBackward(torch.autograd.Function):
     the module lacks it); the backward of native/attention_backward.cpp."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, is_causal):  # type: ignore[no-untyped-def]
+    def forward(ctx, q, k, v, mask, is_causal, known):  # type: ignore[no-untyped-def]
         module = native_kernels.attention_forward()
-        if module is not None:
+        if module is not None:  # the backward reads its inputs in the layout the forward takes
             q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        if known is not None:
+            out, logsumexp = (t.detach() for t in known)  # new tensors: apply() attaches this node
+        elif module is not None:
             out, logsumexp = module.attention_forward(q, k, v, mask, is_causal, q.shape[-1] ** -0.5)
         else:
             out, logsumexp = _pytorch_flash_forward(q, k, v, mask, is_causal)
         ctx.save_for_backward(q, k, v, out, logsumexp, mask)
         ctx.is_causal = is_causal
-        return out
+        ctx.mark_non_differentiable(logsumexp)
+        return out, logsumexp
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+    def backward(ctx, grad_out, _grad_logsumexp):  # type: ignore[no-untyped-def]
         q, k, v, out, logsumexp, mask = ctx.saved_tensors
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
@@ -105,7 +123,7 @@ class _FlashAttentionNativeBackward(torch.autograd.Function):
             grad = grad.view(batch, kv_heads, -1, head_dim, grad.shape[-1]).sum(2)
             return grad[..., :keys].transpose(-1, -2).to(q.dtype)
 
-        return grad_q, per_kv_head(grad_k), per_kv_head(grad_v), None, None
+        return grad_q, per_kv_head(grad_k), per_kv_head(grad_v), None, None, None
 
 
 def _pytorch_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -87,6 +87,10 @@ class GRPOConfig:
     # values per token) so the recomputation skips the MLP's matmuls: measured on the
     # benchmark's 4 x 8 x 64 rollouts, an update took 3.44 s instead of 3.88 (plain: 2.85).
     gradient_checkpointing_keep_mlp: bool = True
+    # And keep each layer's q/k/v outputs and attention output, so the recomputation skips
+    # the q/k/v matmuls and the attention forward as well (~2.7x the layer input more per
+    # token and layer): see README "GRPO" for the measured update time and memory.
+    gradient_checkpointing_keep_attention: bool = True
     seed: int = 42
 
     # -- method: LoRA / QLoRA / full ----------------------------------------------------

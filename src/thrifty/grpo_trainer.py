@@ -353,7 +353,8 @@ class GRPOTrainer:
                     self.metrics.write({"step": 0, "eval_accuracy": initial_eval.accuracy})
                     self.log(f"held-out before training: {initial_eval.summary()}")
         if cfg.gradient_checkpointing:  # acts only where gradients are on: not in generation
-            enable_activation_checkpointing(model, keep_mlp_outputs=cfg.gradient_checkpointing_keep_mlp)
+            enable_activation_checkpointing(model, keep_mlp_outputs=cfg.gradient_checkpointing_keep_mlp,
+                                            keep_attention_outputs=cfg.gradient_checkpointing_keep_attention)
         progress = ProgressBar(cfg.max_steps, self.step, cfg.disable_tqdm, desc="grpo")
         try:
             while self.step < cfg.max_steps:

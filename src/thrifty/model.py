@@ -8,6 +8,7 @@ Nothing here is device-specific: the same code runs on CPU and CUDA.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -84,8 +85,24 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        batch, seq, _ = x.shape
         q, k, v = project(self, "qkv", [self.q_proj, self.k_proj, self.v_proj], x)
+        return self.attend(q, k, v, cos, sin, mask, cache)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        attention: Callable[..., torch.Tensor] = scaled_dot_product_attention,
+    ) -> torch.Tensor:
+        """The rest of forward from the q/k/v projections' outputs [batch, seq, width];
+        `attention` as scaled_dot_product_attention (activation_checkpointing.py passes
+        one that keeps its output)."""
+        batch, seq, _ = q.shape
         q = q.view(batch, seq, self.n_heads, self.head_dim)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
@@ -97,7 +114,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        out = scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None and seq > 1)
+        out = attention(q, k, v, mask, is_causal=mask is None and seq > 1)
         (out,) = project(self, "o", [self.o_proj], out.transpose(1, 2).reshape(batch, seq, -1))
         return out
 

@@ -57,6 +57,8 @@ class SFTConfig:
     # values per token and layer (~5x the layer input kept otherwise). Off here: SFT
     # turns checkpointing on to fit long sequences.
     gradient_checkpointing_keep_mlp: bool = False
+    # The same for the q/k/v outputs and the attention output (see grpo_config.py).
+    gradient_checkpointing_keep_attention: bool = False
     seed: int = 42
 
     # -- method: LoRA / QLoRA / full ----------------------------------------------------

@@ -167,7 +167,8 @@ class SFTTrainer:
                 self.metrics.write({"step": 0, "epoch": 0.0, "eval_loss": initial_eval})
                 self.log(f"eval loss before training: {initial_eval:.4f}")
         if cfg.gradient_checkpointing:
-            enable_activation_checkpointing(model, keep_mlp_outputs=cfg.gradient_checkpointing_keep_mlp)
+            enable_activation_checkpointing(model, keep_mlp_outputs=cfg.gradient_checkpointing_keep_mlp,
+                                            keep_attention_outputs=cfg.gradient_checkpointing_keep_attention)
         model.train()
         progress = ProgressBar(self.total_steps, self.step, cfg.disable_tqdm, desc="sft")
         last_loss = eval_loss = None
