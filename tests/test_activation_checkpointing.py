@@ -62,17 +62,20 @@ def test_checkpointing_keeps_gradients_and_keeping_outputs_skips_their_work(
     model = lora_model(tmp_path, family, torch.bfloat16, rank_pattern={}, alpha_pattern={})
     model.train()
     batch = _batch(model.config.vocab_size)
-    counting = _CountingAttentionForward(native_kernels.attention_forward())
-    monkeypatch.setattr(native_kernels, "attention_forward", lambda: counting)
+    native = native_kernels.attention_forward()  # None where the kernels do not build: PyTorch's SDPA
+    counting = _CountingAttentionForward(native) if native is not None else None
+    if counting is not None:
+        monkeypatch.setattr(native_kernels, "attention_forward", lambda: counting)
     runs, attention_calls = {}, {}
     for name, keep in (("plain", None), ("checkpointed", (False, False)), ("keeping the MLP", (True, False)),
                        ("keeping the MLP and attention", (True, True))):
         disable_activation_checkpointing(model)
         if keep is not None:
             enable_activation_checkpointing(model, keep_mlp_outputs=keep[0], keep_attention_outputs=keep[1])
-        counting.calls = 0
+        if counting is not None:
+            counting.calls = 0
         runs[name] = _gradients(model, batch)
-        attention_calls[name] = counting.calls
+        attention_calls[name] = counting.calls if counting is not None else None
     disable_activation_checkpointing(model)
 
     plain, _ = runs["plain"]
@@ -93,6 +96,7 @@ def test_checkpointing_keeps_gradients_and_keeping_outputs_skips_their_work(
     assert runs["keeping the MLP"][1] - runs["keeping the MLP and attention"][1] == (
         2 * tokens * cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) * layers)
     # Attention forwards: one per layer, and one more per layer in the recomputation
-    # unless its output is kept.
-    assert attention_calls["plain"] == attention_calls["keeping the MLP and attention"] == layers
-    assert attention_calls["checkpointed"] == attention_calls["keeping the MLP"] == 2 * layers
+    # unless its output is kept (only the native kernel's output and logsumexp are kept).
+    if counting is not None:
+        assert attention_calls["plain"] == attention_calls["keeping the MLP and attention"] == layers
+        assert attention_calls["checkpointed"] == attention_calls["keeping the MLP"] == 2 * layers
