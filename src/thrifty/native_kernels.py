@@ -48,20 +48,14 @@ def native_module() -> ModuleType | None:
     return module if module.avx512_bf16() else None
 
 
-def _with_brgemm() -> ModuleType | None:
-    """The module if oneDNN's bf16 brgemm, which some of its kernels call, runs here."""
-    module = native_module()
-    return module if module is not None and module.brgemm_bf16() else None
-
-
 def attention_backward() -> ModuleType | None:
     """The module if its `attention_backward` runs here."""
-    return _with_brgemm()
+    return native_module()
 
 
 def attention_forward() -> ModuleType | None:
     """The module if its `attention_forward` (the training forward) runs here."""
-    return _with_brgemm()
+    return native_module()
 
 
 def decode_linear() -> ModuleType | None:
@@ -122,5 +116,7 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     for name, module in kernels.items():
         state = "available" if module is not None else "not available here (PyTorch's ops are used)"
+        if module is not None and name.startswith("attention"):
+            state += " (AMX)" if module.attention_uses_amx() else " (AVX-512 BF16)"
         print(f"native {name}: {state}")
     print(f"({elapsed:.0f} s)")

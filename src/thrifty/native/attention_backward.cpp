@@ -3,7 +3,7 @@
 // PyTorch's CPU flash-attention backward was ~25% of a LoRA SFT step (7x its own
 // forward). This one recomputes the probabilities per block of 64 queries from the
 // forward's logsumexp, like flash attention, but runs all five products through
-// oneDNN's brgemm micro-kernel (AMX or AVX-512 BF16) with float accumulation, skips
+// bf16 matmuls with float accumulation (vnni_gemm.h: AMX or AVX-512 BF16), skips
 // key blocks a causal or explicit mask hides, and does the softmax-gradient arithmetic
 // in 16-lane vectors. Measured at 4 x 512 tokens, 9 query / 3 kv heads of 64: 17-20 ms
 // against 50-56 ms for PyTorch's, and its key/value gradients are closer to a float32
@@ -13,8 +13,8 @@
 // all (built once per call from the mask), not just past the last visible key: a GRPO
 // row ([prompt | completion 1 | completion 2 | ...], grpo_batches.py) lets a completion
 // see the prompt and itself only, so a late completion's block used to run through every
-// other completion's keys. Runs of consecutive visible blocks go to brgemm as one call
-// each. At the GRPO benchmark shape (4 x 576 tokens: a 38-token prompt and 8 completions
+// other completion's keys. Runs of consecutive visible blocks go to the matmul as one
+// call each. At the GRPO benchmark shape (4 x 576 tokens: a 38-token prompt and 8 completions
 // of ~60; 9 / 3 heads of 64) 98 of the 180 causal blocks are visible: ~10 ms against
 // ~19 ms before (medians of 30-40 interleaved calls, 1.9x in every run on a machine
 // shared with other work; it includes vectorising the q / dO block transposes and
@@ -26,7 +26,6 @@
 
 #if THRIFTY_NATIVE_AVX512
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
@@ -37,7 +36,6 @@ namespace {
 
 using at::BFloat16;
 using Vec = at::vec::Vectorized<float>;
-namespace cpublas = at::native::cpublas;
 using namespace attention_blocks;
 
 // X^T [D, kBlock] of a bf16 block X [kBlock, D] (D a multiple of 16). Rows 2p and 2p+1
@@ -185,14 +183,14 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
         // scores = q k^T, grad_p = dO v^T: [kBlock, e] in float. Column n of the packed
         // K^T / V^T starts at element 2 n (VNNI pairs), row pitch Sp.
         for (const KeyRun& run : runs) {
-          cpublas::brgemm(kBlock, run.count, D, D, Sp, e, false, q_rows.data(), key_t.data() + 2 * run.key,
+          vnni_gemm::gemm(kBlock, run.count, D, D, Sp, e, false, q_rows.data(), key_t.data() + 2 * run.key,
                           scores.data() + run.column);
-          cpublas::brgemm(kBlock, run.count, D, D, Sp, e, false, go_rows.data(), value_t.data() + 2 * run.key,
+          vnni_gemm::gemm(kBlock, run.count, D, D, Sp, e, false, go_rows.data(), value_t.data() + 2 * run.key,
                           grad_p.data() + run.column);
         }
 
         // Probabilities P and dS = P * (dP - delta) * scale, two rows at a time so that
-        // both can be written interleaved: the VNNI layout brgemm reads its B in.
+        // both can be written interleaved: the VNNI layout the matmuls read B in.
         for (int64_t r = 0; r < kBlock; r += 2) {
           Row row[2];
           for (int64_t x = 0; x < 2; ++x) {
@@ -224,11 +222,11 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
         // compacted VNNI dS / P columns at 2 * run.column, row pitch e.
         for (size_t n = 0; n < runs.size(); ++n) {
           const KeyRun& run = runs[n];
-          cpublas::brgemm(kBlock, D, run.count, e, D, D, n > 0, ds.data() + run.column, key_v.data() + run.key * D,
+          vnni_gemm::gemm(kBlock, D, run.count, e, D, D, n > 0, ds.data() + run.column, key_v.data() + run.key * D,
                           grad_q.data());
-          cpublas::brgemm(D, run.count, kBlock, kBlock, e, Sp, true, q_t.data(), ds_v.data() + 2 * run.column,
+          vnni_gemm::gemm(D, run.count, kBlock, kBlock, e, Sp, true, q_t.data(), ds_v.data() + 2 * run.column,
                           gk_t + run.key);
-          cpublas::brgemm(D, run.count, kBlock, kBlock, e, Sp, true, go_t.data(), p_v.data() + 2 * run.column,
+          vnni_gemm::gemm(D, run.count, kBlock, kBlock, e, Sp, true, go_t.data(), p_v.data() + 2 * run.column,
                           gv_t + run.key);
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -236,16 +234,16 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
         }
       }
     }
-    cpublas::brgemm_release();
+    vnni_gemm::release();
   });
   return {grad_query, grad_key, grad_value};
 }
 
-bool brgemm_bf16_available() { return cpublas::could_pack(at::kBFloat16); }
+bool attention_uses_amx() { return vnni_gemm::amx_brgemm(); }
 
 #else
 
-bool brgemm_bf16_available() { return false; }
+bool attention_uses_amx() { return false; }
 
 std::vector<at::Tensor> attention_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,

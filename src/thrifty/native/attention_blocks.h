@@ -1,9 +1,10 @@
 // Blocks of 64 queries and keys for the attention kernels (attention_backward.cpp,
 // attention_forward.cpp): which key blocks a query block sees at all, packing for
-// oneDNN's brgemm, and the per-key mask test.
+// their matmuls (vnni_gemm.h), and the per-key mask test.
 #pragma once
 
 #include "native.h"
+#include "vnni_gemm.h"
 
 #if THRIFTY_NATIVE_AVX512
 #include <algorithm>
@@ -12,7 +13,7 @@
 
 namespace attention_blocks {
 
-// Query rows per block; key counts are rounded up to it so every brgemm K is even.
+// Query rows per block; key counts are rounded up to it so every matmul's K is even.
 constexpr int64_t kBlock = 64;
 
 // Pairs (a[n], b[n]) as 32-bit lanes: two rows of a VNNI-2 block.
@@ -20,7 +21,7 @@ inline __m512i interleave(__m256i a, __m256i b) {
   return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
-// brgemm reads B in VNNI-2 layout: element (k, n) of a [K, N] matrix sits at
+// The matmuls read B in VNNI-2 layout: element (k, n) of a [K, N] matrix sits at
 // ((k / 2) * ld + n) * 2 + k % 2. Rows at or past `rows` are zero. N a multiple of 16.
 inline void pack_vnni(const at::BFloat16* src, int64_t row_stride, int64_t rows, int64_t K, int64_t N,
                       at::BFloat16* out) {
@@ -101,7 +102,7 @@ inline std::vector<uint8_t> visible_key_blocks(const bool* mask, int64_t mask_b,
 
 // Consecutive visible key blocks: keys [key, key + count) (count a multiple of kBlock),
 // whose scores are columns [column, column + count) of the compacted score block. Each
-// run is one brgemm call per product; calls have a fixed cost, so runs, not blocks.
+// run is one matmul call per product; calls have a fixed cost, so runs, not blocks.
 struct KeyRun {
   int64_t key, count, column;
 };

@@ -6,7 +6,7 @@
 // every call. A GRPO row ([prompt | completion 1 | completion 2 | ...], grpo_batches.py)
 // lets a completion see the prompt and itself only, so most of that work is on hidden
 // keys. This one visits only the 64-key blocks a 64-query block sees (the backward's
-// block table, attention_blocks.h), one brgemm call per run of consecutive blocks, and
+// block table, attention_blocks.h), one matmul call per run of consecutive blocks, and
 // reads the boolean mask directly. Per query block: scores of the visible keys in float
 // (64 x S floats stay in cache), a pass for each row's maximum, a pass for exp and sum
 // writing bf16 probabilities, then P V. At the GRPO benchmark shape (4 x 576 tokens: a
@@ -19,7 +19,6 @@
 
 #if THRIFTY_NATIVE_AVX512
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
@@ -32,7 +31,6 @@ namespace {
 
 using at::BFloat16;
 using Vec = at::vec::Vectorized<float>;
-namespace cpublas = at::native::cpublas;
 using namespace attention_blocks;
 
 // One query row of a block: its compacted scores, what it may attend, and where its
@@ -57,7 +55,7 @@ float row_max(const SoftmaxRow& row, const std::vector<KeyRun>& runs) {
 }
 
 // Writes the row's unnormalised probabilities exp(scale * (s - max)) as bf16 (0 where
-// not attended: brgemm reads every column) and returns their float sum. The same exp
+// not attended: the matmul reads every column) and returns their float sum. The same exp
 // as the backward's, so its recomputed P matches the logsumexp given here.
 float exp_and_sum(const SoftmaxRow& row, const std::vector<KeyRun>& runs, float max, float scale) {
   const __m512 vscale = _mm512_set1_ps(scale), shift = _mm512_set1_ps(max * scale);
@@ -143,7 +141,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& query, const at::Ten
       // scores = q k^T: [kBlock, e] float; column n of the packed K^T at element 2 n.
       copy_rows(q.at(b, h) + i0 * q.row, q.row, rows, kBlock, D, q_rows.data());
       for (const KeyRun& run : runs) {
-        cpublas::brgemm(kBlock, run.count, D, D, Sp, e, false, q_rows.data(), key_t.data() + 2 * run.key,
+        vnni_gemm::gemm(kBlock, run.count, D, D, Sp, e, false, q_rows.data(), key_t.data() + 2 * run.key,
                         scores.data() + run.column);
       }
 
@@ -167,7 +165,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& query, const at::Ten
       // out = P V / sum: V's VNNI rows (pairs of keys, D wide) at run.key * D.
       for (size_t n = 0; n < runs.size(); ++n) {
         const KeyRun& run = runs[n];
-        cpublas::brgemm(kBlock, D, run.count, e, D, D, n > 0, p.data() + run.column, value_v.data() + run.key * D,
+        vnni_gemm::gemm(kBlock, D, run.count, e, D, D, n > 0, p.data() + run.column, value_v.data() + run.key * D,
                         acc.data());
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -177,7 +175,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& query, const at::Ten
         }
       }
     }
-    cpublas::brgemm_release();
+    vnni_gemm::release();
   });
   return {out, logsumexp};
 }

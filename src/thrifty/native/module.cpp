@@ -6,7 +6,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("avx512_bf16", [] { return THRIFTY_NATIVE_AVX512 == 1; },
         "Whether the kernels were compiled for this CPU (else they are stubs).");
-  m.def("brgemm_bf16", &brgemm_bf16_available, "Whether oneDNN's bf16 brgemm runs on this CPU.");
+  m.def("attention_uses_amx", &attention_uses_amx, "Whether the attention matmuls run on AMX (else AVX-512 BF16).");
   m.def("attention_backward", &attention_backward,
         "Gradients of softmax attention from its output and logsumexp (attention_backward.cpp).");
   m.def("attention_forward", &attention_forward,

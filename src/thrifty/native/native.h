@@ -63,7 +63,7 @@ struct HeadRows {
 #endif
 
 #if THRIFTY_NATIVE_AVX512
-// brgemm reads B in VNNI-2 layout: element (k, n) of a [K, N] matrix sits at
+// The attention matmuls (vnni_gemm.h) read B in VNNI-2 layout: element (k, n) of a [K, N] matrix sits at
 // ((k / 2) * N + n) * 2 + k % 2. This packs X^T for a row-major X [N, K]: element (k, n)
 // of X^T is X[n][k]; rows of X at or past `rows` are zero. The pair (X[n][k], X[n][k + 1])
 // is one 32-bit word of row n, so each VNNI row is a 32-bit gather down the rows, 16 at
@@ -97,7 +97,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
                                            const at::Tensor& out, const at::Tensor& logsumexp,
                                            const c10::optional<at::Tensor>& mask, bool causal,
                                            double scale);
-bool brgemm_bf16_available();
+// Whether the attention kernels' matmuls run on AMX (oneDNN's brgemm) or AVX-512 BF16.
+bool attention_uses_amx();
 
 // attention_forward.cpp: (out [B, H, T, D] bf16, logsumexp [B, H, T] float) as
 // attention_backward takes them; the same arguments as it.

@@ -1,0 +1,95 @@
+// The attention kernels' small matmuls: C (+)= A B with A bf16 [M, K] row-major, B bf16
+// [K, N] in VNNI-2 layout (attention_blocks.h's pack_vnni) and C float [M, N].
+//
+// On CPUs with AMX they run oneDNN's brgemm micro-kernel (ATen's cpublas). Its bf16
+// brgemm runs on AMX only: on AVX-512 BF16 CPUs without it (AMD Zen 4 and 5, Intel
+// Cooper Lake) the attention kernels had fallen back to PyTorch's flash attention,
+// which visits every key block up to the last visible one: 74% of a GRPO update at
+// 4 x 4 x 128 there. `avx512_gemm` is the same product with vdpbf16ps, register-blocked
+// 4 rows x 64 columns: every k-pair loads 4 B vectors and 4 broadcast A pairs for 16
+// dot products.
+#pragma once
+
+#include "native.h"
+
+#if THRIFTY_NATIVE_AVX512
+#include <ATen/native/CPUBlas.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace vnni_gemm {
+
+namespace detail {
+
+// Rows [0, MR) x columns [0, 16 NV) of C, over all K.
+template <int MR, int NV>
+inline void tile(int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, const at::BFloat16* A,
+                 const at::BFloat16* B, float* C) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = add ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; k += 2) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(B + ((k / 2) * ldb + 16 * v) * 2));
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;  // A[r, k] and A[r, k + 1], as one 32-bit lane
+      std::memcpy(&pair, A + r * lda + k, sizeof(pair));
+      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+  }
+}
+
+template <int MR>
+inline void row_block(int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, const at::BFloat16* A,
+                      const at::BFloat16* B, float* C) {
+  int64_t n = 0;
+  for (; n + 64 <= N; n += 64) tile<MR, 4>(K, lda, ldb, ldc, add, A, B + 2 * n, C + n);
+  switch ((N - n) / 16) {
+    case 3: tile<MR, 3>(K, lda, ldb, ldc, add, A, B + 2 * n, C + n); break;
+    case 2: tile<MR, 2>(K, lda, ldb, ldc, add, A, B + 2 * n, C + n); break;
+    case 1: tile<MR, 1>(K, lda, ldb, ldc, add, A, B + 2 * n, C + n); break;
+    default: break;
+  }
+}
+
+}  // namespace detail
+
+// brgemm's arguments and meaning, for N a multiple of 16 and K even.
+inline void avx512_gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                        const at::BFloat16* A, const at::BFloat16* B, float* C) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) detail::row_block<4>(N, K, lda, ldb, ldc, add, A + m * lda, B, C + m * ldc);
+  for (; m < M; ++m) detail::row_block<1>(N, K, lda, ldb, ldc, add, A + m * lda, B, C + m * ldc);
+}
+
+// Whether oneDNN's bf16 brgemm runs here (it needs AMX); asked once per process.
+inline bool amx_brgemm() {
+  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+  return available;
+}
+
+// C[M, N] (+ C when add) = A[M, K] B[K, N]: lda, ldb, ldc are row pitches in elements
+// (ldb of B's VNNI rows, in pairs). N a multiple of 16, K even.
+inline void gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                 const at::BFloat16* A, const at::BFloat16* B, float* C) {
+  if (amx_brgemm()) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C);
+  } else {
+    avx512_gemm(M, N, K, lda, ldb, ldc, add, A, B, C);
+  }
+}
+
+// Called by each thread after its last gemm (oneDNN's AMX tile state).
+inline void release() {
+  if (amx_brgemm()) at::native::cpublas::brgemm_release();
+}
+
+}  // namespace vnni_gemm
+
+#endif
