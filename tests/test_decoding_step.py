@@ -14,7 +14,7 @@ from thrifty.kv_cache import KVCache
 from thrifty.lora import LoraConfig, apply_lora
 from thrifty.sampling import SamplingParams
 from test_lora import load_ours, randomise_adapters
-from test_native_kernels import needs_amx
+from test_native_kernels import needs_native
 from tiny_models import make_hf_model
 
 
@@ -27,7 +27,7 @@ def tiny_model_with_head_dim_64(family: str, directory: Path):  # type: ignore[n
     return model.eval()
 
 
-@needs_amx
+@needs_native
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases, tied embeddings
 def test_a_decoding_step_equals_the_modules_step(family: str, tmp_path: Path) -> None:
     model = tiny_model_with_head_dim_64(family, tmp_path)
@@ -61,7 +61,7 @@ def test_a_decoding_step_equals_the_modules_step(family: str, tmp_path: Path) ->
         assert DecodingStep.for_model(model.float()) is None  # float32: the modules' step
 
 
-@needs_amx
+@needs_native
 def test_generation_with_the_decoding_step_samples_the_same_tokens(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model_with_head_dim_64("llama", tmp_path)

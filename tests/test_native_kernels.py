@@ -33,9 +33,6 @@ def cpu_has(flag: str) -> bool:
 
 needs_native = pytest.mark.skipif(not cpu_has("avx512_bf16"),
                                   reason="the native kernels need Linux and a CPU with AVX-512 BF16")
-# The decoding matmul (decode_linear.cpp) runs on AMX tiles only.
-needs_amx = pytest.mark.skipif(not (cpu_has("avx512_bf16") and cpu_has("amx_bf16")),
-                               reason="the native decoding matmul needs a CPU with AMX")
 
 
 @needs_native
@@ -47,9 +44,10 @@ def test_builds_on_a_cpu_with_avx512_bf16() -> None:
     assert native_kernels.elementwise() is not None
     assert native_kernels.decode_attention() is not None
     assert native_kernels.sampling() is not None
-    # The attention matmuls take AMX where it is, AVX-512 BF16 elsewhere (vnni_gemm.h).
+    assert native_kernels.decode_linear() is not None
+    # The matmuls take AMX where it is, AVX-512 BF16 elsewhere (vnni_gemm.h).
     assert native_kernels.native_module().attention_uses_amx() == cpu_has("amx_bf16")
-    assert (native_kernels.decode_linear() is not None) == cpu_has("amx_bf16")
+    assert native_kernels.native_module().decode_linear_uses_amx() == cpu_has("amx_bf16")
 
 
 def packed_mask(batch: int, length: int) -> torch.Tensor:
@@ -269,7 +267,7 @@ def test_token_log_probs_agree_with_pytorchs_ops_on_a_real_vocabulary(temperatur
     torch.testing.assert_close(native[1].float(), pytorchs[1].float(), atol=1e-3, rtol=2e-2)
 
 
-@needs_amx
+@needs_native
 @pytest.mark.parametrize("rows, width, sizes, ranks, bias", [
     (1, 576, [576, 192, 192], [16, 16, 16], True),  # q/k/v: each column block reads its own adapter only
     (32, 576, [1536, 1536], [16, 16], False),
@@ -302,7 +300,7 @@ def test_decode_linear_matches_a_float32_reference(rows: int, width: int, sizes:
     assert ((got.float() - expected).abs() <= expected.abs() * 2.0**-8 + 1e-3).all()
 
 
-@needs_amx
+@needs_native
 @pytest.mark.parametrize("rows", [48, 100])  # the decode kernel; more rows than it takes
 def test_lora_generation_matmuls_beat_onednns_rounding(rows: int, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ in native/decoding_step.cpp: the same kernel calls in the same order as
 DecoderLayer.forward, so the results are identical, bit for bit (tested). Issued one by
 one from Python, those calls still cost ~5 ms of a ~45 ms step.
 
-It applies to what the native decoding kernels take: bf16 on a CPU with AMX, every
+It applies to what the native decoding kernels take: bf16 on a CPU with AVX-512 BF16, every
 projection group fused, no q/k norms, a head_dim the attention kernel takes, and at
 most fused_linear.DECODE_ROWS rows; otherwise generation runs the modules.
 """

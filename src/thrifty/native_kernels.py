@@ -59,7 +59,7 @@ def attention_forward() -> ModuleType | None:
 
 
 def decode_linear() -> ModuleType | None:
-    """The module if its `decode_linear` (AMX tiles) runs here."""
+    """The module if its `decode_linear` runs here."""
     module = native_module()
     return module if module is not None and module.decode_linear_available() else None
 
@@ -118,5 +118,7 @@ def main() -> None:
         state = "available" if module is not None else "not available here (PyTorch's ops are used)"
         if module is not None and name.startswith("attention"):
             state += " (AMX)" if module.attention_uses_amx() else " (AVX-512 BF16)"
+        if module is not None and name == "decoding matmuls":
+            state += " (AMX)" if module.decode_linear_uses_amx() else " (AVX-512 BF16)"
         print(f"native {name}: {state}")
     print(f"({elapsed:.0f} s)")

@@ -1,5 +1,6 @@
 // Linear layers at decoding batch sizes (a few dozen rows) in bf16 on the AMX tile
-// unit, with the bias and the LoRA branch fused in.
+// unit, or on the vector units (AVX-512 BF16) where there is no AMX, with the bias and
+// the LoRA branch fused in.
 //
 // A decoding step reads every weight of the model from memory for a handful of rows,
 // so its matmuls are bound by how fast they stream their weights. oneDNN's pre-packed
@@ -18,12 +19,21 @@
 // (x A^T) B^T = xa_hi B_hi^T + xa_hi B_lo^T + xa_lo B_hi^T. On the vector units in
 // float (this CPU has one 512-bit FMA port), the branch had cost 1-1.5x the block's
 // whole matmul; here it is three extra input rows per rank.
+//
+// Without AMX (AMD Zen 4 and 5, Intel Cooper Lake) the same packed blocks go through
+// vnni_gemm.h's vdpbf16ps kernel (VectorBlock below). There the generation steps had
+// gone through the modules and oneDNN: this kernel is what lets decoding_step.cpp run
+// the whole step natively.
 #include "native.h"
 
-#if THRIFTY_NATIVE_AMX
+#if THRIFTY_NATIVE_AVX512
 #include <ATen/Parallel.h>
+
+#include "vnni_gemm.h"
+#if THRIFTY_NATIVE_AMX
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <vector>
@@ -38,6 +48,13 @@ constexpr int64_t kDepth = 32;    // input columns per tile step (a tile row hol
 
 int64_t round_up(int64_t n, int64_t step) { return (n + step - 1) / step * step; }
 
+// How far ahead of the loads the weight stream is prefetched. The tile loads
+// alone streamed the weights at ~7.8 GB/s; prefetched 2-16 KB ahead, at 10.5-12 GB/s
+// (a plain read gets 11-14 here): the whole model's projections at 32 rows with LoRA
+// 35 -> 23 ms. Past a block's end it runs into the next block, the one read next.
+constexpr int64_t kPrefetchBytes = 4096;
+
+#if THRIFTY_NATIVE_AMX
 // Linux hands out the tile registers' state only to processes that ask for it.
 bool tiles_permitted() {
   constexpr int kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
@@ -66,12 +83,6 @@ class TileScope {
   TileScope(const TileScope&) = delete;
   TileScope& operator=(const TileScope&) = delete;
 };
-
-// How far ahead of the tile loads the weight stream is prefetched. The tile loads
-// alone streamed the weights at ~7.8 GB/s; prefetched 2-16 KB ahead, at 10.5-12 GB/s
-// (a plain read gets 11-14 here): the whole model's projections at 32 rows with LoRA
-// 35 -> 23 ms. Past a block's end it runs into the next block, the one read next.
-constexpr int64_t kPrefetchBytes = 4096;
 
 // The accumulators += x [32 rows, depth] (row stride `x_stride`) times a packed block
 // [depth / 2, 32, 2]: pairs of input rows interleaved, as the bf16 dot-product tiles read.
@@ -105,6 +116,41 @@ inline void store_accumulators(float* acc) {  // acc: [32, 32] float
   _tile_stored(2, acc + 16 * kColumns, stride);
   _tile_stored(3, acc + 16 * kColumns + 16, stride);
 }
+
+// A [32, 32] float output block (`acc`, row pitch 32) summed on the tile unit: add
+// products, then finish writes it. Always 32 rows: the inputs are padded with zero rows.
+class TileBlock {
+ public:
+  using Scope = TileScope;  // held by each thread around its blocks
+  explicit TileBlock(float* acc) : acc_(acc) { zero_accumulators(); }
+  void add(const BFloat16* x, int64_t x_stride, int64_t /*rows*/, const BFloat16* block, int64_t depth) {
+    accumulate(x, x_stride, block, depth);
+  }
+  void finish() { store_accumulators(acc_); }
+
+ private:
+  float* acc_;
+};
+#endif
+
+// The same block summed on the vector units, straight into `acc`, for its first `rows` rows.
+class VectorBlock {
+ public:
+  struct Scope {};
+  explicit VectorBlock(float* acc) : acc_(acc) {}
+  void add(const BFloat16* x, int64_t x_stride, int64_t rows, const BFloat16* block, int64_t depth) {
+    prefetch(block + depth * kColumns, kPrefetchBytes);  // the start of the block read next
+    vnni_gemm::avx512_gemm(rows, kColumns, depth, x_stride, kColumns, kColumns, !empty_, x, block, acc_);
+    empty_ = false;
+  }
+  void finish() {
+    if (empty_) std::fill(acc_, acc_ + kRows * kColumns, 0.f);
+  }
+
+ private:
+  float* acc_;
+  bool empty_ = true;
+};
 
 // x [rows, K] copied into a zeroed [round_up(rows, 32), depth] buffer, so every tile is whole.
 std::vector<BFloat16> padded_rows(const BFloat16* x, int64_t rows, int64_t K, int64_t depth) {
@@ -147,18 +193,19 @@ Lora lora_operands(const std::vector<at::Tensor>& lora, int64_t depth, int64_t c
 
 // The up-projection's input [round_up(rows, 32), lora.width] in bf16 from x (padded):
 // x A^T against the down-projection, laid out in the adapters' segments.
-std::vector<BFloat16> lora_hidden(const std::vector<BFloat16>& x, int64_t depth, const Lora& lora) {
+template <class Block>
+std::vector<BFloat16> lora_hidden(const std::vector<BFloat16>& x, int64_t M, int64_t depth, const Lora& lora) {
   const int64_t padded_rows = x.size() / depth, rank = lora.rank;
   const int64_t sums_stride = round_up(2 * rank, kColumns);
   std::vector<BFloat16> xa(padded_rows * lora.width, BFloat16(0.f));
   std::vector<float> sums(kRows * sums_stride);
-  TileScope tiles;
+  typename Block::Scope scope;
   for (int64_t m0 = 0; m0 < padded_rows; m0 += kRows) {
     float acc[kRows * kColumns];
     for (int64_t c0 = 0; c0 < 2 * rank; c0 += kColumns) {
-      zero_accumulators();
-      accumulate(x.data() + m0 * depth, depth, lora.down + c0 * depth, depth);
-      store_accumulators(acc);
+      Block block(acc);
+      block.add(x.data() + m0 * depth, depth, std::min(kRows, M - m0), lora.down + c0 * depth, depth);
+      block.finish();
       for (int64_t m = 0; m < kRows; ++m) {
         std::copy(acc + m * kColumns, acc + (m + 1) * kColumns, sums.data() + m * sums_stride + c0);
       }
@@ -221,9 +268,55 @@ std::pair<at::Tensor, at::Tensor> split_hi_lo(const at::Tensor& v) {
   return {hi, (v - hi.to(at::kFloat)).to(at::kBFloat16)};
 }
 
+// decode_linear's product on the tile unit or the vector units (Block).
+template <class Block>
+at::Tensor decode_blocks(const at::Tensor& x, const at::Tensor& packed, int64_t N, const BFloat16* bias_data,
+                         const std::vector<at::Tensor>& lora) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0), depth = packed.size(1) * 2;
+  const bool has_lora = !lora.empty();
+  const std::vector<BFloat16> rows = padded_rows(x.data_ptr<BFloat16>(), M, K, depth);
+  Lora operands{};
+  std::vector<BFloat16> xa;
+  if (has_lora) {
+    operands = lora_operands(lora, depth, blocks);
+    xa = lora_hidden<Block>(rows, M, depth, operands);
+  }
+  auto out = at::empty({M, N}, x.options());
+  const BFloat16* w_data = packed.data_ptr<BFloat16>();
+  BFloat16* out_data = out.data_ptr<BFloat16>();
+
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    typename Block::Scope scope;
+    float acc[kRows * kColumns];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kColumns, columns = std::min(kColumns, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int64_t block_rows = std::min(kRows, M - m0);
+        Block block(acc);
+        block.add(rows.data() + m0 * depth, depth, block_rows, w_data + b * depth * kColumns, depth);
+        if (has_lora && operands.blocks[3 * b + 2] > 0) {
+          const int64_t* up = operands.blocks + 3 * b;  // (offset, first row, depth)
+          block.add(xa.data() + m0 * operands.width + up[1], operands.width, block_rows, operands.up + up[0], up[2]);
+        }
+        block.finish();
+        block_epilogue(acc, block_rows, n0, columns, N, bias_data, out_data + m0 * N);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
-bool decode_linear_available() { return tiles_permitted(); }
+bool decode_linear_available() { return true; }
+
+bool decode_linear_uses_amx() {
+#if THRIFTY_NATIVE_AMX
+  return tiles_permitted();
+#else
+  return false;
+#endif
+}
 
 at::Tensor decode_linear_pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "decode_linear_pack: a bf16 [out, in] weight");
@@ -287,56 +380,30 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
                          const c10::optional<at::Tensor>& bias, const std::vector<at::Tensor>& lora) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
               "decode_linear: x must be a contiguous bf16 [rows, in] tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = out_features, blocks = packed.size(0);
-  const int64_t depth = packed.size(1) * 2;
+  const int64_t K = x.size(1), N = out_features, blocks = packed.size(0), depth = packed.size(1) * 2;
   TORCH_CHECK(depth == round_up(K, kDepth) && blocks * kColumns >= N, "decode_linear: packed weight does not fit x");
-  const bool has_lora = !lora.empty();
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous()),
               "decode_linear: bias must be contiguous bf16");
 
-  const std::vector<BFloat16> rows = padded_rows(x.data_ptr<BFloat16>(), M, K, depth);
-  Lora operands{};
-  std::vector<BFloat16> xa;
-  if (has_lora) {
-    operands = lora_operands(lora, depth, blocks);
-    xa = lora_hidden(rows, depth, operands);
-  }
-  auto out = at::empty({M, N}, x.options());
-  const BFloat16* w_data = packed.data_ptr<BFloat16>();
   const BFloat16* bias_data = bias.has_value() ? bias->data_ptr<BFloat16>() : nullptr;
-  BFloat16* out_data = out.data_ptr<BFloat16>();
-
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    TileScope tiles;
-    float acc[kRows * kColumns];
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * kColumns, columns = std::min(kColumns, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        zero_accumulators();
-        accumulate(rows.data() + m0 * depth, depth, w_data + b * depth * kColumns, depth);
-        if (has_lora && operands.blocks[3 * b + 2] > 0) {
-          const int64_t* block = operands.blocks + 3 * b;  // (offset, first row, depth)
-          accumulate(xa.data() + m0 * operands.width + block[1], operands.width, operands.up + block[0], block[2]);
-        }
-        store_accumulators(acc);
-        block_epilogue(acc, std::min(kRows, M - m0), n0, columns, N, bias_data, out_data + m0 * N);
-      }
-    }
-  });
-  return out;
+#if THRIFTY_NATIVE_AMX
+  if (tiles_permitted()) return decode_blocks<TileBlock>(x, packed, N, bias_data, lora);
+#endif
+  return decode_blocks<VectorBlock>(x, packed, N, bias_data, lora);
 }
 
 #else
 
 bool decode_linear_available() { return false; }
-at::Tensor decode_linear_pack(const at::Tensor&) { TORCH_CHECK(false, "decode_linear needs AMX"); }
+bool decode_linear_uses_amx() { return false; }
+at::Tensor decode_linear_pack(const at::Tensor&) { TORCH_CHECK(false, "decode_linear needs a CPU with AVX-512 BF16"); }
 std::vector<at::Tensor> decode_lora_pack(const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&,
                                          const std::vector<int64_t>&) {
-  TORCH_CHECK(false, "decode_linear needs AMX");
+  TORCH_CHECK(false, "decode_linear needs a CPU with AVX-512 BF16");
 }
 at::Tensor decode_linear(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&,
                          const std::vector<at::Tensor>&) {
-  TORCH_CHECK(false, "decode_linear needs AMX");
+  TORCH_CHECK(false, "decode_linear needs a CPU with AVX-512 BF16");
 }
 
 #endif

@@ -120,8 +120,10 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor
 at::Tensor rope_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rope_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin);
 
-// decode_linear.cpp: bf16 linear layers for a few dozen rows (token generation), on AMX.
+// decode_linear.cpp: bf16 linear layers for a few dozen rows (token generation), on AMX
+// or AVX-512 BF16.
 bool decode_linear_available();
+bool decode_linear_uses_amx();
 at::Tensor decode_linear_pack(const at::Tensor& weight);
 // decode_lora_pack: a group's LoRA branches, float A^T [in, sum(ranks)] stacked and
 // block-diagonal scaled B^T [sum(ranks), sum(sizes)] (rank 0: a layer without one) ->

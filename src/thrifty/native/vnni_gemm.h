@@ -7,7 +7,7 @@
 // which visits every key block up to the last visible one: 74% of a GRPO update at
 // 4 x 4 x 128 there. `avx512_gemm` is the same product with vdpbf16ps, register-blocked
 // 4 rows x 64 columns: every k-pair loads 4 B vectors and 4 broadcast A pairs for 16
-// dot products.
+// dot products. decode_linear.cpp uses it too, where there is no AMX.
 #pragma once
 
 #include "native.h"
@@ -45,27 +45,37 @@ inline void tile(int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, con
   }
 }
 
-template <int MR>
-inline void row_block(int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, const at::BFloat16* A,
-                      const at::BFloat16* B, float* C) {
+// Rows [0, MR) of C, all N columns: tiles NV vectors wide, then narrower ones for the rest.
+template <int MR, int NV>
+inline void columns(int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, const at::BFloat16* A,
+                    const at::BFloat16* B, float* C) {
   int64_t n = 0;
-  for (; n + 64 <= N; n += 64) tile<MR, 4>(K, lda, ldb, ldc, add, A, B + 2 * n, C + n);
-  switch ((N - n) / 16) {
-    case 3: tile<MR, 3>(K, lda, ldb, ldc, add, A, B + 2 * n, C + n); break;
-    case 2: tile<MR, 2>(K, lda, ldb, ldc, add, A, B + 2 * n, C + n); break;
-    case 1: tile<MR, 1>(K, lda, ldb, ldc, add, A, B + 2 * n, C + n); break;
-    default: break;
+  for (; n + 16 * NV <= N; n += 16 * NV) tile<MR, NV>(K, lda, ldb, ldc, add, A, B + 2 * n, C + n);
+  if constexpr (NV > 1) {
+    if (n < N) columns<MR, NV - 1>(N - n, K, lda, ldb, ldc, add, A, B + 2 * n, C + n);
   }
+}
+
+// All of C: MR rows per pass over B, then the rows left one at a time.
+template <int MR, int NV>
+inline void rows(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                 const at::BFloat16* A, const at::BFloat16* B, float* C) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) columns<MR, NV>(N, K, lda, ldb, ldc, add, A + m * lda, B, C + m * ldc);
+  for (; m < M; ++m) columns<1, NV>(N, K, lda, ldb, ldc, add, A + m * lda, B, C + m * ldc);
 }
 
 }  // namespace detail
 
-// brgemm's arguments and meaning, for N a multiple of 16 and K even.
+// brgemm's arguments and meaning, for N a multiple of 16 and K even. Up to 32 columns
+// (decode_linear.cpp's blocks), 8 rows per pass over B: 16 accumulators either way.
 inline void avx512_gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
                         const at::BFloat16* A, const at::BFloat16* B, float* C) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) detail::row_block<4>(N, K, lda, ldb, ldc, add, A + m * lda, B, C + m * ldc);
-  for (; m < M; ++m) detail::row_block<1>(N, K, lda, ldb, ldc, add, A + m * lda, B, C + m * ldc);
+  if (N <= 32) {
+    detail::rows<8, 2>(M, N, K, lda, ldb, ldc, add, A, B, C);
+  } else {
+    detail::rows<4, 4>(M, N, K, lda, ldb, ldc, add, A, B, C);
+  }
 }
 
 // Whether oneDNN's bf16 brgemm runs here (it needs AMX); asked once per process.
