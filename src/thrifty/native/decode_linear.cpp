@@ -48,13 +48,13 @@ constexpr int64_t kDepth = 32;    // input columns per tile step (a tile row hol
 
 int64_t round_up(int64_t n, int64_t step) { return (n + step - 1) / step * step; }
 
-// How far ahead of the loads the weight stream is prefetched. The tile loads
+#if THRIFTY_NATIVE_AMX
+// How far ahead of the tile loads the weight stream is prefetched. The tile loads
 // alone streamed the weights at ~7.8 GB/s; prefetched 2-16 KB ahead, at 10.5-12 GB/s
 // (a plain read gets 11-14 here): the whole model's projections at 32 rows with LoRA
 // 35 -> 23 ms. Past a block's end it runs into the next block, the one read next.
 constexpr int64_t kPrefetchBytes = 4096;
 
-#if THRIFTY_NATIVE_AMX
 // Linux hands out the tile registers' state only to processes that ask for it.
 bool tiles_permitted() {
   constexpr int kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
@@ -123,7 +123,8 @@ class TileBlock {
  public:
   using Scope = TileScope;  // held by each thread around its blocks
   explicit TileBlock(float* acc) : acc_(acc) { zero_accumulators(); }
-  void add(const BFloat16* x, int64_t x_stride, int64_t /*rows*/, const BFloat16* block, int64_t depth) {
+  void add(const BFloat16* x, int64_t x_stride, int64_t /*rows*/, const BFloat16* block, int64_t depth,
+           const BFloat16* /*next: accumulate prefetches its own stream*/ = nullptr) {
     accumulate(x, x_stride, block, depth);
   }
   void finish() { store_accumulators(acc_); }
@@ -138,9 +139,10 @@ class VectorBlock {
  public:
   struct Scope {};
   explicit VectorBlock(float* acc) : acc_(acc) {}
-  void add(const BFloat16* x, int64_t x_stride, int64_t rows, const BFloat16* block, int64_t depth) {
-    prefetch(block + depth * kColumns, kPrefetchBytes);  // the start of the block read next
-    vnni_gemm::avx512_gemm(rows, kColumns, depth, x_stride, kColumns, kColumns, !empty_, x, block, acc_);
+  // next: the block read after this one (its weights stream in meanwhile), or null.
+  void add(const BFloat16* x, int64_t x_stride, int64_t rows, const BFloat16* block, int64_t depth,
+           const BFloat16* next = nullptr) {
+    vnni_gemm::avx512_gemm(rows, kColumns, depth, x_stride, kColumns, kColumns, !empty_, x, block, acc_, next);
     empty_ = false;
   }
   void finish() {
@@ -293,7 +295,8 @@ at::Tensor decode_blocks(const at::Tensor& x, const at::Tensor& packed, int64_t 
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
         const int64_t block_rows = std::min(kRows, M - m0);
         Block block(acc);
-        block.add(rows.data() + m0 * depth, depth, block_rows, w_data + b * depth * kColumns, depth);
+        const BFloat16* weights = w_data + b * depth * kColumns;
+        block.add(rows.data() + m0 * depth, depth, block_rows, weights, depth, b + 1 < end ? weights + depth * kColumns : nullptr);
         if (has_lora && operands.blocks[3 * b + 2] > 0) {
           const int64_t* up = operands.blocks + 3 * b;  // (offset, first row, depth)
           block.add(xa.data() + m0 * operands.width + up[1], operands.width, block_rows, operands.up + up[0], up[2]);
