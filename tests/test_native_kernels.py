@@ -7,6 +7,8 @@ loss, RMSNorm, SwiGLU and RoPE test on both the native kernels and PyTorch's ops
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,9 +47,22 @@ def test_builds_on_a_cpu_with_avx512_bf16() -> None:
     assert native_kernels.decode_attention() is not None
     assert native_kernels.sampling() is not None
     assert native_kernels.decode_linear() is not None
-    # The matmuls take AMX where it is, AVX-512 BF16 elsewhere (vnni_gemm.h).
-    assert native_kernels.native_module().attention_uses_amx() == cpu_has("amx_bf16")
-    assert native_kernels.native_module().decode_linear_uses_amx() == cpu_has("amx_bf16")
+    # The matmuls take AMX where it is (unless told not to), AVX-512 BF16 elsewhere.
+    amx = cpu_has("amx_bf16") and os.environ.get("THRIFTY_NATIVE_AMX") != "0"
+    assert native_kernels.native_module().attention_uses_amx() == amx
+    assert native_kernels.native_module().decode_linear_uses_amx() == amx
+
+
+@pytest.mark.skipif(not cpu_has("amx_bf16") or os.environ.get("THRIFTY_NATIVE_AMX") == "0",
+                    reason="without AMX every other test here runs the AVX-512 BF16 matmuls already")
+def test_the_avx512_matmuls_on_a_cpu_with_amx() -> None:
+    # vnni_gemm.h and decode_linear.cpp's VectorBlock, which AMX machines otherwise never run.
+    tests = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_native_kernels.py"),
+         str(tests / "test_decoding_step.py"), "-k", "builds or reference or pytorchs or decoding_step"],
+        env={**os.environ, "THRIFTY_NATIVE_AMX": "0"}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
 def packed_mask(batch: int, length: int) -> torch.Tensor:

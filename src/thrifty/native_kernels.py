@@ -5,6 +5,8 @@ Each build lives in the Python environment (`<sys.prefix>/var/thrifty-native`), 
 PyTorch's extension loader rebuilds it when the source or the torch version changes.
 Where a kernel cannot be built or this CPU lacks what it needs, callers get None and
 use PyTorch's kernels instead: same results, slower. THRIFTY_NATIVE=0 forces that.
+The kernels need AVX-512 BF16. Where the CPU also has AMX, the attention and decoding
+matmuls run on it; THRIFTY_NATIVE_AMX=0 makes them use their AVX-512 BF16 versions.
 
     python -c "import thrifty.native_kernels as n; n.main()"   # build now, report what runs
 """

@@ -315,7 +315,7 @@ bool decode_linear_available() { return true; }
 
 bool decode_linear_uses_amx() {
 #if THRIFTY_NATIVE_AMX
-  return tiles_permitted();
+  return amx_allowed() && tiles_permitted();
 #else
   return false;
 #endif
@@ -390,7 +390,7 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 
   const BFloat16* bias_data = bias.has_value() ? bias->data_ptr<BFloat16>() : nullptr;
 #if THRIFTY_NATIVE_AMX
-  if (tiles_permitted()) return decode_blocks<TileBlock>(x, packed, N, bias_data, lora);
+  if (amx_allowed() && tiles_permitted()) return decode_blocks<TileBlock>(x, packed, N, bias_data, lora);
 #endif
   return decode_blocks<VectorBlock>(x, packed, N, bias_data, lora);
 }

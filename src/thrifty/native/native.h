@@ -7,6 +7,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -52,6 +54,16 @@ struct HeadRows {
         row(t.stride(2)) {}
   const at::BFloat16* at(int64_t b, int64_t h) const { return data + b * batch + h * head; }
 };
+
+// Whether kernels may use AMX where the CPU has it: THRIFTY_NATIVE_AMX=0 runs their
+// AVX-512 BF16 versions instead (the tests check those on AMX machines this way).
+inline bool amx_allowed() {
+  static const bool allowed = [] {
+    const char* value = std::getenv("THRIFTY_NATIVE_AMX");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return allowed;
+}
 #else
 #define THRIFTY_NATIVE_AVX512 0
 #endif

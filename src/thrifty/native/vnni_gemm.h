@@ -90,9 +90,9 @@ inline void avx512_gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ld
   }
 }
 
-// Whether oneDNN's bf16 brgemm runs here (it needs AMX); asked once per process.
+// Whether oneDNN's bf16 brgemm runs here (it needs AMX) and may; asked once per process.
 inline bool amx_brgemm() {
-  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+  static const bool available = amx_allowed() && at::native::cpublas::could_pack(at::kBFloat16);
   return available;
 }
 
