@@ -116,11 +116,11 @@ def main() -> None:
                "token log-probs": token_log_probs(),
                "RMSNorm, SwiGLU and RoPE": elementwise()}
     elapsed = time.perf_counter() - started
+    uses_amx = {"attention forward": "attention_uses_amx", "attention backward": "attention_uses_amx",
+                "decoding matmuls": "decode_linear_uses_amx"}  # kernels with an AMX and an AVX-512 version
     for name, module in kernels.items():
         state = "available" if module is not None else "not available here (PyTorch's ops are used)"
-        if module is not None and name.startswith("attention"):
-            state += " (AMX)" if module.attention_uses_amx() else " (AVX-512 BF16)"
-        if module is not None and name == "decoding matmuls":
-            state += " (AMX)" if module.decode_linear_uses_amx() else " (AVX-512 BF16)"
+        if module is not None and name in uses_amx:
+            state += " (AMX)" if getattr(module, uses_amx[name])() else " (AVX-512 BF16)"
         print(f"native {name}: {state}")
     print(f"({elapsed:.0f} s)")

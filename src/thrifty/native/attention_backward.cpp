@@ -14,12 +14,12 @@
 // row ([prompt | completion 1 | completion 2 | ...], grpo_batches.py) lets a completion
 // see the prompt and itself only, so a late completion's block used to run through every
 // other completion's keys. Runs of consecutive visible blocks go to the matmul as one
-// call each. At the GRPO benchmark shape (4 x 576 tokens: a 38-token prompt and 8 completions
-// of ~60; 9 / 3 heads of 64) 98 of the 180 causal blocks are visible: ~10 ms against
-// ~19 ms before (medians of 30-40 interleaved calls, 1.9x in every run on a machine
-// shared with other work; it includes vectorising the q / dO block transposes and
-// rowsum(dO * O), which perf showed at ~40% of the kernel's own time). Causal 4 x 512:
-// 1.2-1.5x from those alone.
+// call each. At the GRPO benchmark shape (4 x 576 tokens: a 38-token prompt and 8
+// completions of ~60; 9 / 3 heads of 64) 98 of the 180 causal blocks are visible:
+// ~10 ms against ~19 ms before (medians of 30-40 interleaved calls, 1.9x in every run
+// on a machine shared with other work; it includes vectorising the q / dO block
+// transposes and rowsum(dO * O), which perf showed at ~40% of the kernel's own time).
+// Causal 4 x 512: 1.2-1.5x from those alone.
 //
 #include "native.h"
 #include "attention_blocks.h"

@@ -145,9 +145,7 @@ class VectorBlock {
     vnni_gemm::avx512_gemm(rows, kColumns, depth, x_stride, kColumns, kColumns, !empty_, x, block, acc_, next);
     empty_ = false;
   }
-  void finish() {
-    if (empty_) std::fill(acc_, acc_ + kRows * kColumns, 0.f);
-  }
+  void finish() {}  // acc holds the sums already (the first add wrote them)
 
  private:
   float* acc_;
@@ -296,7 +294,8 @@ at::Tensor decode_blocks(const at::Tensor& x, const at::Tensor& packed, int64_t 
         const int64_t block_rows = std::min(kRows, M - m0);
         Block block(acc);
         const BFloat16* weights = w_data + b * depth * kColumns;
-        block.add(rows.data() + m0 * depth, depth, block_rows, weights, depth, b + 1 < end ? weights + depth * kColumns : nullptr);
+        const BFloat16* next = b + 1 < end ? weights + depth * kColumns : nullptr;  // this thread's next block
+        block.add(rows.data() + m0 * depth, depth, block_rows, weights, depth, next);
         if (has_lora && operands.blocks[3 * b + 2] > 0) {
           const int64_t* up = operands.blocks + 3 * b;  // (offset, first row, depth)
           block.add(xa.data() + m0 * operands.width + up[1], operands.width, block_rows, operands.up + up[0], up[2]);
@@ -309,17 +308,19 @@ at::Tensor decode_blocks(const at::Tensor& x, const at::Tensor& packed, int64_t 
   return out;
 }
 
-}  // namespace
-
-bool decode_linear_available() { return true; }
-
-bool decode_linear_uses_amx() {
+bool use_tiles() {
 #if THRIFTY_NATIVE_AMX
   return amx_allowed() && tiles_permitted();
 #else
   return false;
 #endif
 }
+
+}  // namespace
+
+bool decode_linear_available() { return true; }
+
+bool decode_linear_uses_amx() { return use_tiles(); }
 
 at::Tensor decode_linear_pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "decode_linear_pack: a bf16 [out, in] weight");
@@ -390,7 +391,7 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 
   const BFloat16* bias_data = bias.has_value() ? bias->data_ptr<BFloat16>() : nullptr;
 #if THRIFTY_NATIVE_AMX
-  if (amx_allowed() && tiles_permitted()) return decode_blocks<TileBlock>(x, packed, N, bias_data, lora);
+  if (use_tiles()) return decode_blocks<TileBlock>(x, packed, N, bias_data, lora);
 #endif
   return decode_blocks<VectorBlock>(x, packed, N, bias_data, lora);
 }
