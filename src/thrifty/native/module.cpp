@@ -29,7 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("out_features"), py::arg("bias"),
         py::arg("lora") = std::vector<at::Tensor>());
   m.def("decode_linear_available", &decode_linear_available, "Whether decode_linear runs here.");
-  m.def("decode_linear_uses_amx", &decode_linear_uses_amx, "Whether decode_linear runs on AMX tiles (else AVX-512 BF16).");
+  m.def("decode_linear_uses_amx", &decode_linear_uses_amx,
+        "Whether decode_linear runs on AMX tiles (else AVX-512 BF16).");
   m.def("decode_attention", &decode_attention, "Softmax attention of one query per row over its keys.");
   m.def("decode_attention_supports", &decode_attention_supports, "Whether decode_attention takes this head_dim.");
   py::class_<DecodeLinear>(m, "DecodeLinear", "A fused group of linear layers as decode_linear takes it.")

@@ -75,11 +75,11 @@ inline bool amx_allowed() {
 #endif
 
 #if THRIFTY_NATIVE_AVX512
-// The attention matmuls (vnni_gemm.h) read B in VNNI-2 layout: element (k, n) of a [K, N] matrix sits at
-// ((k / 2) * N + n) * 2 + k % 2. This packs X^T for a row-major X [N, K]: element (k, n)
-// of X^T is X[n][k]; rows of X at or past `rows` are zero. The pair (X[n][k], X[n][k + 1])
-// is one 32-bit word of row n, so each VNNI row is a 32-bit gather down the rows, 16 at
-// a time. Row stride and K even, N a multiple of 16.
+// The bf16 matmuls (vnni_gemm.h, decode_linear.cpp) read B in VNNI-2 layout: element
+// (k, n) of a [K, N] matrix sits at ((k / 2) * N + n) * 2 + k % 2. This packs X^T for a
+// row-major X [N, K]: element (k, n) of X^T is X[n][k]; rows of X at or past `rows` are
+// zero. The pair (X[n][k], X[n][k + 1]) is one 32-bit word of row n, so each VNNI row is
+// a 32-bit gather down the rows, 16 at a time. Row stride and K even, N a multiple of 16.
 inline void pack_vnni_transposed(const at::BFloat16* src, int64_t row_stride, int64_t rows, int64_t K,
                                  int64_t N, at::BFloat16* out) {
   const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);

@@ -1,13 +1,15 @@
-// The attention kernels' small matmuls: C (+)= A B with A bf16 [M, K] row-major, B bf16
-// [K, N] in VNNI-2 layout (attention_blocks.h's pack_vnni) and C float [M, N].
+// Small bf16 matmuls with float accumulation: C (+)= A B with A bf16 [M, K] row-major,
+// B bf16 [K, N] in VNNI-2 layout (native.h's pack_vnni_transposed, attention_blocks.h's
+// pack_vnni) and C float [M, N].
 //
-// On CPUs with AMX they run oneDNN's brgemm micro-kernel (ATen's cpublas). Its bf16
-// brgemm runs on AMX only: on AVX-512 BF16 CPUs without it (AMD Zen 4 and 5, Intel
-// Cooper Lake) the attention kernels had fallen back to PyTorch's flash attention,
-// which visits every key block up to the last visible one: 74% of a GRPO update at
-// 4 x 4 x 128 there. `avx512_gemm` is the same product with vdpbf16ps, register-blocked
-// 4 rows x 64 columns: every k-pair loads 4 B vectors and 4 broadcast A pairs for 16
-// dot products. decode_linear.cpp uses it too, where there is no AMX.
+// `gemm`, the attention kernels' matmul, runs oneDNN's brgemm micro-kernel (ATen's
+// cpublas) on CPUs with AMX. Its bf16 brgemm runs on AMX only: on AVX-512 BF16 CPUs
+// without it (AMD Zen 4 and 5, Intel Cooper Lake) the attention kernels had fallen back
+// to PyTorch's flash attention, which visits every key block up to the last visible
+// one: 74% of a GRPO update at 4 x 4 x 128 there. `avx512_gemm` is the same product
+// with vdpbf16ps, register-blocked 4 rows x 64 columns: every k-pair loads 4 B vectors
+// and 4 broadcast A pairs for 16 dot products. decode_linear.cpp calls it directly
+// where there is no AMX.
 #pragma once
 
 #include "native.h"
@@ -21,6 +23,10 @@
 namespace vnni_gemm {
 
 namespace detail {
+
+inline const at::BFloat16* advanced(const at::BFloat16* next, int64_t elements) {
+  return next == nullptr ? nullptr : next + elements;
+}
 
 // Rows [0, MR) x columns [0, 16 NV) of C, over all K. `next` (or null): a matrix laid
 // out as B, read after it, whose same lines are prefetched as B's are read.
@@ -56,10 +62,10 @@ inline void columns(int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
                     const at::BFloat16* B, float* C, const at::BFloat16* next) {
   int64_t n = 0;
   for (; n + 16 * NV <= N; n += 16 * NV) {
-    tile<MR, NV>(K, lda, ldb, ldc, add, A, B + 2 * n, C + n, next == nullptr ? nullptr : next + 2 * n);
+    tile<MR, NV>(K, lda, ldb, ldc, add, A, B + 2 * n, C + n, advanced(next, 2 * n));
   }
   if constexpr (NV > 1) {
-    if (n < N) columns<MR, NV - 1>(N - n, K, lda, ldb, ldc, add, A, B + 2 * n, C + n, next == nullptr ? nullptr : next + 2 * n);
+    if (n < N) columns<MR, NV - 1>(N - n, K, lda, ldb, ldc, add, A, B + 2 * n, C + n, advanced(next, 2 * n));
   }
 }
 
