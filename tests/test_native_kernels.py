@@ -33,8 +33,9 @@ def cpu_has(flag: str) -> bool:
         return False
 
 
-needs_native = pytest.mark.skipif(not cpu_has("avx512_bf16"),
-                                  reason="the native kernels need Linux and a CPU with AVX-512 BF16")
+needs_native = pytest.mark.skipif(not cpu_has("avx512_bf16") or os.environ.get("THRIFTY_NATIVE") == "0",
+                                  reason="the native kernels need Linux and a CPU with AVX-512 BF16 "
+                                         "(and are off with THRIFTY_NATIVE=0)")
 
 
 @needs_native
