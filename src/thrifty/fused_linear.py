@@ -20,9 +20,9 @@ slower than the plain model (bf16 matmuls with K = 16 take a slow path on CPU).
 Where Thrifty's native decoding matmul runs (CPUs with AVX-512 BF16), decoding-sized
 batches go through native/decode_linear.cpp instead: weights streamed in blocks of 32
 columns through the AMX tile unit (or the vector units where there is none), with the
-LoRA branch accumulated into the same sums. Bigger
-batches (prefill, scoring) then multiply by the layers' own weights, compute-bound
-there, so no second packed copy of the weights is kept.
+LoRA branch accumulated into the same sums. Bigger batches (prefill, scoring) then
+multiply by the layers' own weights, compute-bound there, so no second packed copy of
+the weights is kept.
 """
 
 from __future__ import annotations

@@ -62,8 +62,7 @@ def attention_forward() -> ModuleType | None:
 
 def decode_linear() -> ModuleType | None:
     """The module if its `decode_linear` runs here."""
-    module = native_module()
-    return module if module is not None and module.decode_linear_available() else None
+    return native_module()
 
 
 def decode_attention() -> ModuleType | None:

@@ -318,8 +318,6 @@ bool use_tiles() {
 
 }  // namespace
 
-bool decode_linear_available() { return true; }
-
 bool decode_linear_uses_amx() { return use_tiles(); }
 
 at::Tensor decode_linear_pack(const at::Tensor& weight) {
@@ -398,7 +396,6 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 
 #else
 
-bool decode_linear_available() { return false; }
 bool decode_linear_uses_amx() { return false; }
 at::Tensor decode_linear_pack(const at::Tensor&) { TORCH_CHECK(false, "decode_linear needs a CPU with AVX-512 BF16"); }
 std::vector<at::Tensor> decode_lora_pack(const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&,

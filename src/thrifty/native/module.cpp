@@ -28,7 +28,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ W^T (+ bias) (+ (x @ A^T) @ B^T) for a few rows, W and the LoRA branch packed by decode_*_pack.",
         py::arg("x"), py::arg("packed"), py::arg("out_features"), py::arg("bias"),
         py::arg("lora") = std::vector<at::Tensor>());
-  m.def("decode_linear_available", &decode_linear_available, "Whether decode_linear runs here.");
   m.def("decode_linear_uses_amx", &decode_linear_uses_amx,
         "Whether decode_linear runs on AMX tiles (else AVX-512 BF16).");
   m.def("decode_attention", &decode_attention, "Softmax attention of one query per row over its keys.");

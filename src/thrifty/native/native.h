@@ -134,7 +134,6 @@ at::Tensor rope_backward(const at::Tensor& grad, const at::Tensor& cos, const at
 
 // decode_linear.cpp: bf16 linear layers for a few dozen rows (token generation), on AMX
 // or AVX-512 BF16.
-bool decode_linear_available();
 bool decode_linear_uses_amx();
 at::Tensor decode_linear_pack(const at::Tensor& weight);
 // decode_lora_pack: a group's LoRA branches, float A^T [in, sum(ranks)] stacked and
