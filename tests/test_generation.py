@@ -11,7 +11,8 @@ from thrifty.generation import generate, generate_tokens, render_prompt
 from thrifty.loading.build import build_model
 from thrifty.loading.hf import load_hf_config, load_hf_state_dict
 from thrifty.sampling import SamplingParams
-from tiny_models import save_hf_model
+from thrifty.errors import ThriftyError
+from tiny_models import make_hf_model, save_hf_model
 
 GREEDY = SamplingParams(temperature=0.0)
 CHAT_PROMPTS = [
@@ -148,3 +149,46 @@ def test_bfloat16_model_tracks_float32(default_model_fp32, default_gguf_path) ->
     assert agreement >= 0.9
     (answer,) = generate(model16, tokenizer, "What is the capital of France?", max_new_tokens=20)
     assert "Paris" in answer.text
+
+
+def biased_qwen2(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A tiny qwen2 model with head_dim 64 (the native decoding attention's size) whose
+    q/k biases put every attention score near -100, as the real Qwen2.5's k bias does:
+    the scores a partial-vector max once turned into NaN logits in bf16."""
+    reference = make_hf_model("qwen2", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                              intermediate_size=96)
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            # Along RoPE's slowest-turning pairs (the last of each half), so the score stays
+            # near -100 at every distance between query and key.
+            direction = torch.zeros(64)
+            direction[[28, 29, 30, 31, 60, 61, 62, 63]] = torch.tensor([1.0, -1, 1, 1, -1, 1, 1, -1]) / 8**0.5
+            layer.self_attn.q_proj.bias.copy_((20 * direction).repeat(2))
+            layer.self_attn.k_proj.bias.copy_(-40 * direction)  # q.k ~ -800 / sqrt(64) = -100
+    reference.save_pretrained(tmp_path)
+    return reference
+
+
+def test_bf16_generation_with_scores_near_minus_100_follows_the_reference(tmp_path: Path) -> None:
+    reference = biased_qwen2(tmp_path)
+    ours = build_model(load_hf_config(tmp_path), load_hf_state_dict(tmp_path), str(tmp_path)).eval()
+    ours = ours.to(torch.bfloat16)
+    prompts = [torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 16, 33)]
+    got, _ = generate_tokens(ours, prompts, max_new_tokens=20, sampling=GREEDY)
+    for ids, tokens in zip(prompts, got):
+        with torch.no_grad():
+            logits = reference(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1].double()
+            attention = reference.model.layers[0].self_attn
+        assert attention.q_proj.bias[:64] @ attention.k_proj.bias / 8 < -90  # the regime of the bug
+        # Each greedy bf16 pick is the float32 model's argmax or within bf16 noise of it.
+        chosen = logits.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+        assert (chosen >= logits.amax(-1) - 0.05 * logits.std(-1)).all(), tokens
+
+
+def test_non_finite_logits_stop_generation_with_a_clear_error(tmp_path: Path) -> None:
+    save_hf_model("llama", tmp_path)
+    ours = build_model(load_hf_config(tmp_path), load_hf_state_dict(tmp_path), str(tmp_path)).eval()
+    with torch.no_grad():
+        ours.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ThriftyError, match=r"NaN or infinite logits at new token 1 .*THRIFTY_NATIVE=0"):
+        generate_tokens(ours, [[5, 6, 7]], max_new_tokens=5, sampling=GREEDY)

@@ -61,7 +61,8 @@ def test_the_avx512_matmuls_on_a_cpu_with_amx() -> None:
     tests = Path(__file__).parent
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_native_kernels.py"),
-         str(tests / "test_decoding_step.py"), "-k", "builds or reference or pytorchs or decoding_step"],
+         str(tests / "test_decoding_step.py"), str(tests / "test_kernel_properties.py"),
+         "-k", "builds or reference or pytorchs or decoding_step or test_kernel_properties"],
         env={**os.environ, "THRIFTY_NATIVE_AMX": "0"}, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 

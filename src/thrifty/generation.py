@@ -206,7 +206,12 @@ def generate_tokens(
         if step < min_new_tokens and len(stop_ids):
             logits = logits.index_fill(1, stop_ids, float("-inf"))
         next_tokens = sample_next_tokens(logits, sampling, generator)
+        # NaN propagates through amax, so one reduction per step catches a broken model or
+        # kernel instead of sampling token 0 forever (~0.1 ms at 16 x 49k).
+        finite = torch.isfinite(logits.amax(dim=-1))
         finished = torch.isin(next_tokens, stop_ids).tolist()
+        if not bool(finite.all()):
+            raise_non_finite_logits(step, finite, model.dtype)
         new_tokens = next_tokens.tolist()
         live = [i for i, row_done in enumerate(done) if not row_done]
         for i in live:
@@ -239,6 +244,16 @@ def generate_tokens(
             hidden = model.hidden_states(next_tokens.unsqueeze(1), query_positions, mask, cache)[:, -1]
         logits = model.logits(hidden)
     return generated, reasons
+
+
+def raise_non_finite_logits(step: int, finite: torch.Tensor, dtype: torch.dtype) -> None:
+    bad = int((~finite).sum())
+    raise ThriftyError(
+        f"generation stopped: the model produced NaN or infinite logits at new token {step + 1} "
+        f"({bad} of {finite.numel()} rows). The weights or a kernel are wrong for this model. To find "
+        f"which: rerun with THRIFTY_NATIVE=0 (PyTorch's kernels instead of Thrifty's native ones)"
+        + (" or with dtype float32" if dtype != torch.float32 else "")
+        + "; if either fixes it, please report it with the model's name.")
 
 
 def attention_mask(

@@ -26,7 +26,11 @@ constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 float softmax_weights(float* scores, int64_t S) {
   Vec max_vec(kMinusInf);
   for (int64_t s = 0; s < S; s += Vec::size()) {
-    max_vec = at::vec::maximum(max_vec, Vec::loadu(scores + s, std::min<int64_t>(Vec::size(), S - s)));
+    // A partial loadu fills the lanes past `count` with 0, which would win the max when
+    // every score is below 0 by far (Qwen2's k bias puts scores near -100): the exps
+    // then underflow to a zero sum. Those lanes must be -inf.
+    const int64_t count = std::min<int64_t>(Vec::size(), S - s);
+    max_vec = at::vec::maximum(max_vec, Vec::set(Vec(kMinusInf), Vec::loadu(scores + s, count), count));
   }
   const float max_score = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); },
                                                          max_vec);
