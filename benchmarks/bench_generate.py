@@ -32,8 +32,8 @@ SHAPES = {"b16": (16, 1), "b1": (1, 1), "grpo": (2, 8)}
 
 def run_ours(prompts: int, samples: int, new_tokens: int, repeats: int) -> list[float]:
     from thrifty import load_model
-    from thrifty.generation import generate_tokens, render_prompt
-    from thrifty.sampling import SamplingParams
+    from thrifty.generation.engine import generate_tokens, render_prompt
+    from thrifty.generation.sampling import SamplingParams
 
     model, tokenizer = load_model(None, dtype="bfloat16")
     ids = [render_prompt(tokenizer, p, chat=True, system_prompt=None) for p in PROMPTS[:prompts]]
@@ -51,7 +51,7 @@ def run_transformers(prompts: int, samples: int, new_tokens: int, repeats: int) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from thrifty.loading.default import resolve_model_path
+    from thrifty.formats.default_model import resolve_model_path
 
     gguf = resolve_model_path(None)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

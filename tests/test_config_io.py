@@ -10,7 +10,7 @@ import pytest
 
 from thrifty.config_io import dump_yaml, load_config
 from thrifty.errors import ThriftyError
-from thrifty.sft_config import SFTConfig, load_sft_config
+from thrifty.sft.config import SFTConfig, load_sft_config
 
 
 @dataclass

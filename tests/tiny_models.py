@@ -1,5 +1,6 @@
 """Tiny random-weight Hugging Face models of every supported family, saved as real
-model directories, for parity tests that need no download."""
+model directories, for parity tests that need no download; Thrifty's own model loaded
+from them, with or without random LoRA adapters."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from thrifty.formats.build import build_model
+from thrifty.formats.hf import load_hf_config, load_hf_state_dict
+from thrifty.layers.lora import LoraConfig, apply_lora, lora_layers
 
 # Small enough to run in milliseconds, big enough to exercise GQA (4 q heads, 2 kv heads).
 BASE: dict[str, Any] = dict(
@@ -53,3 +59,52 @@ def save_hf_model(family: str, directory: Path, seed: int = 0) -> Any:
     model = make_hf_model(family, seed)
     model.save_pretrained(directory)
     return model
+
+
+VOCAB = BASE["vocab_size"]
+
+
+def load_ours(directory: Path) -> nn.Module:
+    config = load_hf_config(directory)
+    return build_model(config, load_hf_state_dict(directory), source=str(directory)).eval()
+
+
+def randomise_adapters(model: nn.Module, seed: int = 0) -> None:
+    """Random lora_B (PEFT inits it to zero, which would make every comparison trivial)
+    and a perturbed DoRA magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g) * 0.2)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.2)
+            if layer.lora_magnitude_vector is not None:
+                m = layer.lora_magnitude_vector
+                m.mul_(1 + 0.1 * torch.randn(m.shape, generator=g))
+
+
+def batch() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def lora_model(tmp_path: Path, family: str, dtype: torch.dtype, **lora: object) -> nn.Module:
+    save_hf_model(family, tmp_path)
+    model = load_ours(tmp_path).to(dtype)
+    # Different ranks and alphas inside one group exercise the per-slice scaling.
+    config = dict(r=8, lora_alpha=16, rank_pattern={"k_proj": 4, "up_proj": 2}, alpha_pattern={"v_proj": 3})
+    apply_lora(model, LoraConfig(**{**config, **lora}))  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B starts at zero; make every branch count
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model
+
+
+# LoRA settings of the PEFT parity tests.
+LORA_CASES = {
+    # rank_pattern / alpha_pattern: PEFT's per-module overrides, met in adapters trained elsewhere.
+    "lora-all-linear": dict(r=4, lora_alpha=8, target_modules="all-linear",
+                            rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}),
+    "rslora-qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True),
+    "dora-mlp": dict(r=4, lora_alpha=6, target_modules=["gate_proj", "down_proj", "k_proj"], use_dora=True),
+}

@@ -9,7 +9,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, decoders, models
 
-from thrifty.tokenizer import Tokenizer
+from thrifty.model.tokenizer import Tokenizer
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"]  # ids 0..5 (pad, bos, eos as BASE)
 CHARS = list(string.ascii_lowercase + string.digits + " \n.,?!:+-*=\"'") + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")[:8]

@@ -35,9 +35,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     # Imported here so `thrifty --help` answers instantly, without loading torch.
-    from thrifty.generation import generate
-    from thrifty.loading.loader import load_model
-    from thrifty.streaming import TextStreamer
+    from thrifty.generation.engine import generate
+    from thrifty.formats.loader import load_model
+    from thrifty.generation.streaming import TextStreamer
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     stream = len(args.prompts) == 1 and args.num_samples == 1 and not args.no_stream
@@ -78,12 +78,12 @@ def add_sft_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_sft(args: argparse.Namespace) -> None:
-    from thrifty.sft_config import load_sft_config
+    from thrifty.sft.config import load_sft_config
 
     # Check the whole config before the (slow) imports and model load.
     config = load_sft_config(args.config, args.overrides)
-    from thrifty.loading.loader import load_model
-    from thrifty.sft_trainer import SFTTrainer
+    from thrifty.formats.loader import load_model
+    from thrifty.sft.trainer import SFTTrainer
 
     model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype)
     result = SFTTrainer(model, tokenizer, config).train()
@@ -115,10 +115,10 @@ def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_merge(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from thrifty.adapters import load_adapter, read_adapter_config
-    from thrifty.export import save_hf_model
-    from thrifty.loading.loader import load_model, parse_dtype
-    from thrifty.lora import merge_lora
+    from thrifty.formats.peft_adapter import load_adapter, read_adapter_config
+    from thrifty.formats.hf_export import save_hf_model
+    from thrifty.formats.loader import load_model, parse_dtype
+    from thrifty.layers.lora import merge_lora
 
     adapter = Path(args.adapter)
     if not adapter.is_dir():
@@ -148,7 +148,7 @@ def add_grpo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_grpo(args: argparse.Namespace) -> None:
-    from thrifty.grpo_config import load_grpo_config
+    from thrifty.grpo.config import load_grpo_config
 
     config = load_grpo_config(args.config, args.overrides)  # check it all before loading the model
     if config.task is None and config.train_file is None:
@@ -158,8 +158,8 @@ def run_grpo(args: argparse.Namespace) -> None:
     if config.task is None:
         raise ThriftyError(f"{args.config}: train_file needs reward functions, which the command line cannot "
                            "take; use a built-in `task`, or the Python API with reward_funcs=[...].")
-    from thrifty.grpo_trainer import GRPOTrainer
-    from thrifty.loading.loader import load_model
+    from thrifty.grpo.trainer import GRPOTrainer
+    from thrifty.formats.loader import load_model
 
     model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype)
     result = GRPOTrainer(model, tokenizer, config=config).train()
@@ -209,14 +209,14 @@ def run_eval(args: argparse.Namespace) -> None:
         if not sep:
             raise ThriftyError(f"--task-setting {item!r} is not of the form key=value.")
         settings[key.strip()] = yaml.safe_load(value)
-    from thrifty.tasks import get_task
+    from thrifty.grpo.tasks import get_task
 
     task = get_task(args.task, **settings)
     from pathlib import Path
 
-    from thrifty.adapters import load_adapter, read_adapter_config
-    from thrifty.evaluation import evaluate_task
-    from thrifty.loading.loader import load_model
+    from thrifty.formats.peft_adapter import load_adapter, read_adapter_config
+    from thrifty.grpo.evaluation import evaluate_task
+    from thrifty.formats.loader import load_model
 
     base = args.model
     if args.adapter is not None:

@@ -1,0 +1,366 @@
+"""Load a llama.cpp GGUF file as float32 Hugging Face-named tensors, a ModelConfig and a Tokenizer.
+
+GGUF stores the architecture as `{arch}.*` metadata keys, the tokenizer as
+`tokenizer.ggml.*` keys and the weights in llama.cpp's names and (often quantized)
+block formats. We dequantize with `gguf.quants` (vectorised numpy), rename to the
+names transformers uses, and undo the one layout change llama.cpp's converter makes:
+for the `llama` architecture it permutes the rows of q_proj/k_proj so that rotary
+pairs are interleaved rather than split in halves.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from thrifty.model.config import ModelConfig
+from thrifty.errors import ThriftyError
+from thrifty.model.tokenizer import Tokenizer
+
+# GGUF `general.architecture` values this loader maps onto our Llama-family decoder.
+# Mistral GGUFs are written with architecture "llama".
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+_GGUF_MAGIC = b"GGUF"
+
+# llama.cpp tensor name -> Hugging Face name. "{i}" is the layer index.
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+# Tensors llama.cpp adds that carry no weights of their own: rope_freqs holds the
+# per-frequency llama3 rope scaling factors, which we turn back into config.rope_scaling.
+_DERIVED_TENSORS = ("rope_freqs.weight",)
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Read a GGUF file: (config, tensors with Hugging Face names, tokenizer).
+
+    Each tensor is dequantized to float32 and converted to `dtype` before the next one
+    is read, so loading in bf16 never holds the whole model in float32."""
+    path = Path(path)
+    reader = open_gguf(path)
+    arch = metadata_value(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ThriftyError(
+            f"{path}: GGUF architecture {arch!r} is not supported; Thrifty loads "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} GGUF files (Llama, SmolLM, Mistral, Qwen2/2.5, Qwen3). "
+            "Use a model of one of those families, or its Hugging Face directory."
+        )
+    tokenizer = Tokenizer.from_gguf(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    config = _config_from_metadata(reader, arch, tensors, tokenizer, path)
+    weights = _dequantize_all(tensors, config, arch, path, dtype)
+    return config, weights, tokenizer
+
+
+# ---------------------------------------------------------------- reading the file
+
+
+class _FastGGUFReader(gguf.GGUFReader):
+    """GGUFReader that parses metadata arrays several times faster; same fields, same tensors.
+
+    The stock reader slices the file once per array element, and SmolLM2's vocabulary
+    alone is ~150k elements (tokens, token types, merges). On an np.memmap every slice
+    runs memmap's Python-level hooks: ~3.5 s of a default-model load on our CPU.
+    Slicing a plain ndarray view of the same mapping, and cutting scalar arrays out
+    of one read, brings it to a fraction of a second. Both overrides build exactly the
+    parts/data layout the stock reader builds (tests compare them field by field).
+    """
+
+    def _get(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        if isinstance(self.data, np.memmap):
+            # The view keeps the memmap (and so the mapping) alive through .base.
+            self.data = self.data.view(np.ndarray)
+        return super()._get(*args, **kwargs)
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list, list]:
+        if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I" or sys.byteorder != "little":
+            return super()._get_field_parts(orig_offs, raw_type)
+        offs = orig_offs
+        raw_itype = self._get(offs, np.uint32)
+        alen = self._get(offs + 4, np.uint64)
+        offs += 12
+        itype = gguf.GGUFValueType(int(raw_itype[0]))
+        count = int(alen[0])
+        parts: list[np.ndarray] = [raw_itype, alen]
+        types = [gguf.GGUFValueType.ARRAY] + ([itype] if count else [])
+        data = self.data
+        if itype == gguf.GGUFValueType.STRING:
+            for _ in range(count):
+                slen = data[offs:offs + 8].view(np.uint64)
+                size = int(slen[0])
+                text = data[offs + 8:offs + 8 + size]
+                if len(text) != size:
+                    raise ValueError("string runs past the end of the file")
+                parts += (slen, text)
+                offs += 8 + size
+            return offs - orig_offs, parts, list(range(3, 3 + 2 * count, 2)), types
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if nptype is None:  # arrays of arrays: rare, let the stock reader walk them
+            return super()._get_field_parts(orig_offs, raw_type)
+        values = self._get(offs, nptype, count)
+        if len(values) != count:
+            raise ValueError("array runs past the end of the file")
+        parts += [values[i:i + 1] for i in range(count)]
+        return offs + int(values.nbytes) - orig_offs, parts, list(range(2, 2 + count)), types
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """A GGUFReader over `path`, or a ThriftyError saying what is wrong with the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ThriftyError(f"{path}: no such file. Pass a .gguf file, a Hugging Face model directory, "
+                           "or 'smollm2-135m-instruct'.")
+    if path.is_dir():
+        raise ThriftyError(f"{path}: is a directory, not a GGUF file.")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != _GGUF_MAGIC:
+        raise ThriftyError(
+            f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF starts with b'GGUF'). "
+            "Pass a .gguf file, or a Hugging Face model directory."
+        )
+    try:
+        reader = _FastGGUFReader(path)
+        _check_tensor_data(reader)
+    except ThriftyError:
+        raise
+    except Exception as e:  # anything the parser trips on means a damaged file
+        raise ThriftyError(
+            f"{path}: the GGUF file is truncated or corrupt; download it again (an interrupted download "
+            f"is the usual cause). File size: {path.stat().st_size} bytes; reader error: {type(e).__name__}: {e}"
+        ) from e
+    return reader
+
+
+def _check_tensor_data(reader: gguf.GGUFReader) -> None:
+    """Every tensor's bytes must be inside the file; a cut-off download fails here, not later."""
+    size = len(reader.data)
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise ValueError(f"tensor {t.name!r} needs bytes {t.data_offset}..{t.data_offset + t.n_bytes} "
+                             f"but the file has {size} bytes")
+
+
+def metadata_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    """One metadata value as a Python str/int/float/bool, or a list of them; `default` if absent."""
+    field = reader.fields.get(key)
+    if field is None or not field.types:
+        return default
+    kind = field.types[0]
+    if kind == gguf.GGUFValueType.ARRAY:
+        if not field.data:
+            return []
+        if field.types[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        if field.types[-1] == gguf.GGUFValueType.ARRAY:
+            raise ThriftyError(f"GGUF metadata {key!r}: nested arrays are not supported.")
+        return np.concatenate([field.parts[i] for i in field.data]).tolist()
+    if kind == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+    return field.parts[field.data[0]][0].item()
+
+
+# ---------------------------------------------------------------- config
+
+
+def _config_from_metadata(reader: gguf.GGUFReader, arch: str, tensors: dict[str, Any],
+                          tokenizer: Tokenizer, path: Path) -> ModelConfig:
+    def get(key: str, default: Any = None) -> Any:
+        return metadata_value(reader, f"{arch}.{key}", default)
+
+    def need(key: str) -> Any:
+        value = get(key)
+        if value is None:
+            raise ThriftyError(f"{path}: GGUF metadata key '{arch}.{key}' is missing; the file is incomplete. "
+                               "Re-convert or re-download it.")
+        return value
+
+    if "token_embd.weight" not in tensors:
+        raise ThriftyError(f"{path}: no 'token_embd.weight' tensor; the file is incomplete. Re-download it.")
+    hidden = need("embedding_length")
+    heads = need("attention.head_count")
+    kv_heads = get("attention.head_count_kv") or heads
+    head_dim = get("attention.key_length") or hidden // heads
+    rope_dim = get("rope.dimension_count")
+    if rope_dim is not None and rope_dim != head_dim:
+        raise ThriftyError(f"{path}: '{arch}.rope.dimension_count' = {rope_dim} but heads are {head_dim} wide; "
+                           "partial rotary embeddings are not supported.")
+    # The embedding matrix decides vocab_size: '{arch}.vocab_size' is often absent, and the
+    # token list (which converters pad to the embedding size) is only a proxy for it.
+    vocab_size = int(tensors["token_embd.weight"].shape[-1])
+    sliding = get("attention.sliding_window")
+    model_type = arch
+    if arch == "llama" and sliding:
+        model_type = "mistral"  # Mistral GGUFs say "llama"; the window is what tells them apart
+    if arch in ("qwen2", "qwen3"):
+        sliding = None  # Qwen checkpoints carry a window they do not use (use_sliding_window=false)
+    theta = float(get("rope.freq_base", 10000.0))
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=need("feed_forward_length"),
+        num_hidden_layers=need("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=_rope_scaling(reader, arch, tensors, theta, head_dim, path),
+        max_position_embeddings=get("context_length", 4096),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        sliding_window=sliding or None,
+        model_type=model_type,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=list(tokenizer.stop_token_ids),
+        pad_token_id=metadata_value(reader, "tokenizer.ggml.padding_token_id"),
+    )
+
+
+def _rope_scaling(reader: gguf.GGUFReader, arch: str, tensors: dict[str, Any], theta: float,
+                  head_dim: int, path: Path) -> dict[str, Any] | None:
+    """HF-style rope_scaling from `{arch}.rope.scaling.*` keys, or from a llama3 rope_freqs tensor."""
+    def get(key: str, default: Any = None) -> Any:
+        return metadata_value(reader, f"{arch}.rope.{key}", default)
+
+    kind = get("scaling.type")
+    factor = get("scaling.factor") or get("scale_linear")  # scale_linear: older files
+    original = get("scaling.original_context_length")
+    if kind == "linear" or (kind is None and factor and factor != 1.0):
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        out: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
+        if original:
+            out["original_max_position_embeddings"] = int(original)
+        for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            value = get(f"scaling.{gguf_key}")
+            if value is not None:
+                out[hf_key] = float(value)
+        return out
+    if kind not in (None, "none"):
+        raise ThriftyError(f"{path}: rope scaling type {kind!r} is not supported (linear, yarn and llama3 are).")
+    if "rope_freqs.weight" in tensors:
+        return _llama3_scaling(tensors["rope_freqs.weight"], theta, head_dim, path)
+    return None
+
+
+def _llama3_scaling(tensor: Any, theta: float, head_dim: int, path: Path) -> dict[str, Any] | None:
+    """Recover Llama 3.1-style rope_scaling from the per-frequency factors llama.cpp stores.
+
+    convert_hf_to_gguf writes only the factors, not the parameters they came from. The
+    factor is their maximum; the other three are the same in every Llama 3.x release
+    (and convert_hf_to_gguf reads original_max_position_embeddings from the wrong place,
+    so it always uses 8192). We recompute the factors from those values and refuse the
+    file if they do not match, rather than run a model with the wrong positions.
+    """
+    stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64).reshape(-1)
+    factor = float(stored.max())
+    if factor == 1.0:
+        return None
+    guess = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 8192}
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * math.pi / freqs
+    low_wl, high_wl = 8192 / 1.0, 8192 / 4.0
+    smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+    expected = np.where(wavelen < high_wl, 1.0,
+                        np.where(wavelen > low_wl, factor, 1 / ((1 - smooth) / factor + smooth)))
+    if expected.shape != stored.shape or not np.allclose(expected, stored, rtol=1e-4):
+        raise ThriftyError(f"{path}: the 'rope_freqs.weight' tensor holds rope scaling factors that are not "
+                           "Llama 3's (factor, low 1, high 4, original 8192); this rope scaling is not supported.")
+    return guess
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of convert_hf_to_gguf's LlamaModel.permute:
+    w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _dequantize_all(tensors: dict[str, Any], config: ModelConfig, arch: str,
+                    path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        hf = _hf_name(name)
+        if hf is None:
+            if name in _DERIVED_TENSORS:
+                continue
+            raise ThriftyError(f"{path}: tensor {name!r} has no place in a {arch} decoder; "
+                               "this file is not a plain Llama/Qwen model and cannot be loaded.")
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ThriftyError(f"{path}: tensor {name!r} is stored as {t.tensor_type.name}, which the installed "
+                               f"gguf package cannot dequantize ({e}). Upgrade it (pip install -U gguf) "
+                               "or use a file quantized differently.") from e
+        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+            w = _unpermute_rows(w, config.num_attention_heads)
+        elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+            w = _unpermute_rows(w, config.num_key_value_heads)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if not w.flags.writeable:  # F32 tensors come straight from the read-only file mapping
+            w = w.copy()
+        out[hf] = torch.from_numpy(w).to(dtype)
+    _check_complete(out, config, path)
+    return out
+
+
+def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
+    expected = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        expected.append("lm_head.weight")
+    per_layer = [_LAYER_NAMES[k] for k in ("attn_norm.weight", "ffn_norm.weight", "attn_q.weight",
+                                          "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                                          "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")]
+    if config.attention_bias:
+        per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+    if config.qk_norm:
+        per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    for i in range(config.num_hidden_layers):
+        expected += [f"model.layers.{i}.{n}" for n in per_layer]
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        raise ThriftyError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}; "
+                           "the file is incomplete. Re-download or re-convert it.")

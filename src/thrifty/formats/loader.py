@@ -1,0 +1,57 @@
+"""load_model: a name, a Hugging Face directory or a GGUF file -> (model, tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from thrifty.errors import ThriftyError
+from thrifty.formats.default_model import resolve_model_path
+from thrifty.formats.hf import load_hf_config, load_hf_state_dict
+from thrifty.formats.build import build_model
+from thrifty.kernels.malloc_tuning import tune_malloc
+from thrifty.model.decoder import CausalLM
+from thrifty.model.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ThriftyError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    name_or_path: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device | None = None,
+) -> tuple[CausalLM, Tokenizer]:
+    """Load a model and its tokenizer, ready for inference (eval mode, no grad needed).
+
+    name_or_path: None or "smollm2-135m-instruct" for the built-in default model, a
+    Hugging Face model directory, or a .gguf file.
+    """
+    tune_malloc()  # every workload starts here; see malloc_tuning.py for why
+    path = resolve_model_path(None if name_or_path is None else str(name_or_path))
+    torch_dtype = parse_dtype(dtype)
+    if path.is_dir():
+        config = load_hf_config(path)
+        state = load_hf_state_dict(path, torch_dtype)
+        tokenizer = Tokenizer.from_hf_dir(path)
+    else:
+        from thrifty.formats.gguf import load_gguf  # the gguf package is only needed here
+
+        config, state, tokenizer = load_gguf(path, torch_dtype)
+    model = build_model(config, state, source=str(path))
+    model.to(device=device or default_device(), dtype=torch_dtype)
+    return model.eval(), tokenizer

@@ -1,0 +1,93 @@
+"""Arithmetic: "What is 37 + 8?", answered as <answer>45</answer>.
+
+Sized for GRPO on a CPU with a ~100M-parameter model: short prompts, one-line answers,
+difficulty set by the operands' digit counts. Measured baselines of SmolLM2-135M-Instruct
+(temperature 0.7, 20 new tokens, lenient check): about 17% on 1-digit + 1-digit, 2-8% on
+2-digit + 2-digit; it never used the <answer> tag unprompted by training, so the
+correctness reward is lenient (the last number counts when there is no tag) and the
+format reward is a small extra push towards the tag.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from thrifty.errors import ThriftyError
+from thrifty.grpo.rewards import RewardFunc, completion_text, regex_reward
+from thrifty.grpo.tasks.common import CheckerReward, Row, Split, chat_prompt, numeric_check, safe_eval, sample_rows
+
+SYSTEM_PROMPT = "Reply with the answer in the form <answer>NUMBER</answer>."
+_OPERATIONS = ("+", "-", "*", "/")
+# The whole completion is the tag around an integer: what the format reward asks for.
+ANSWER_ONLY_PATTERN = r"\s*<answer>\s*-?\d+\s*</answer>\s*"
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """operand_digits: digits of each operand, in order; its length is the number of operands
+    ((2, 1): "37 + 8"). operations: drawn uniformly per operator. Subtraction never goes
+    below zero unless allow_negative; division is always exact (the dividend is built as a
+    product). strict: the checker also wants the answer inside <answer> tags."""
+
+    name: ClassVar[str] = "arithmetic"
+    operand_digits: tuple[int, ...] = (2, 1)
+    operations: tuple[str, ...] = ("+",)
+    allow_negative: bool = False
+    strict: bool = False
+    # 20%: the default (2, 1) has only 810 problems, and a held-out set needs ~150 of them.
+    eval_fraction: float = 0.2
+    system_prompt: str = SYSTEM_PROMPT
+    format_weight: float = 0.25
+
+    def __post_init__(self) -> None:
+        # YAML gives lists (and maybe an int for digits); keep the dataclass hashable.
+        digits = self.operand_digits
+        object.__setattr__(self, "operand_digits", (digits, digits) if isinstance(digits, int) else tuple(digits))
+        object.__setattr__(self, "operations", (self.operations,) if isinstance(self.operations, str) else tuple(self.operations))
+        if len(self.operand_digits) < 2 or not all(1 <= d <= 9 for d in self.operand_digits):
+            raise ThriftyError(f"arithmetic: operand_digits must list 2+ digit counts between 1 and 9; got {self.operand_digits}.")
+        bad = [op for op in self.operations if op not in _OPERATIONS]
+        if bad or not self.operations:
+            raise ThriftyError(f"arithmetic: operations must be some of {' '.join(_OPERATIONS)}; got {self.operations}.")
+
+    def rows(self, split: Split, n: int, seed: int = 0) -> list[Row]:
+        return sample_rows(self.name, split, n, seed, self.eval_fraction, self._make)
+
+    def check(self, completion: Any, row: Mapping[str, Any]) -> bool:
+        if self.strict:
+            text = completion_text(completion)
+            if "<answer>" not in text:
+                return False
+        return numeric_check(completion, row)
+
+    def reward_funcs(self) -> list[RewardFunc]:
+        return [CheckerReward(self.check, "arithmetic_correct"), regex_reward(ANSWER_ONLY_PATTERN, name="answer_format")]
+
+    def reward_weights(self) -> list[float]:
+        return [1.0, self.format_weight]
+
+    def _make(self, rng: random.Random) -> tuple[str, Row]:
+        while True:
+            operands = [_number(rng, d) for d in self.operand_digits]
+            ops = [rng.choice(self.operations) for _ in operands[1:]]
+            if "/" in ops and len(operands) == 2:
+                # Exact division: show (divisor * quotient) / divisor, both of the asked sizes.
+                operands[0] = operands[0] * max(operands[1], 1)
+                operands[1] = max(operands[1], 1)
+            expression = " ".join(x for pair in zip(map(str, operands), [*ops, ""]) for x in pair).strip()
+            result = safe_eval(expression)
+            if result is None or result.value.denominator != 1:
+                continue  # a zero divisor or an inexact division among 3+ operands: draw again
+            if result.value < 0 and not self.allow_negative:
+                continue
+            answer = int(result.value)
+            row = {"prompt": chat_prompt(self.system_prompt, f"What is {expression}?"), "answer": str(answer)}
+            return expression.replace(" ", ""), row
+
+
+def _number(rng: random.Random, digits: int) -> int:
+    # 1-digit operands are 1..9: "0 + 7" teaches nothing.
+    return rng.randint(1 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)

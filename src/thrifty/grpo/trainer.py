@@ -1,0 +1,571 @@
+"""GRPO: reinforcement learning from reward functions, as one loop you can read.
+
+    model, tokenizer = load_model()
+    task = get_task("arithmetic")
+    GRPOTrainer(model, tokenizer, config=GRPOConfig(task="arithmetic", max_steps=30)).train()
+
+Each step (see `_step`):
+  1. rollout: take per_device_train_batch_size prompts, sample num_generations
+     completions of each with the generation engine (live LoRA weights, no merge);
+  2. score: call every reward function (TRL's signature), weight and sum the rewards;
+  3. advantages: each completion's reward minus its group's mean (scaled by the std);
+     with dynamic_sampling, groups whose rewards are all equal are dropped and refilled
+     by sampling more prompts;
+  4. update: num_iterations optimizer updates of the clipped-surrogate loss (grpo_loss)
+     on the rollout's completions, in gradient_accumulation_steps micro-batches that
+     hold each prompt once, followed by its completions (grpo_batches). The
+     log-probs come from the final hidden states through selective_log_probs, so the
+     [tokens x vocab] logits never exist; old log-probs are computed only when
+     num_iterations > 1, reference log-probs (adapters off, or a frozen copy for full
+     fine-tuning) only when beta > 0.
+
+Generation seeds are a function of (seed, step, draw), so a resumed run samples the same
+completions as an uninterrupted one: exact resume needs only the weights, optimizer,
+data order and RNG state in the checkpoint.
+
+What a run leaves in output_dir: metrics.jsonl, completions.jsonl (a few completions per
+step with their rewards), rewards.png, checkpoint-{step}/, and adapter/ (PEFT format)
+or model/ (full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
+from thrifty.formats.atomic import remove_stale_temporaries
+from thrifty.kernels.attention import training_attention_kernel
+from thrifty.training.checkpoint import resume_from, save_checkpoint, save_trained_model, settings_must_match
+from thrifty.config_io import dump_yaml
+from thrifty.training.data import DataOrder, load_rows
+from thrifty.errors import ThriftyError
+from thrifty.grpo.evaluation import EvalResult, evaluate_rows
+from thrifty.generation.engine import generate_tokens, render_prompt
+from thrifty.grpo.batches import MicroBatch, completion_log_probs, pack_groups
+from thrifty.grpo.config import GRPOConfig
+from thrifty.grpo.loss import collect_informative_groups, combine_rewards, completion_mask, group_advantages, \
+    grpo_loss, reward_metrics
+from thrifty.formats.default_model import DEFAULT_MODEL_NAME
+from thrifty.layers.lora import disable_lora, trainable_parameters
+from thrifty.training.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
+from thrifty.model.decoder import CausalLM
+from thrifty.training.optim import MasterWeightAdamW
+from thrifty.layers.quant import weight_memory_bytes
+from thrifty.grpo.rewards import RewardFunc, call_reward_function, reward_function_name
+from thrifty.generation.sampling import SamplingParams
+from thrifty.training.schedule import lr_factor, warmup_steps_for
+from thrifty.grpo.tasks import Task, get_task
+from thrifty.model.tokenizer import Tokenizer
+from thrifty.training.setup import has_lora, method_name, prepare_model, set_seed
+
+# Settings a resumed run must share with its checkpoint to continue the same training.
+RESUME_MUST_MATCH = ("model_name_or_path", "dtype", "task", "task_settings", "num_train_prompts", "train_file",
+                     "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "use_rslora", "use_dora",
+                     "quantize", "per_device_train_batch_size", "num_generations", "seed", "dynamic_sampling")
+TIMING_KEYS = ("time/generation", "time/scoring", "time/training", "time/step", "rss_mb")
+
+
+def _print_now(text: str) -> None:
+    print(text, flush=True)
+
+
+@dataclass
+class Group:
+    """One prompt and its num_generations sampled completions, scored."""
+
+    row: dict[str, Any]
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    truncated: list[bool]
+    rewards: torch.Tensor  # [num_reward_funcs, G], NaN where a function returned None
+    correct: list[bool] | None  # the task's checker, when there is a task
+
+
+@dataclass
+class GRPOResult:
+    global_step: int
+    initial_eval: EvalResult | None
+    final_eval: EvalResult | None
+    output_path: Path | None
+    mean_reward_first: float | None  # of the first logged step
+    mean_reward_last: float | None
+    seconds: dict[str, float] = field(default_factory=dict)  # total generation / scoring / training
+    peak_rss_mb: float = 0.0
+
+
+class GRPOTrainer:
+    """GRPO fine-tuning of `model` with `reward_funcs` on the prompts of `train_dataset`.
+
+    train_dataset: rows (dicts) with a `prompt` (a string, or chat messages) and any other
+    columns, which reach the reward functions as keyword arguments (one value per
+    completion), as in TRL. None: config.train_file, or the rows of config.task.
+    reward_funcs: None with a task means the task's reward functions (and weights).
+    eval_dataset: held-out rows for accuracy (needs a task's checker); None with a task:
+    the first config.num_eval_samples of its eval split.
+    """
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, reward_funcs: Sequence[RewardFunc] | None = None,
+                 train_dataset: Sequence[dict[str, Any]] | str | None = None, config: GRPOConfig | None = None,
+                 eval_dataset: Sequence[dict[str, Any]] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.config = cfg = config or GRPOConfig()
+        self.tokenizer = tokenizer
+        self.log = log or _print_now
+        self.task: Task | None = get_task(cfg.task, **cfg.task_settings) if cfg.task else None
+        self.rows = self._train_rows(train_dataset)
+        self.reward_funcs = list(reward_funcs) if reward_funcs is not None else (
+            self.task.reward_funcs() if self.task is not None else [])
+        if not self.reward_funcs:
+            raise ThriftyError("GRPOTrainer needs reward functions: pass reward_funcs=[...] or set a built-in "
+                               "`task` in the config (it brings its own).")
+        self.reward_names = [reward_function_name(f) for f in self.reward_funcs]
+        self.reward_weights = cfg.reward_weights
+        if self.reward_weights is None and reward_funcs is None and self.task is not None:
+            self.reward_weights = self.task.reward_weights()
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ThriftyError(f"reward_weights has {len(self.reward_weights)} entries for "
+                               f"{len(self.reward_funcs)} reward functions ({', '.join(self.reward_names)}); "
+                               "give one weight per function, in order.")
+        self.eval_rows: list[dict[str, Any]] = list(eval_dataset) if eval_dataset is not None else (
+            self.task.rows("eval", cfg.num_eval_samples, seed=0)
+            if self.task is not None and cfg.num_eval_samples > 0 else [])
+        self.chat = tokenizer.chat_template is not None
+        set_seed(cfg.seed)  # before LoRA init, so adapters start the same in every run
+        self.model = prepare_model(model, cfg)
+        # The KL reference: with LoRA the same model with adapters off (no copy); for full
+        # fine-tuning a frozen copy of the starting weights.
+        self.ref_model: CausalLM | None = None
+        if cfg.beta > 0 and not has_lora(self.model):
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.order = DataOrder(len(self.rows), cfg.per_device_train_batch_size, seed=cfg.seed)
+        self.total_updates = cfg.max_steps * cfg.num_iterations
+        self.warmup_steps = warmup_steps_for(self.total_updates, cfg.warmup_steps, cfg.warmup_ratio)
+        self.optimizer = MasterWeightAdamW(self.model.named_parameters(), lr=cfg.learning_rate,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                           weight_decay=cfg.weight_decay)
+        self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+        self.output_dir = Path(cfg.output_dir)
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
+        self.completions_log = MetricsLog(self.output_dir / "completions.jsonl")
+        self.step = 0
+        self.updates = 0
+        self.seconds = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
+        self._prompt_cache: dict[int, list[int]] = {}
+        self._last_eval: EvalResult | None = None
+        self._unlogged: list[dict[str, Any]] = []  # step records since the last metrics.jsonl line
+
+    # ------------------------------------------------------------------ data
+
+    def _train_rows(self, source: Sequence[dict[str, Any]] | str | None) -> list[dict[str, Any]]:
+        cfg = self.config
+        if source is None and cfg.train_file is not None:
+            source = cfg.train_file
+        if source is None:
+            if self.task is None:
+                raise ThriftyError("no training prompts: pass train_dataset=rows, or set train_file or a built-in "
+                                   "`task` (e.g. task: arithmetic) in the config.")
+            return self.task.rows("train", cfg.num_train_prompts, seed=cfg.seed)
+        rows = load_rows(source) if isinstance(source, (str, Path)) else list(source)
+        where = f"{source}" if isinstance(source, (str, Path)) else "train_dataset"
+        if not rows:
+            raise ThriftyError(f"{where}: no rows; GRPO needs prompts to train on.")
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ThriftyError(f"{where} row {i + 1}: needs a `prompt` column (a string or chat messages); "
+                                   f"got {sorted(row) if isinstance(row, dict) else type(row).__name__}.")
+        return rows
+
+    def _prompt_ids(self, index: int) -> list[int]:
+        if index not in self._prompt_cache:
+            prompt = self.rows[index]["prompt"]
+            if not self.chat and not isinstance(prompt, str):
+                raise ThriftyError(f"train row {index + 1}: chat-message prompts need a tokenizer with a chat "
+                                   "template; this one has none. Use plain-text prompts.")
+            ids = render_prompt(self.tokenizer, prompt, self.chat, self.config.system_prompt)
+            limit = self.config.max_prompt_length
+            self._prompt_cache[index] = ids[-limit:] if limit else ids  # keep the end, where the question is
+        return self._prompt_cache[index]
+
+    # ------------------------------------------------------------------ rollout and scoring
+
+    def _generation_seed(self, draw: int) -> int:
+        # A pure function of (seed, step, draw): resumed runs sample the same completions.
+        return (self.config.seed * 1_000_003 + self.step * 1009 + draw) % (2**62)
+
+    def rollout(self, indices: list[int], draw: int = 0) -> list[Group]:
+        """Sample num_generations completions for each prompt and score them."""
+        cfg, G = self.config, self.config.num_generations
+        rows = [self.rows[i] for i in indices]
+        prompt_ids = [self._prompt_ids(i) for i in indices]
+        started = time.perf_counter()
+        self.model.eval()  # no dropout while sampling; generate_tokens runs under inference_mode
+        tokens, reasons = generate_tokens(self.model, prompt_ids, max_new_tokens=cfg.max_completion_length,
+                                          sampling=self.sampling, num_return_sequences=G,
+                                          seed=self._generation_seed(draw),
+                                          stop_token_ids=self.tokenizer.stop_token_ids,
+                                          pad_token_id=self.tokenizer.pad_token_id,
+                                          min_new_tokens=cfg.min_completion_length)
+        self.model.train()
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        scored = time.perf_counter()
+        self.seconds["generation"] += scored - started
+        per_function = self.score(rows, texts, tokens)
+        correct = None
+        if self.task is not None:
+            correct = [self.task.check(text, rows[i // G]) for i, text in enumerate(texts)]
+        self.seconds["scoring"] += time.perf_counter() - scored
+        return [Group(row=rows[g], prompt_ids=prompt_ids[g], completion_ids=tokens[g * G:(g + 1) * G],
+                      texts=texts[g * G:(g + 1) * G], truncated=[r == "length" for r in reasons[g * G:(g + 1) * G]],
+                      rewards=per_function[:, g * G:(g + 1) * G],
+                      correct=None if correct is None else correct[g * G:(g + 1) * G])
+                for g in range(len(rows))]
+
+    def score(self, rows: list[dict[str, Any]], texts: list[str], tokens: list[list[int]]) -> torch.Tensor:
+        """[num_funcs, N] rewards of the N = len(rows) * G completions (NaN for None).
+
+        As TRL: `prompts` are the dataset's prompts; completions are strings, or for chat
+        prompts an assistant message list; every other column is passed by name."""
+        G = self.config.num_generations
+        prompts = [row["prompt"] for row in rows for _ in range(G)]
+        completions: list[Any] = [t if isinstance(p, str) else [{"role": "assistant", "content": t}]
+                                  for p, t in zip(prompts, texts)]
+        keys = [k for k in rows[0] if k != "prompt"]
+        columns = {k: [row.get(k) for row in rows for _ in range(G)] for k in keys}
+        out = torch.empty(len(self.reward_funcs), len(texts))
+        for f, func in enumerate(self.reward_funcs):
+            values = call_reward_function(func, prompts, completions, tokens, columns)
+            out[f] = torch.tensor([float("nan") if v is None else v for v in values])
+        return out
+
+    def _combined(self, groups: list[Group]) -> torch.Tensor:
+        return combine_rewards(torch.cat([g.rewards for g in groups], dim=1), self.reward_weights)
+
+    def collect_groups(self) -> tuple[list[Group], list[Group], dict[str, float]]:
+        """(groups to train on, every group sampled this step, dynamic-sampling stats)."""
+        cfg = self.config
+        if not cfg.dynamic_sampling:
+            groups = self.rollout(self.order.next_batch())
+            return groups, groups, {}
+        drawn: list[Group] = []
+
+        def candidates() -> Iterator[tuple[list[Group], torch.Tensor]]:
+            for draw in range(cfg.max_dynamic_sampling_draws):
+                groups = self.rollout(self.order.next_batch(), draw)
+                drawn.extend(groups)
+                yield groups, self._combined(groups)
+
+        got = collect_informative_groups(candidates(), cfg.num_generations, cfg.per_device_train_batch_size,
+                                         cfg.max_dynamic_sampling_draws)
+        stats = {"dynamic_sampling/draws": got.num_draws, "dynamic_sampling/discarded_groups": got.num_discarded,
+                 "dynamic_sampling/kept_groups": len(got.groups)}
+        return got.groups, drawn, stats
+
+    # ------------------------------------------------------------------ log-probs and update
+
+    def micro_batches(self, groups: list[Group], advantages: torch.Tensor) -> list[MicroBatch]:
+        prompts = [g.prompt_ids for g in groups for _ in g.completion_ids]
+        completions = [c for g in groups for c in g.completion_ids]
+        truncated = torch.tensor([t for g in groups for t in g.truncated])
+        chunks = torch.arange(len(completions)).tensor_split(self.config.gradient_accumulation_steps)
+        return [self._micro_batch([prompts[i] for i in idx], [completions[i] for i in idx], truncated[idx],
+                                  advantages[idx]) for idx in chunks if len(idx)]
+
+    def _micro_batch(self, prompts: list[list[int]], completions: list[list[int]], truncated: torch.Tensor,
+                     advantages: torch.Tensor) -> MicroBatch:
+        lengths = torch.tensor([len(c) for c in completions])
+        mask = completion_mask(lengths, int(lengths.max()), truncated, self.config.mask_truncated_completions)
+        return pack_groups(prompts, completions, mask, advantages, pad_token_id=self.tokenizer.pad_token_id,
+                           sliding_window=self.model.config.sliding_window, device=self.model.device)
+
+    def log_probs(self, batch: MicroBatch, model: CausalLM | None = None) -> torch.Tensor:
+        """[B, T] log-probs of the completion tokens (at the sampling temperature)."""
+        model = model or self.model
+        with training_attention_kernel(batch.input_ids.shape[1], batch.input_ids.device):
+            return completion_log_probs(model, batch, self.config.temperature)
+
+    @torch.no_grad()
+    def reference_log_probs(self, batch: MicroBatch) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self.log_probs(batch, self.ref_model)
+        with disable_lora(self.model):
+            return self.log_probs(batch)
+
+    def update(self, batches: list[MicroBatch]) -> dict[str, float]:
+        """num_iterations optimizer updates on the step's micro-batches; their metrics."""
+        cfg = self.config
+        # Old log-probs are only needed when the same rollout is reused: with one
+        # iteration they equal the current ones (grpo_loss then uses logp.detach()).
+        with torch.no_grad():
+            old = [self.log_probs(b) for b in batches] if cfg.num_iterations > 1 else [None] * len(batches)
+        ref = [self.reference_log_probs(b) for b in batches] if cfg.beta > 0 else [None] * len(batches)
+        # dapo: normalise by the loss tokens of the whole optimizer step (all micro-batches).
+        items = sum(float(b.completion_mask.sum()) for b in batches)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        grad_norm, lr = 0.0, cfg.learning_rate
+        for _ in range(cfg.num_iterations):
+            lr = cfg.learning_rate * lr_factor(self.updates, self.total_updates, self.warmup_steps,
+                                               cfg.lr_scheduler_type)
+            self.optimizer.set_lr(lr)
+            for batch, old_logp, ref_logp in zip(batches, old, ref):
+                logp = self.log_probs(batch)
+                loss, metrics = grpo_loss(
+                    logp, old_logp, ref_logp, batch.advantages, batch.completion_mask, loss_type=cfg.loss_type,
+                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                    max_completion_length=cfg.max_completion_length, num_items_in_batch=items,
+                    gradient_accumulation_steps=len(batches))
+                loss.backward()
+                for key, value in metrics.items():
+                    if value == value and key != "num_tokens":  # skip NaN extremes
+                        sums[key] = sums.get(key, 0.0) + value
+                        counts[key] = counts.get(key, 0) + 1
+            grad_norm = self.optimizer.step(cfg.max_grad_norm)
+            self.optimizer.zero_grad()
+            self.updates += 1
+        out = {k: sums[k] / counts[k] for k in sums}
+        out["loss"] = out.pop("policy_loss", 0.0)
+        out.update(grad_norm=float(grad_norm), lr=lr)
+        return out
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> GRPOResult:
+        cfg, model = self.config, self.model
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.output_dir)
+        resumed = self._maybe_resume()
+        self.log(self._describe_run())
+        initial_eval = None
+        if not resumed:
+            self.metrics.start_fresh()
+            self.completions_log.start_fresh()
+            if cfg.eval_on_start:
+                initial_eval = self.evaluate()
+                if initial_eval is not None:
+                    self.metrics.write({"step": 0, "eval_accuracy": initial_eval.accuracy})
+                    self.log(f"held-out before training: {initial_eval.summary()}")
+        if cfg.gradient_checkpointing:  # acts only where gradients are on: not in generation
+            enable_activation_checkpointing(model, keep_mlp_outputs=cfg.gradient_checkpointing_keep_mlp,
+                                            keep_attention_outputs=cfg.gradient_checkpointing_keep_attention)
+        progress = ProgressBar(cfg.max_steps, self.step, cfg.disable_tqdm, desc="grpo")
+        try:
+            while self.step < cfg.max_steps:
+                record = self._step()
+                progress.advance(self._postfix(record))
+                if "eval_accuracy" in record:
+                    progress.write(f"step {self.step}: held-out accuracy {record['eval_accuracy']:.1%}")
+                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            if cfg.gradient_checkpointing:
+                disable_activation_checkpointing(model)
+        model.eval()
+        records = self.metrics.read()
+        plot_metrics(records, self.output_dir / "rewards.png", ["reward", "accuracy", "eval_accuracy"],
+                     title=f"GRPO: {self._method_name()}", ylabel="reward / accuracy")
+        output = self.save_model()
+        final_eval = self._last_eval
+        rewards = [r["reward"] for r in records if "reward" in r]
+        result = GRPOResult(global_step=self.step, initial_eval=initial_eval, final_eval=final_eval,
+                            output_path=output, mean_reward_first=rewards[0] if rewards else None,
+                            mean_reward_last=rewards[-1] if rewards else None, seconds=dict(self.seconds),
+                            peak_rss_mb=peak_rss_bytes() / 2**20)
+        self.log(self._summary(result))
+        if initial_eval is not None and final_eval is not None:
+            self.log(before_and_after(initial_eval, final_eval))
+        return result
+
+    def _step(self) -> dict[str, Any]:
+        """One GRPO step: rollout, score, advantages, update; returns the metrics record."""
+        cfg, G = self.config, self.config.num_generations
+        started = time.perf_counter()
+        before = dict(self.seconds)
+        groups, drawn, stats = self.collect_groups()
+        record: dict[str, Any] = {"step": self.step + 1}
+        record.update(reward_metrics(torch.cat([g.rewards for g in drawn], dim=1), self.reward_names, G,
+                                     self.reward_weights))
+        record.update(self._completion_stats(drawn))
+        record.update(stats)
+        train_started = time.perf_counter()
+        if groups:
+            rewards = self._combined(groups)
+            advantages = group_advantages(rewards, G, cfg.scale_rewards)
+            record.update(self.update(self.micro_batches(groups, advantages)))
+            self._log_completions(groups, rewards, advantages)
+        else:
+            self.log(f"step {self.step + 1}: every sampled group had equal rewards; no update")
+        self.seconds["training"] += time.perf_counter() - train_started
+        self.step += 1
+        last = self.step == cfg.max_steps
+        for key in self.seconds:
+            record[f"time/{key}"] = round(self.seconds[key] - before[key], 3)
+        record["time/step"] = round(time.perf_counter() - started, 3)
+        record["rss_mb"] = round(rss_bytes() / 2**20, 1)
+        if (cfg.eval_steps and self.step % cfg.eval_steps == 0) or last:
+            result = self.evaluate()
+            if result is not None:
+                record["eval_accuracy"] = result.accuracy
+        self._unlogged.append(record)
+        if self.step % cfg.logging_steps == 0 or last or "eval_accuracy" in record:
+            self.metrics.write(average_records(self._unlogged))
+            self._unlogged = []
+        return record
+
+    def _completion_stats(self, groups: list[Group]) -> dict[str, float]:
+        lengths = [len(c) for g in groups for c in g.completion_ids]
+        truncated = [t for g in groups for t in g.truncated]
+        out = {"completions/mean_length": sum(lengths) / len(lengths), "completions/max_length": max(lengths),
+               "completions/clipped_ratio": sum(truncated) / len(truncated)}
+        if self.task is not None:
+            correct = [c for g in groups for c in (g.correct or [])]
+            out["accuracy"] = sum(correct) / max(len(correct), 1)
+        return out
+
+    def _log_completions(self, groups: list[Group], rewards: torch.Tensor, advantages: torch.Tensor) -> None:
+        G, n = self.config.num_generations, min(self.config.log_completions, len(groups) * self.config.num_generations)
+        for i in range(n):
+            g, j = i % len(groups), i // len(groups)  # the first completion of each group, then the second...
+            group, flat = groups[g], g * G + j
+            prompt = group.row["prompt"]
+            self.completions_log.write({
+                "step": self.step + 1, "prompt": prompt if isinstance(prompt, str) else str(prompt[-1].get("content", "")),
+                "completion": group.texts[j], "reward": _nan_to_none(rewards[flat].item()),
+                "rewards": {name: _nan_to_none(group.rewards[f, j].item()) for f, name in enumerate(self.reward_names)},
+                "advantage": round(advantages[flat].item(), 4),
+                **({"correct": group.correct[j]} if group.correct is not None else {})})
+
+    def evaluate(self) -> EvalResult | None:
+        """Greedy held-out accuracy with the task's checker (None without a task or eval rows)."""
+        if self.task is None or not self.eval_rows:
+            return None
+        result = evaluate_rows(self.model, self.tokenizer, self.task, self.eval_rows,
+                               max_new_tokens=self.config.max_completion_length, seed=self.config.seed,
+                               system_prompt=self.config.system_prompt)
+        self.model.train()
+        self._last_eval = result
+        return result
+
+    # ------------------------------------------------------------------ saving and resuming
+
+    def base_model_name(self) -> str:
+        return self.config.model_name_or_path or DEFAULT_MODEL_NAME
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "updates": self.updates, "max_steps": self.config.max_steps,
+                 "data_order": self.order.state_dict(), "unlogged": self._unlogged}
+        return save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer,
+                               optimizer_state=self.optimizer.state_dict(), trainer_state=state,
+                               config_yaml=dump_yaml(self.config), base_model_name_or_path=self.base_model_name(),
+                               save_total_limit=self.config.save_total_limit)
+
+    def save_model(self) -> Path:
+        return save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name())
+
+    def _maybe_resume(self) -> bool:
+        checkpoint = resume_from(self.config.resume_from_checkpoint, self.output_dir, self.model, self.optimizer,
+                                 settings_must_match(self.config, RESUME_MUST_MATCH))
+        if checkpoint is None:
+            return False
+        state, path = checkpoint.trainer_state, checkpoint.path
+        self.order.load_state_dict(state["data_order"])
+        self.step, self.updates = int(state["step"]), int(state["updates"])
+        if self.step > self.config.max_steps:
+            raise ThriftyError(f"{path} is at step {self.step}, past this run's max_steps = "
+                               f"{self.config.max_steps}; raise max_steps to train further.")
+        self.metrics.keep_until(self.step)
+        self.completions_log.keep_until(self.step)
+        self._unlogged = state.get("unlogged", [])
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------ reporting
+
+    def _method_name(self) -> str:
+        return method_name(self.model, self.config.quantize)
+
+    def _describe_run(self) -> str:
+        cfg = self.config
+        source = f"task {cfg.task!r}" if self.task is not None else "prompts"
+        return (f"GRPO ({self._method_name()}) of {self.base_model_name()} [{cfg.dtype}, base weights "
+                f"{weight_memory_bytes(self.model) / 2**20:.0f} MB]: {trainable_parameters(self.model)}\n"
+                f"  {len(self.rows)} train {source}, {len(self.eval_rows)} held out; {cfg.max_steps} steps of "
+                f"{cfg.per_device_train_batch_size} prompts x {cfg.num_generations} completions (<= "
+                f"{cfg.max_completion_length} tokens), rewards: {', '.join(self.reward_names)}; "
+                f"lr {cfg.learning_rate:g}, beta {cfg.beta:g}, loss {cfg.loss_type}; output in {self.output_dir}")
+
+    @staticmethod
+    def _postfix(record: dict[str, Any]) -> str:
+        parts = [f"reward={record['reward']:.3f}±{record['reward_std']:.2f}"]
+        if "accuracy" in record:
+            parts.append(f"acc={record['accuracy']:.2f}")
+        parts.append(f"len={record['completions/mean_length']:.0f}")
+        if "kl" in record:
+            parts.append(f"kl={record['kl']:.4f}")
+        if "clip_ratio/region_mean" in record:
+            parts.append(f"clip={record['clip_ratio/region_mean']:.3f}")
+        parts.append(f"gen/score/train={record['time/generation']:.1f}/{record['time/scoring']:.2f}/"
+                     f"{record['time/training']:.1f}s")
+        return " ".join(parts)
+
+    def _summary(self, result: GRPOResult) -> str:
+        parts = [f"done: {result.global_step} steps"]
+        if result.mean_reward_first is not None:
+            parts.append(f"reward {result.mean_reward_first:.3f} (first step) -> {result.mean_reward_last:.3f} (last)")
+        if result.initial_eval is not None and result.final_eval is not None:
+            parts.append(f"held-out accuracy {result.initial_eval.accuracy:.1%} -> {result.final_eval.accuracy:.1%}")
+        elif result.final_eval is not None:
+            parts.append(f"held-out accuracy {result.final_eval.accuracy:.1%}")
+        total = sum(result.seconds.values())
+        parts.append("time " + " / ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()) + f" (total {total:.0f}s)")
+        parts.append(f"peak RSS {result.peak_rss_mb:.0f} MB")
+        if result.output_path is not None:
+            parts.append(f"saved {result.output_path}")
+        return "; ".join(parts)
+
+
+def average_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metrics line for a logging window, as TRL logs: each metric's mean over the
+    steps that have it (None and NaN skipped), the last step's number, the peak RSS."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for r in records for k in r):
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+        if key == "step":
+            out[key] = records[-1]["step"]
+        elif key == "rss_mb" or key.endswith("/max_length") or key.endswith("_max"):
+            out[key] = max(values) if values else None
+        elif key.endswith("_min"):
+            out[key] = min(values) if values else None
+        else:
+            out[key] = sum(values) / len(values) if values else None
+    return out
+
+
+def before_and_after(before: EvalResult, after: EvalResult) -> str:
+    """The first held-out problems with the greedy answers before and after training."""
+    lines = ["held-out examples, before -> after training:"]
+    for old, new in zip(before.examples, after.examples):
+        prompt = old["prompt"]
+        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        lines.append(f"  {question}")
+        for when, example in (("before", old), ("after ", new)):
+            verdict = "right" if example["correct"] else "wrong"
+            lines.append(f"    {when} [{verdict}] {_one_line(example['completion'])}")
+    return "\n".join(lines)
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if value != value else round(value, 4)

@@ -1,0 +1,125 @@
+"""Thrifty's C++ kernels (src/thrifty/native/), compiled once for this machine's CPU.
+
+`scripts/install.sh` builds them; otherwise the first use does (~40 s with g++).
+Each build lives in the Python environment (`<sys.prefix>/var/thrifty-native`), and
+PyTorch's extension loader rebuilds it when the source or the torch version changes.
+Where a kernel cannot be built or this CPU lacks what it needs, callers get None and
+use PyTorch's kernels instead: same results, slower. THRIFTY_NATIVE=0 forces that.
+The kernels need AVX-512 BF16. Where the CPU also has AMX, the attention and decoding
+matmuls run on it; THRIFTY_NATIVE_AMX=0 makes them use their AVX-512 BF16 versions.
+
+    python -c "import thrifty.kernels.native as n; n.main()"   # build now, report what runs
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent / "csrc"  # *.cpp compile into one module
+
+
+def build_directory() -> Path:
+    override = os.environ.get("THRIFTY_NATIVE_BUILD_DIR")
+    root = Path(override) if override else Path(sys.prefix) / "var" / "thrifty-native"
+    return root / f"torch-{torch.__version__}"
+
+
+@functools.cache
+def native_module() -> ModuleType | None:
+    """The compiled module (module.cpp), or None where its kernels cannot run."""
+    if os.environ.get("THRIFTY_NATIVE") == "0" or not sys.platform.startswith("linux"):
+        return None
+    try:
+        module = _build("thrifty_native", sorted(SOURCE_DIR.glob("*.cpp")))
+    except Exception as error:  # no compiler, other torch headers, ...: fall back, say why
+        warnings.warn(f"Thrifty's native kernels could not be built ({error}); "
+                      "training uses PyTorch's slower ops instead.", stacklevel=2)
+        return None
+    return module if module.avx512_bf16() else None
+
+
+def attention_backward() -> ModuleType | None:
+    """The module if its `attention_backward` runs here."""
+    return native_module()
+
+
+def attention_forward() -> ModuleType | None:
+    """The module if its `attention_forward` (the training forward) runs here."""
+    return native_module()
+
+
+def decode_linear() -> ModuleType | None:
+    """The module if its `decode_linear` runs here."""
+    return native_module()
+
+
+def decode_attention() -> ModuleType | None:
+    """The module if its `decode_attention` runs here."""
+    return native_module()
+
+
+def sampling() -> ModuleType | None:
+    """The module if its `sample_tokens` runs here."""
+    return native_module()
+
+
+def token_log_probs() -> ModuleType | None:
+    """The module if its `token_log_probs` runs here."""
+    return native_module()
+
+
+def elementwise() -> ModuleType | None:
+    """The module if its RMSNorm, SwiGLU and RoPE kernels run here."""
+    return native_module()
+
+
+def _build(name: str, sources: list[Path]) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    # One directory per version of the sources (headers included, which PyTorch's
+    # loader does not hash), so an edit never reuses a stale build.
+    files = sorted(path for path in SOURCE_DIR.iterdir() if path.suffix in (".cpp", ".h"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
+    directory = build_directory() / f"{name}-{digest[:12]}"
+    if not directory.exists():
+        log.warning("compiling Thrifty's native kernels for this CPU (once, ~40 s)")
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    # -march=native: the build is for this machine only (it lives in its environment).
+    # -fopenmp compiles at::parallel_for's OpenMP loop; the runtime is the libgomp torch
+    # has already loaded, so nothing extra is linked.
+    module = load(name=name, sources=[str(source) for source in sources], build_directory=str(directory),
+                  extra_cflags=["-O3", "-march=native", "-fopenmp",
+                                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"])
+    log.info("native kernels %s ready in %.0f s", name, time.perf_counter() - started)
+    return module
+
+
+def main() -> None:
+    started = time.perf_counter()
+    kernels = {"attention forward": attention_forward(), "attention backward": attention_backward(),
+               "decoding matmuls": decode_linear(),
+               "decoding attention": decode_attention(), "sampling": sampling(),
+               "token log-probs": token_log_probs(),
+               "RMSNorm, SwiGLU and RoPE": elementwise()}
+    elapsed = time.perf_counter() - started
+    uses_amx = {"attention forward": "attention_uses_amx", "attention backward": "attention_uses_amx",
+                "decoding matmuls": "decode_linear_uses_amx"}  # kernels with an AMX and an AVX-512 version
+    for name, module in kernels.items():
+        state = "available" if module is not None else "not available here (PyTorch's ops are used)"
+        if module is not None and name in uses_amx:
+            state += " (AMX)" if getattr(module, uses_amx[name])() else " (AVX-512 BF16)"
+        print(f"native {name}: {state}")
+    print(f"({elapsed:.0f} s)")

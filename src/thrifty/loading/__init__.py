@@ -1,1 +1,0 @@
-"""Loading models and tokenizers from Hugging Face directories and GGUF files."""

@@ -1,0 +1,360 @@
+"""Supervised fine-tuning: full, LoRA and QLoRA, with one readable loop.
+
+    model, tokenizer = load_model()
+    config = SFTConfig(train_file="examples/data/answer_style.jsonl", eval_split=0.1, max_steps=60)
+    SFTTrainer(model, tokenizer, config).train()
+
+Each optimizer step takes `gradient_accumulation_steps` micro-batches of
+`per_device_train_batch_size` examples (or packed sequences), runs the chunked loss on
+the final hidden states (the [tokens x vocab] logits are never built), and divides
+every micro-batch's summed loss by the labelled-token count of the whole step: the
+result, and the gradient, are exactly those of one big batch. Then: clip, AdamW,
+learning-rate schedule, logging, evaluation, checkpoint.
+
+What a run leaves in output_dir: metrics.jsonl, loss.png, checkpoint-{step}/ (see
+thrifty.training.checkpoint), samples.json (generations before/after) and the result:
+adapter/ (PEFT format) for LoRA, model/ (a Hugging Face directory) for full training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
+from thrifty.kernels.attention import training_attention_kernel
+from thrifty.formats.atomic import remove_stale_temporaries
+from thrifty.training.checkpoint import resume_from, save_checkpoint, save_trained_model, settings_must_match
+from thrifty.config_io import dump_yaml
+from thrifty.training.data import DataOrder
+from thrifty.errors import ThriftyError
+from thrifty.generation.engine import generate
+from thrifty.formats.default_model import DEFAULT_MODEL_NAME
+from thrifty.layers.lora import trainable_parameters
+from thrifty.training.losses import chunked_cross_entropy
+from thrifty.training.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
+from thrifty.model.decoder import CausalLM
+from thrifty.training.optim import MasterWeightAdamW
+from thrifty.layers.quant import weight_memory_bytes
+from thrifty.training.schedule import lr_factor, warmup_steps_for
+from thrifty.sft.config import SFTConfig
+from thrifty.sft.data import Batch, DatasetLike, SFTData, load_sft_data
+from thrifty.model.tokenizer import Tokenizer
+from thrifty.training.setup import method_name, prepare_model, set_seed
+
+# Settings a resumed run must share with the checkpoint, or it would not continue
+# the same training (the data order itself is checked separately).
+RESUME_MUST_MATCH = ("model_name_or_path", "dtype", "use_lora", "lora_r", "lora_alpha", "lora_target_modules",
+                     "use_rslora", "use_dora", "quantize", "per_device_train_batch_size",
+                     "gradient_accumulation_steps", "packing", "max_length", "seed", "format",
+                     "completion_only_loss", "eval_split")
+
+
+def sft_loss(model: CausalLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, labelled tokens) of one batch; labels come shifted."""
+    batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+    input_ids = batch["input_ids"]
+    with training_attention_kernel(input_ids.shape[1], input_ids.device):
+        hidden = model.hidden_states(input_ids, batch["positions"], batch.get("mask"))
+    return chunked_cross_entropy(hidden, model.lm_head.weight, batch["labels"])
+
+
+def _print_now(text: str) -> None:
+    print(text, flush=True)  # interleaves correctly with the progress bar on stderr
+
+
+@dataclass
+class LogWindow:
+    """Sums over the optimizer steps since the last log line. Part of the checkpoint,
+    so a resumed run logs the same averages. Throughput counts the steps' own time,
+    not the evaluations and checkpoint saves in between."""
+
+    loss_sum: float = 0.0
+    labels: int = 0
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss_sum: float, labels: int, tokens: int, seconds: float) -> None:
+        self.loss_sum += loss_sum
+        self.labels += labels
+        self.tokens += tokens
+        self.steps += 1
+        self.seconds += seconds
+
+    def flush(self) -> dict[str, float]:
+        out = {"loss": self.loss_sum / max(self.labels, 1),
+               "tokens_per_sec": round(self.tokens / max(self.seconds, 1e-9), 1)}
+        self.loss_sum, self.labels, self.tokens, self.steps, self.seconds = 0.0, 0, 0, 0, 0.0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum, "labels": self.labels, "tokens": self.tokens, "steps": self.steps,
+                "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum, self.labels = float(state["loss_sum"]), int(state["labels"])
+        self.tokens, self.steps, self.seconds = int(state["tokens"]), int(state["steps"]), float(state["seconds"])
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    train_loss: float | None  # of the last logging window
+    eval_loss: float | None  # at the end
+    initial_eval_loss: float | None  # before training (eval_on_start), if computed
+    tokens_per_sec: float  # real (non-padding) tokens per second of training, this process
+    peak_rss_mb: float
+    output_path: Path | None  # adapter/ or model/
+    samples_before: list[str]
+    samples_after: list[str]
+
+
+class SFTTrainer:
+    """Supervised fine-tuning of `model` on `train_dataset` (or config.train_file).
+
+    train_dataset / eval_dataset: a file path, a list of row dicts (text, prompt +
+    completion, chat messages or Alpaca), or pre-tokenized TokenizedExamples.
+    The model is prepared as the config says (quantized and/or given LoRA adapters, in
+    place) unless it already has LoRA layers, which are then trained as they are.
+    `log` receives the human-readable report lines (default: print).
+    """
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, config: SFTConfig | None = None,
+                 train_dataset: DatasetLike | None = None, eval_dataset: DatasetLike | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.config = config or SFTConfig()
+        self.tokenizer = tokenizer
+        self.log = log or _print_now
+        set_seed(self.config.seed)  # before LoRA init, so adapters start the same in every run
+        self.model = prepare_model(model, self.config)
+        self.data: SFTData = load_sft_data(self.config, tokenizer, train_dataset, eval_dataset,
+                                           model.config.sliding_window)
+        self.output_dir = Path(self.config.output_dir)
+        self.order = DataOrder(len(self.data.train_items), self.config.per_device_train_batch_size,
+                               seed=self.config.seed)
+        self.total_steps = self._total_steps()
+        self.warmup_steps = warmup_steps_for(self.total_steps, self.config.warmup_steps, self.config.warmup_ratio)
+        cfg = self.config
+        self.optimizer = MasterWeightAdamW(self.model.named_parameters(), lr=cfg.learning_rate,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                           weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.window = LogWindow()
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        cfg, model = self.config, self.model
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.output_dir)
+        resumed = self._maybe_resume()
+        self.log(self._describe_run())
+        before: list[str] = []
+        initial_eval = None
+        if not resumed:
+            self.metrics.start_fresh()
+            before = self._sample("before training")
+            if cfg.eval_on_start and self.data.eval_examples:
+                initial_eval = self.evaluate()
+                self.metrics.write({"step": 0, "epoch": 0.0, "eval_loss": initial_eval})
+                self.log(f"eval loss before training: {initial_eval:.4f}")
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(model, keep_mlp_outputs=cfg.gradient_checkpointing_keep_mlp,
+                                            keep_attention_outputs=cfg.gradient_checkpointing_keep_attention)
+        model.train()
+        progress = ProgressBar(self.total_steps, self.step, cfg.disable_tqdm, desc="sft")
+        last_loss = eval_loss = None
+        train_tokens, train_seconds = 0, 0.0
+        try:
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps,
+                                                   cfg.lr_scheduler_type)
+                self.optimizer.set_lr(lr)
+                batches = [self.data.train_batch(self.order.next_batch())
+                           for _ in range(cfg.gradient_accumulation_steps)]
+                loss_sum, grad_norm = self.training_step(batches)
+                self.step += 1
+                labels, tokens = sum(b.num_labels for b in batches), sum(b.num_tokens for b in batches)
+                seconds = time.perf_counter() - started
+                train_tokens, train_seconds = train_tokens + tokens, train_seconds + seconds
+                progress.update(loss_sum / max(labels, 1), tokens / seconds, lr)
+                self.window.add(loss_sum, labels, tokens, seconds)
+
+                record = self._log_and_evaluate(lr, grad_norm)
+                last_loss = record.get("loss", last_loss)
+                eval_loss = record.get("eval_loss", eval_loss)
+                if "eval_loss" in record:
+                    progress.write(f"step {self.step}: eval loss {record['eval_loss']:.4f}")
+                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            if cfg.gradient_checkpointing:
+                disable_activation_checkpointing(model)
+        model.eval()
+        plot_metrics(self.metrics.read(), self.output_dir / "loss.png", ["loss", "eval_loss"],
+                     title=f"SFT: {self._method_name()}", ylabel="cross-entropy (nats/token)")
+        output = self.save_model()
+        after = self._sample("after training")
+        self._save_samples(before, after)
+        result = TrainResult(
+            global_step=self.step, train_loss=last_loss, eval_loss=eval_loss, initial_eval_loss=initial_eval,
+            tokens_per_sec=train_tokens / train_seconds if train_seconds else 0.0,
+            peak_rss_mb=peak_rss_bytes() / 2**20, output_path=output, samples_before=before, samples_after=after)
+        self.log(self._summary(result))
+        return result
+
+    def _log_and_evaluate(self, lr: float, grad_norm: float) -> dict[str, Any]:
+        """After a step: the metrics.jsonl record due now (train stats every logging_steps,
+        eval loss every eval_steps, both at the last step); empty if nothing is due."""
+        cfg, last = self.config, self.step == self.total_steps
+        record: dict[str, Any] = {}
+        if self.step % cfg.logging_steps == 0 or last:
+            record.update(self.window.flush())
+            record.update(lr=lr, grad_norm=grad_norm, rss_mb=round(rss_bytes() / 2**20, 1))
+        if self.data.eval_examples and ((cfg.eval_steps and self.step % cfg.eval_steps == 0) or last):
+            record["eval_loss"] = self.evaluate()
+        if record:
+            self.metrics.write({"step": self.step, "epoch": round(self.epoch, 4), **record})
+        return record
+
+    def training_step(self, batches: list[Batch]) -> tuple[float, float]:
+        """One optimizer step over the micro-batches; returns (summed loss, grad norm)."""
+        loss_sum = self.accumulate_gradients(batches)
+        grad_norm = self.optimizer.step(self.config.max_grad_norm)
+        self.optimizer.zero_grad()
+        return loss_sum, grad_norm
+
+    def accumulate_gradients(self, batches: list[Batch]) -> float:
+        """Forward and backward over the micro-batches of one step; returns the summed loss.
+
+        Dividing each micro-batch's loss *sum* by the token count of the whole step
+        (not by its own count) weights every token equally, however the tokens fall
+        into micro-batches: the same loss and gradient as one batch of them all.
+        """
+        total_labels = max(sum(b.num_labels for b in batches), 1)
+        loss_sum = 0.0
+        for batch in batches:
+            loss, _ = sft_loss(self.model, batch.tensors)
+            (loss / total_labels).backward()
+            loss_sum += loss.item()
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted mean loss over the eval examples (dropout off)."""
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, labels = 0.0, 0
+        for batch in self.data.eval_batches(self.config.per_device_eval_batch_size):
+            loss, count = sft_loss(self.model, batch.tensors)
+            loss_sum, labels = loss_sum + loss.item(), labels + int(count)
+        self.model.train(was_training)
+        return loss_sum / max(labels, 1)
+
+    @property
+    def epoch(self) -> float:
+        return self.order.epoch + self.order.position / self.order.num_items
+
+    def _total_steps(self) -> int:
+        cfg = self.config
+        if cfg.max_steps > 0:
+            return cfg.max_steps
+        micro_batches = cfg.num_train_epochs * self.order.batches_per_epoch
+        return max(1, math.ceil(micro_batches / cfg.gradient_accumulation_steps))
+
+    # ------------------------------------------------------------------ saving
+
+    def base_model_name(self) -> str:
+        return self.config.model_name_or_path or DEFAULT_MODEL_NAME
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "epoch": self.epoch, "total_steps": self.total_steps,
+                 "data_order": self.order.state_dict(), "log_window": self.window.state_dict(),
+                 "schedule": {"type": self.config.lr_scheduler_type, "warmup_steps": self.warmup_steps}}
+        return save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer,
+                               optimizer_state=self.optimizer.state_dict(), trainer_state=state,
+                               config_yaml=dump_yaml(self.config), base_model_name_or_path=self.base_model_name(),
+                               save_total_limit=self.config.save_total_limit)
+
+    def save_model(self) -> Path:
+        return save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name())
+
+    # ------------------------------------------------------------------ resuming
+
+    def _maybe_resume(self) -> bool:
+        checkpoint = resume_from(self.config.resume_from_checkpoint, self.output_dir, self.model, self.optimizer,
+                                 settings_must_match(self.config, RESUME_MUST_MATCH))
+        if checkpoint is None:
+            return False
+        state, path = checkpoint.trainer_state, checkpoint.path
+        self.order.load_state_dict(state["data_order"])
+        self.window.load_state_dict(state["log_window"])
+        self.step = int(state["step"])
+        if self.step > self.total_steps:
+            raise ThriftyError(f"{path} is at step {self.step}, past this run's {self.total_steps} steps; raise "
+                               "max_steps or num_train_epochs to train further.")
+        self.metrics.keep_until(self.step)
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------ reporting
+
+    def _method_name(self) -> str:
+        return method_name(self.model, self.config.quantize)
+
+    def _describe_run(self) -> str:
+        cfg = self.config
+        items = "packed sequences" if self.data.packed else "examples"
+        return (f"SFT ({self._method_name()}) of {self.base_model_name()} [{str(self.model.dtype).removeprefix('torch.')}, base weights "
+                f"{weight_memory_bytes(self.model) / 2**20:.0f} MB]: {trainable_parameters(self.model)}\n"
+                f"  {len(self.data.train_items)} train {items}, {len(self.data.eval_examples)} eval examples; "
+                f"{self.total_steps} steps of {cfg.per_device_train_batch_size} x "
+                f"{cfg.gradient_accumulation_steps} (batch x accumulation), lr {cfg.learning_rate:g} "
+                f"{cfg.lr_scheduler_type}; output in {self.output_dir}")
+
+    def _sample(self, when: str) -> list[str]:
+        """Greedy generations on the held-out prompts, printed."""
+        prompts = self.data.held_out_prompts
+        if not prompts or self.tokenizer is None:
+            return []
+        was_training = self.model.training
+        self.model.eval()
+        chat = self.tokenizer.chat_template is not None
+        completions = generate(self.model, self.tokenizer, prompts, max_new_tokens=self.config.sample_max_new_tokens,
+                               temperature=0.0, seed=self.config.seed, chat=chat)
+        self.model.train(was_training)
+        texts = [c.text for c in completions]
+        lines = [f"--- samples {when} ---"]
+        for prompt, text in zip(prompts, texts):
+            shown = prompt if isinstance(prompt, str) else prompt[-1].get("content", "")
+            lines += [f"> {shown}", f"  {text.strip()}"]
+        self.log("\n".join(lines))
+        return texts
+
+    def _save_samples(self, before: list[str], after: list[str]) -> None:
+        if not after:
+            return
+        rows = [{"prompt": p, "before": b, "after": a}
+                for p, b, a in zip(self.data.held_out_prompts, before or [None] * len(after), after)]
+        (self.output_dir / "samples.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
+
+    def _summary(self, result: TrainResult) -> str:
+        parts = [f"done: {result.global_step} steps, {result.tokens_per_sec:.0f} tokens/s, "
+                 f"peak RSS {result.peak_rss_mb:.0f} MB"]
+        if result.eval_loss is not None:
+            start = f"{result.initial_eval_loss:.4f} -> " if result.initial_eval_loss is not None else ""
+            parts.append(f"eval loss {start}{result.eval_loss:.4f}")
+        if result.output_path is not None:
+            parts.append(f"saved {result.output_path}")
+        return "; ".join(parts)

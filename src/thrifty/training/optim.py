@@ -1,0 +1,103 @@
+"""AdamW whose weights and state are float32, whatever dtype the model trains in.
+
+LoRA adapters are float32 already (thrifty.layers.lora), so for LoRA/QLoRA this is plain
+torch AdamW. For full fine-tuning in bfloat16 it keeps a float32 master copy of every
+trainable weight: an update of lr * m/sqrt(v) ~ 1e-5 * |w| is below bf16's resolution
+(8 bits of mantissa, ~4e-3 relative), so AdamW applied to bf16 weights directly would
+mostly round the update away. The model keeps computing in bf16; after each step the
+masters are rounded into it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+
+class MasterWeightAdamW:
+    """AdamW over `params` with fp32 masters for the non-fp32 ones.
+
+    One call per optimizer step: `grad_norm = opt.step(max_grad_norm)` gathers the
+    gradients (in fp32), clips them to max_grad_norm (0: no clipping), updates and
+    writes the new weights back into the model; then `zero_grad()`.
+    Weight decay skips 1-D parameters (norm weights, biases), as transformers' Trainer.
+    """
+
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], lr: float, betas: tuple[float, float],
+                 eps: float, weight_decay: float) -> None:
+        self.names: list[str] = []
+        self.params: list[nn.Parameter] = []
+        self.masters: list[torch.Tensor] = []
+        seen: set[int] = set()
+        for name, p in named_params:
+            if not p.requires_grad or id(p) in seen:
+                continue  # tied weights appear once
+            seen.add(id(p))
+            self.names.append(name)
+            self.params.append(p)
+            # fp32 params are their own master; others get an fp32 copy.
+            self.masters.append(p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True))
+        if not self.params:
+            raise ValueError("no trainable parameters: nothing to optimise.")
+        decay = [m for m, p in zip(self.masters, self.params) if p.ndim >= 2]
+        no_decay = [m for m, p in zip(self.masters, self.params) if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        # foreach=False: the per-tensor loop gives the same bits whatever the grouping,
+        # and on CPU it is no slower for the few hundred tensors of a LoRA model.
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @torch.no_grad()
+    def step(self, max_grad_norm: float) -> float:
+        """Clip, update, copy back; returns the gradient norm before clipping."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None  # free the low-precision copy at once: 2 bytes/param less at the peak
+        grads = [m.grad for m in self.masters if m.grad is not None]
+        if not grads:
+            return 0.0
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm_value = float(norm)
+        if max_grad_norm > 0 and math.isfinite(norm_value):
+            # As torch.nn.utils.clip_grad_norm_: scale down only when above the limit.
+            factor = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(factor)
+        self.optimizer.step()
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.copy_(m)
+        return norm_value
+
+    def zero_grad(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            p.grad = None
+            m.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        masters = {name: m.detach().clone() for name, m, p in zip(self.names, self.masters, self.params)
+                   if m is not p}
+        return {"optimizer": self.optimizer.state_dict(), "masters": masters, "names": list(self.names)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["names"] != self.names:
+            raise ValueError("the checkpoint's optimizer was built for different trainable parameters.")
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, m, p in zip(self.names, self.masters, self.params):
+            if m is not p:
+                m.copy_(state["masters"][name])
+                p.copy_(m)

@@ -1,0 +1,287 @@
+"""The GRPO trainer: reward goes up on a real model, generation uses the live LoRA
+weights, the KL reference is the adapter-free model, bad reward functions stop the run
+with their name, resume equals an uninterrupted run, and the `thrifty eval` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from thrifty.errors import ThriftyError
+from thrifty.grpo.evaluation import pass_at_k
+from thrifty.generation.engine import generate_tokens
+from thrifty.grpo.config import GRPOConfig, load_grpo_config
+from thrifty.grpo.trainer import TIMING_KEYS, GRPOTrainer
+from thrifty.formats.loader import load_model
+from thrifty.layers.lora import lora_layers
+from thrifty.generation.sampling import SamplingParams
+
+from tiny_tokenizer import save_tiny_model_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama-grpo")
+    save_tiny_model_dir("llama", directory)
+    return directory
+
+
+def tiny_rows() -> list[dict]:
+    words = ["red", "blue", "green", "one", "two", "sun", "moon", "stone"]
+    return [{"prompt": f"say {w}", "answer": w} for w in words]
+
+
+def starts_with_a(completions, **kwargs) -> list[float]:
+    return [1.0 if c.startswith("a") else 0.0 for c in completions]
+
+
+def vowel_share(completions, **kwargs) -> list[float]:
+    """A dense reward, so that tiny random models see varied rewards in every group."""
+    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def tiny_config(output_dir: Path, tiny_dir: Path, **overrides) -> GRPOConfig:
+    values = dict(model_name_or_path=str(tiny_dir), dtype="float32", output_dir=str(output_dir), max_steps=4,
+                  num_generations=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                  max_completion_length=8, learning_rate=1e-2, lora_r=4, lora_alpha=8, save_steps=0,
+                  disable_tqdm=True, seed=5)
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+def tiny_trainer(tiny_dir: Path, config: GRPOConfig, reward_funcs=(vowel_share,)) -> GRPOTrainer:
+    model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
+    return GRPOTrainer(model, tokenizer, reward_funcs=list(reward_funcs), train_dataset=tiny_rows(), config=config,
+                       log=quiet)
+
+
+def records(output_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    lines = (Path(output_dir) / name).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
+
+
+# ---------------------------------------------------------------- a real run
+
+
+def test_real_run_on_default_model_raises_reward(tmp_path: Path) -> None:
+    """A few LoRA steps on the default model with an easy reward (the answer starts
+    with "The", about half the samples at first): the mean reward of the last two steps
+    beats the first two's (measured: 0.5, 0.25 -> 1.0, 1.0)."""
+    model, tokenizer = load_model(None, dtype="bfloat16")
+    rows = [{"prompt": f"Describe {thing} in one sentence."}
+            for thing in ["the sun", "a cat", "the sea", "a tree", "rain", "a city", "the moon", "snow"]]
+
+    def starts_with_the(completions, **kwargs) -> list[float]:
+        return [1.0 if completion_text.lstrip().startswith("The") else 0.0
+                for completion_text in (c[0]["content"] if isinstance(c, list) else c for c in completions)]
+
+    config = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=4, num_generations=6,
+                        per_device_train_batch_size=2, max_completion_length=3, learning_rate=3e-3,
+                        lora_r=8, lora_alpha=16, save_steps=0, disable_tqdm=True, seed=1, log_completions=2)
+    result = GRPOTrainer(model, tokenizer, reward_funcs=[starts_with_the], train_dataset=rows, config=config,
+                         log=quiet).train()
+    rewards = [r["reward"] for r in records(tmp_path / "run")]
+    assert len(rewards) == 4
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards
+    out = tmp_path / "run"
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "rewards.png").is_file()
+    assert result.seconds["generation"] > 0 and result.seconds["training"] > 0
+    logged = records(out, "completions.jsonl")
+    assert logged and {"step", "prompt", "completion", "reward", "advantage"} <= set(logged[0])
+
+
+# ---------------------------------------------------------------- the pieces
+
+
+def test_generation_uses_live_lora_weights(tiny_dir: Path, tmp_path: Path) -> None:
+    """Changing the adapter changes what rollouts sample, with no merge and no copy:
+    the base weights stay untouched and no layer is ever merged."""
+    trainer = tiny_trainer(tiny_dir, tiny_config(tmp_path, tiny_dir))
+    model, tokenizer = trainer.model, trainer.tokenizer
+    base = {name: layer.base_layer.weight.detach().clone() for name, layer in lora_layers(model)}
+    prompt_ids = [trainer._prompt_ids(i) for i in range(3)]
+
+    def greedy() -> list[list[int]]:
+        tokens, _ = generate_tokens(model, prompt_ids, max_new_tokens=8, sampling=SamplingParams(),
+                                    stop_token_ids=(), pad_token_id=tokenizer.pad_token_id)
+        return tokens
+
+    before, sampled_before = greedy(), trainer.rollout([0, 1])
+    assert trainer.rollout([0, 1])[0].completion_ids == sampled_before[0].completion_ids  # seeded per step
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.normal_(0, 0.5)
+    after = greedy()
+    assert after != before
+    # The trainer's rollouts (same seed) see the new adapter too.
+    assert [g.completion_ids for g in trainer.rollout([0, 1])] != [g.completion_ids for g in sampled_before]
+    for name, layer in lora_layers(model):
+        assert not layer.merged
+        assert torch.equal(layer.base_layer.weight, base[name])
+
+
+def test_reference_log_probs_are_the_adapter_free_model(tiny_dir: Path, tmp_path: Path) -> None:
+    trainer = tiny_trainer(tiny_dir, tiny_config(tmp_path, tiny_dir, beta=0.1))
+    with torch.no_grad():
+        for _, layer in lora_layers(trainer.model):
+            layer.lora_B.weight.normal_(0, 0.3)  # so policy and reference differ
+    groups = trainer.rollout([0, 1, 2])
+    advantages = torch.zeros(len(groups) * trainer.config.num_generations)
+    batches = trainer.micro_batches(groups, advantages)
+    plain, _ = load_model(tiny_dir, dtype="float32", device="cpu")
+    for batch in batches:
+        ref = trainer.reference_log_probs(batch)
+        with torch.no_grad():
+            expected = trainer.log_probs(batch, plain)
+            policy = trainer.log_probs(batch)
+        mask = batch.completion_mask.bool()
+        torch.testing.assert_close(ref[mask], expected[mask], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(policy[mask], ref[mask], atol=1e-3)
+    # The adapters are back on afterwards.
+    assert not any(layer.disabled for _, layer in lora_layers(trainer.model))
+    # And a short run with beta > 0 logs the KL term.
+    trainer.config.max_steps = 2
+    trainer.train()
+    assert all("kl" in r for r in records(tmp_path))
+
+
+def test_full_fine_tuning_reference_is_a_frozen_copy(tiny_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, tiny_dir, beta=0.1, use_lora=False, learning_rate=1e-3, max_steps=2)
+    trainer = tiny_trainer(tiny_dir, config)
+    trainer.train()
+    batch = trainer.micro_batches(trainer.rollout([0]), torch.zeros(4))[0]
+    plain, _ = load_model(tiny_dir, dtype="float32", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.reference_log_probs(batch), trainer.log_probs(batch, plain))
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("mode", ["raises", "wrong_length"])
+def test_bad_reward_function_stops_the_run_naming_it(tiny_dir: Path, tmp_path: Path, mode: str) -> None:
+    def broken_reward(completions, **kwargs):
+        if mode == "raises":
+            raise KeyError("score")
+        return [1.0] * (len(completions) - 1)
+
+    trainer = tiny_trainer(tiny_dir, tiny_config(tmp_path, tiny_dir), reward_funcs=[vowel_share, broken_reward])
+    with pytest.raises(ThriftyError, match="broken_reward"):
+        trainer.train()
+
+
+def test_dynamic_sampling_and_iterations_run(tiny_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, tiny_dir, dynamic_sampling=True, max_dynamic_sampling_draws=2,
+                         num_iterations=2, max_steps=2, mask_truncated_completions=True, loss_type="grpo")
+    tiny_trainer(tiny_dir, config, reward_funcs=[starts_with_a, vowel_share]).train()
+    logged = records(tmp_path)
+    assert len(logged) == 2 and all("dynamic_sampling/draws" in r for r in logged)
+
+
+def test_logging_steps_average_their_window(tiny_dir: Path, tmp_path: Path) -> None:
+    """logging_steps=2 writes one line per 2 steps: the mean of the two steps' metrics
+    (as a run logging every step records them), the peak of the RSS."""
+    every, windowed = tmp_path / "every", tmp_path / "windowed"
+    tiny_trainer(tiny_dir, tiny_config(every, tiny_dir, max_steps=4)).train()
+    tiny_trainer(tiny_dir, tiny_config(windowed, tiny_dir, max_steps=4, logging_steps=2)).train()
+    steps, windows = records(every), records(windowed)
+    assert [r["step"] for r in windows] == [2, 4]
+    for window, (first, second) in zip(windows, [steps[0:2], steps[2:4]]):
+        for key in ("reward", "loss", "completions/mean_length", "grad_norm"):
+            assert window[key] == pytest.approx((first[key] + second[key]) / 2), key
+        assert window["completions/max_length"] == max(first["completions/max_length"],
+                                                       second["completions/max_length"])
+
+
+def test_resume_equals_uninterrupted(tiny_dir: Path, tmp_path: Path) -> None:
+    """Train 4 steps saving every 2; resume from checkpoint-2 in a fresh trainer: same
+    metrics, same sampled completions, same final adapter."""
+    options = dict(max_steps=4, save_steps=2, save_total_limit=None, num_iterations=2, beta=0.05, logging_steps=3)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    tiny_trainer(tiny_dir, tiny_config(straight, tiny_dir, **options)).train()
+    tiny_trainer(tiny_dir, tiny_config(resumed, tiny_dir, **options)).train()
+    expected, expected_completions = records(resumed), records(resumed, "completions.jsonl")
+    tiny_trainer(tiny_dir, tiny_config(resumed, tiny_dir, resume_from_checkpoint=str(resumed / "checkpoint-2"),
+                                       **options)).train()
+    assert records(resumed) == expected == records(straight)
+    assert records(resumed, "completions.jsonl") == expected_completions
+    from safetensors.torch import load_file
+
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_checks_and_example_loads() -> None:
+    config = load_grpo_config(REPO / "examples" / "grpo_arithmetic.yaml", ["max_steps=3"])
+    assert config.task == "arithmetic" and config.max_steps == 3 and config.loss_type == "dapo"
+    with pytest.raises(ThriftyError, match="num_generations"):
+        GRPOConfig(num_generations=1)
+    with pytest.raises(ThriftyError, match="temperature"):
+        GRPOConfig(temperature=0.0)
+    with pytest.raises(ThriftyError, match="min_completion_length"):
+        GRPOConfig(max_completion_length=8, min_completion_length=9)
+
+
+def test_min_completion_length_holds_back_the_stop_tokens(tiny_dir: Path, tmp_path: Path) -> None:
+    """The same seeded rollout: without it some completions stop early, with it every
+    completion runs to max_completion_length (what bench_grpo.py --fixed-length relies on)."""
+    lengths = {}
+    for minimum in (0, 24):
+        config = tiny_config(tmp_path, tiny_dir, num_generations=8, max_completion_length=24,
+                             min_completion_length=minimum)
+        groups = tiny_trainer(tiny_dir, config).rollout([0, 1])
+        lengths[minimum] = [len(c) for g in groups for c in g.completion_ids]
+    assert min(lengths[0]) < 24
+    assert lengths[24] == [24] * 16
+
+
+def test_pass_at_k_estimator() -> None:
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 4, 2) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
+
+
+def test_eval_cli_runs(tiny_dir: Path, tmp_path: Path) -> None:
+    """`thrifty eval` on a GRPO adapter (its base model found from adapter_config.json)."""
+    tiny_trainer(tiny_dir, tiny_config(tmp_path, tiny_dir, max_steps=1)).train()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-m", "thrifty", "eval", "--task", "arithmetic", "--adapter",
+                           str(tmp_path / "adapter"), "--num-samples", "4", "--k", "2", "--max-new-tokens", "6",
+                           "--dtype", "float32", "--json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["num_problems"] == 4 and 0.0 <= result["accuracy"] <= 1.0 and result["k"] == 2
+    assert result["pass_at_k"] is not None
+
+
+def test_grpo_cli_runs_the_demo_config_end_to_end(tmp_path: Path) -> None:
+    """`thrifty grpo examples/grpo_arithmetic.yaml` (the `make demo` job), shortened: the real
+    model, before/after held-out accuracy and examples, and every output file."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-m", "thrifty", "grpo", str(REPO / "examples" / "grpo_arithmetic.yaml"),
+                           "max_steps=2", "per_device_train_batch_size=2", "num_generations=4",
+                           "max_completion_length=12", "num_eval_samples=6", "save_steps=2", f"output_dir={out}", "disable_tqdm=true"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out before training: accuracy" in proc.stdout
+    assert "held-out accuracy" in proc.stdout and "held-out examples, before -> after training:" in proc.stdout
+    assert proc.stdout.count("What is ") >= 3  # the examples' questions
+    for name in ("metrics.jsonl", "completions.jsonl", "rewards.png", "adapter/adapter_model.safetensors",
+                 "checkpoint-2/trainer_state.json"):
+        assert (out / name).is_file(), name
+    steps = [r for r in records(out) if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
