@@ -15,8 +15,9 @@ import torch
 from thrifty.model.config import ModelConfig
 from thrifty.errors import ThriftyError
 from thrifty.formats.default_model import DEFAULT_MODEL_NAME, resolve_model_path
-from thrifty.formats.gguf import _FastGGUFReader, load_gguf, metadata_value
-from thrifty.model.tokenizer import _bytes_to_unicode
+from thrifty.formats.gguf import load_gguf
+from thrifty.formats.gguf_reader import _FastGGUFReader, metadata_value
+from thrifty.formats.gguf_tokenizer import _bytes_to_unicode
 
 Q = gguf.GGMLQuantizationType
 

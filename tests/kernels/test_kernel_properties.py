@@ -5,7 +5,7 @@ are not multiples of the 16-lane vectors or the 32/64-wide blocks, a single key,
 over 64) and on extreme values (scores far below or above 0, large activations, fully
 masked rows). Tolerances follow from where the kernel rounds: a bf16 output is one
 rounding of a float result (2^-9 relative), plus float accumulation noise. These tests
-run on the AVX-512 BF16 path everywhere, and test_native_kernels.py re-runs them with
+run on the AVX-512 BF16 path everywhere, and test_native.py re-runs them with
 THRIFTY_NATIVE_AMX=0 where AMX would otherwise be taken.
 """
 
@@ -18,13 +18,13 @@ import torch
 
 from native_support import needs_native
 from thrifty.kernels import attention as attention_kernels
-from thrifty.kernels import native as native_kernels
+from thrifty.kernels.native import native_module
 
 BF16_ROUNDING = 2.0**-8  # the largest relative error of one rounding to bf16 (7 stored mantissa bits)
 
 
 def module():  # type: ignore[no-untyped-def]
-    return native_kernels.native_module()
+    return native_module()
 
 
 def seeded(*key: int) -> torch.Generator:

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from thrifty.kernels import attention as attention_kernels
 from thrifty.model import fused_linear
-from thrifty.kernels import native as native_kernels
+from thrifty.kernels.native import native_kernel, native_module
 from thrifty.model.fused_linear import FusedLinear
 from thrifty.grpo.batches import group_mask, pack_groups
 from thrifty.training.losses import selective_log_probs
@@ -32,17 +32,17 @@ from tiny_models import load_ours, randomise_adapters
 @needs_native
 def test_builds_on_a_cpu_with_avx512_bf16() -> None:
     # On such a CPU a None here means the build broke and training silently got slower.
-    assert native_kernels.attention_backward() is not None
-    assert native_kernels.attention_forward() is not None
-    assert native_kernels.token_log_probs() is not None
-    assert native_kernels.elementwise() is not None
-    assert native_kernels.decode_attention() is not None
-    assert native_kernels.sampling() is not None
-    assert native_kernels.decode_linear() is not None
+    assert native_kernel("attention_backward") is not None
+    assert native_kernel("attention_forward") is not None
+    assert native_kernel("token_log_probs") is not None
+    assert native_kernel("elementwise") is not None
+    assert native_kernel("decode_attention") is not None
+    assert native_kernel("sampling") is not None
+    assert native_kernel("decode_linear") is not None
     # The matmuls take AMX where it is (unless told not to), AVX-512 BF16 elsewhere.
     amx = cpu_has("amx_bf16") and os.environ.get("THRIFTY_NATIVE_AMX") != "0"
-    assert native_kernels.native_module().attention_uses_amx() == amx
-    assert native_kernels.native_module().decode_linear_uses_amx() == amx
+    assert native_module().attention_uses_amx() == amx
+    assert native_module().decode_linear_uses_amx() == amx
 
 
 @pytest.mark.skipif(not cpu_has("amx_bf16") or os.environ.get("THRIFTY_NATIVE_AMX") == "0",
@@ -173,7 +173,7 @@ def test_forward_matches_a_float32_reference(case: str) -> None:
     q, k, v, _, mask = case_inputs(case)
     causal = mask is None
     scale = q.shape[-1] ** -0.5
-    out, logsumexp = native_kernels.attention_forward().attention_forward(q, k, v, mask, causal, scale)
+    out, logsumexp = native_kernel("attention_forward").attention_forward(q, k, v, mask, causal, scale)
     assert out.shape == q.shape and out.dtype == torch.bfloat16 and logsumexp.shape == q.shape[:3]
     assert out.transpose(1, 2).is_contiguous()  # [B, T, H, D] memory: the model's reshape is a view
 
@@ -199,7 +199,7 @@ def test_gradients_with_pytorchs_forward(monkeypatch: pytest.MonkeyPatch) -> Non
     """The native backward on PyTorch's flash forward (its fallback) agrees with it on the native one."""
     q, k, v, grad_out, mask = case_inputs("grpo-groups")
     native_out, native = gradients(q, k, v, grad_out, mask, False, native=True)
-    monkeypatch.setattr(native_kernels, "attention_forward", lambda: None)
+    monkeypatch.setenv("THRIFTY_NATIVE_OFF", "attention_forward")
     out, fallback = gradients(q, k, v, grad_out, mask, False, native=True)
     assert torch.allclose(out.float(), native_out.float(), atol=0.02)
     for mine, theirs in zip(native, fallback):
@@ -228,7 +228,7 @@ def test_lora_gradients_of_a_bf16_model_match_pytorchs_kernel(masked: bool, tmp_
     monkeypatch.setattr(attention_kernels._FlashAttentionNativeBackward, "apply",
                         lambda *args: calls.append(1) or original(*args))
     with monkeypatch.context() as patch:
-        patch.setattr(native_kernels, "attention_forward", lambda: None)  # PyTorch's forward, native backward
+        patch.setenv("THRIFTY_NATIVE_OFF", "attention_forward")  # PyTorch's forward, native backward
         native_backward = lora_gradients()
     assert len(calls) == 2  # one per layer: the model really takes the native path
     monkeypatch.setattr(attention_kernels, "_native_backward_applies", lambda q, k: False)
@@ -268,7 +268,7 @@ def test_token_log_probs_agree_with_pytorchs_ops_on_a_real_vocabulary(temperatur
         return out, torch.autograd.grad((out * upstream).sum(), hidden)[0]
 
     native = run()
-    monkeypatch.setattr(native_kernels, "token_log_probs", lambda: None)
+    monkeypatch.setenv("THRIFTY_NATIVE_OFF", "token_log_probs")
     pytorchs = run()
     torch.testing.assert_close(native[0], pytorchs[0], atol=2e-5, rtol=1e-5)
     # Both round d log p / d logits to bf16 before the matmul: a bf16 ulp or so apart.
@@ -290,7 +290,7 @@ def test_token_log_probs_agree_with_pytorchs_ops_on_a_real_vocabulary(temperatur
 ])
 def test_decode_linear_matches_a_float32_reference(rows: int, width: int, sizes: list[int], ranks: list[int],
                                                    bias: bool) -> None:
-    module = native_kernels.decode_linear()
+    module = native_kernel("decode_linear")
     g = torch.Generator().manual_seed(rows)
     out = sum(sizes)
     x = torch.randn(rows, width, generator=g).bfloat16()
@@ -327,7 +327,7 @@ def test_lora_generation_matmuls_beat_onednns_rounding(rows: int, tmp_path: Path
             reference = torch.cat([copy.deepcopy(layer).float()(x.float()) for layer in layers], dim=-1)
         native = torch.cat(FusedLinear(layers).split(x), dim=-1).float()
         with monkeypatch.context() as patch:
-            patch.setattr(native_kernels, "decode_linear", lambda: None)
+            patch.setenv("THRIFTY_NATIVE_OFF", "decode_linear")
             fallback = FusedLinear(layers)
             onednn = torch.cat(fallback.split(x), dim=-1).float()
             assert fallback.native is None
@@ -377,7 +377,7 @@ def test_sampler_draws_what_pytorchs_ops_draw_from_the_same_numbers(temperature:
     logits = (torch.randn(400, 49152, generator=torch.Generator().manual_seed(4)) * 3).bfloat16()
     params = SamplingParams(temperature=temperature)
     native = sample_next_tokens(logits, params, torch.Generator().manual_seed(6))
-    monkeypatch.setattr(native_kernels, "sampling", lambda: None)
+    monkeypatch.setenv("THRIFTY_NATIVE_OFF", "sampling")
     pytorchs = sample_next_tokens(logits, params, torch.Generator().manual_seed(6))
     # The same rule in float64: the first token whose running probability passes u.
     uniform = torch.rand(400, 1, generator=torch.Generator().manual_seed(6)).double()

@@ -12,7 +12,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tiny_models import lora_model
-from thrifty.kernels import native as native_kernels
+from thrifty.kernels import native
+from thrifty.kernels.native import native_kernel
 from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.grpo.batches import pack_groups
 
@@ -46,7 +47,7 @@ def _gradients(model: torch.nn.Module, batch) -> tuple[dict[str, torch.Tensor], 
 
 
 class _CountingAttentionForward:
-    """The native attention forward, counting its calls."""
+    """The native module, counting the calls of its attention forward."""
 
     def __init__(self, module) -> None:  # type: ignore[no-untyped-def]
         self.module, self.calls = module, 0
@@ -55,6 +56,9 @@ class _CountingAttentionForward:
         self.calls += 1
         return self.module.attention_forward(*args)
 
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.module, name)
+
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_checkpointing_keeps_gradients_and_keeping_outputs_skips_their_work(
@@ -62,10 +66,10 @@ def test_checkpointing_keeps_gradients_and_keeping_outputs_skips_their_work(
     model = lora_model(tmp_path, family, torch.bfloat16, rank_pattern={}, alpha_pattern={})
     model.train()
     batch = _batch(model.config.vocab_size)
-    native = native_kernels.attention_forward()  # None where the kernels do not build: PyTorch's SDPA
-    counting = _CountingAttentionForward(native) if native is not None else None
+    module = native_kernel("attention_forward")  # None where the kernels do not build: PyTorch's SDPA
+    counting = _CountingAttentionForward(module) if module is not None else None
     if counting is not None:
-        monkeypatch.setattr(native_kernels, "attention_forward", lambda: counting)
+        monkeypatch.setattr(native, "native_module", lambda: counting)
     runs, attention_calls = {}, {}
     for name, keep in (("plain", None), ("checkpointed", (False, False)), ("keeping the MLP", (True, False)),
                        ("keeping the MLP and attention", (True, True))):

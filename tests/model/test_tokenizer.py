@@ -16,7 +16,8 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import pre_tokenizers, processors
 
 from thrifty.errors import ThriftyError
-from thrifty.formats.gguf import open_gguf
+from thrifty.formats.gguf_reader import open_gguf
+from thrifty.formats.gguf_tokenizer import tokenizer_from_gguf
 from thrifty.model.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------- fixtures
@@ -24,7 +25,7 @@ from thrifty.model.tokenizer import Tokenizer
 
 @pytest.fixture(scope="session")
 def ours(default_gguf_path: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(open_gguf(default_gguf_path), default_gguf_path)
+    return tokenizer_from_gguf(open_gguf(default_gguf_path), default_gguf_path)
 
 
 @pytest.fixture(scope="session")
@@ -303,7 +304,7 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
     path = _write_vocab_gguf(tmp_path / "spm.gguf", "llama", tokens, types, token_scores=scores,
                              bos_token_id=1, eos_token_id=2, unk_token_id=0)
 
-    ours = Tokenizer.from_gguf(open_gguf(path), path)
+    ours = tokenizer_from_gguf(open_gguf(path), path)
     hf = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     texts = ["hello world", " hello  world", "the thing sings", "héllo 日本 world!", "hello</s>world",
              "<s>the", "  ", "", "\n", "wing", "a b c d e"]
@@ -319,16 +320,16 @@ def test_gguf_tokenizer_errors_and_warnings(tmp_path):
     tokens, types = ["a", "b", "</s>"], [1, 1, 3]
     bad = _write_vocab_gguf(tmp_path / "bad.gguf", "gpt2", tokens, types, token_merges=["a b"], eos_token_id=2)
     with pytest.raises(ThriftyError, match=r"bad\.gguf: tokenizer\.ggml\.merges does not fit"):
-        Tokenizer.from_gguf(open_gguf(bad), bad)
+        tokenizer_from_gguf(open_gguf(bad), bad)
     tokens, types = ["a", "b", "</s>", "ab"], [1, 1, 3, 1]
     bert = _write_vocab_gguf(tmp_path / "bert.gguf", "bert", tokens, types, eos_token_id=2)
     with pytest.raises(ThriftyError, match=r"bert\.gguf: tokenizer type 'bert' .*not supported"):
-        Tokenizer.from_gguf(open_gguf(bert), bert)
+        tokenizer_from_gguf(open_gguf(bert), bert)
     no_eos = _write_vocab_gguf(tmp_path / "noeos.gguf", "gpt2", tokens, types, token_merges=["a b"])
     with pytest.raises(ThriftyError, match=r"noeos\.gguf: tokenizer\.ggml\.eos_token_id is missing"):
-        Tokenizer.from_gguf(open_gguf(no_eos), no_eos)
+        tokenizer_from_gguf(open_gguf(no_eos), no_eos)
     odd = _write_vocab_gguf(tmp_path / "odd.gguf", "gpt2", tokens, types, token_merges=["a b"],
                             eos_token_id=2, tokenizer_pre="some-future-pre")
     with pytest.warns(UserWarning, match="unknown pre-tokenizer type 'some-future-pre'"):
-        tok = Tokenizer.from_gguf(open_gguf(odd), odd)
+        tok = tokenizer_from_gguf(open_gguf(odd), odd)
     assert tok.encode("ab</s>b") == [3, 2, 1]

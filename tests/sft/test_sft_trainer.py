@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from thrifty.training.checkpoint import list_checkpoints
-from thrifty.training.data import collate_padded, pack_examples, tokenize_dataset
+from thrifty.sft.batches import collate_padded, pack_examples
+from thrifty.sft.examples import tokenize_dataset
 from thrifty.formats.hf_export import save_hf_model
 from thrifty.formats.loader import load_model
 from thrifty.sft.config import SFTConfig

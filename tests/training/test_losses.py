@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from thrifty.kernels import native as native_kernels
+from thrifty.kernels.native import native_kernel
 from thrifty.errors import ThriftyError
 from thrifty.training.losses import chunked_cross_entropy, selective_log_probs
 
@@ -18,8 +18,8 @@ def log_prob_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
     """Every test runs with the C++ per-chunk kernel (native/token_log_probs.cpp) and
     with the PyTorch ops used where it cannot run (CUDA, CPUs without AVX-512 BF16)."""
     if request.param == "pytorch":
-        monkeypatch.setattr(native_kernels, "token_log_probs", lambda: None)
-    elif native_kernels.token_log_probs() is None:
+        monkeypatch.setenv("THRIFTY_NATIVE_OFF", "token_log_probs")
+    elif native_kernel("token_log_probs") is None:
         pytest.skip("no native kernels on this machine: the PyTorch variant covers it")
     return request.param
 

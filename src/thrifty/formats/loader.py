@@ -11,11 +11,11 @@ from thrifty.formats.default_model import resolve_model_path
 from thrifty.formats.hf import load_hf_config, load_hf_state_dict
 from thrifty.formats.build import build_model
 from thrifty.kernels.malloc_tuning import tune_malloc
+from thrifty.model.config import DTYPE_NAMES
 from thrifty.model.decoder import CausalLM
 from thrifty.model.tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

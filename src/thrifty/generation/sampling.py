@@ -7,7 +7,7 @@ from types import ModuleType
 
 import torch
 
-from thrifty.kernels import native as native_kernels
+from thrifty.kernels.native import native_kernel
 from thrifty.errors import ThriftyError
 
 
@@ -88,7 +88,7 @@ def _native_whole_vocabulary_sampler(logits: torch.Tensor, params: SamplingParam
         return None
     if logits.dtype not in (torch.float32, torch.bfloat16):
         return None
-    return native_kernels.sampling()
+    return native_kernel("sampling")
 
 
 def nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:

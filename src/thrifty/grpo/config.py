@@ -24,17 +24,14 @@ from typing import Any, Literal, Sequence
 
 from thrifty.config_io import load_config, require, resolve_next_to
 from thrifty.errors import ThriftyError
-from thrifty.grpo.loss import LOSS_TYPES, SCALE_REWARDS
-from thrifty.formats.loader import DTYPES
-from thrifty.training.setup import check_method_fields
+from thrifty.training.config import RESUME_MUST_MATCH as SHARED_RESUME_MUST_MATCH, TrainingConfig
+
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")  # see grpo/loss.py
+SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
 
 
 @dataclass
-class GRPOConfig:
-    # -- model ------------------------------------------------------------------------
-    model_name_or_path: str | None = None  # None: the built-in SmolLM2-135M-Instruct
-    dtype: str = "bfloat16"
-
+class GRPOConfig(TrainingConfig):
     # -- data: a built-in task, or your own rows / file -----------------------------------
     task: str | None = None  # e.g. "arithmetic", "countdown", "gsm" (see thrifty.grpo.tasks)
     task_settings: dict[str, Any] = field(default_factory=dict)  # e.g. {operand_digits: [1, 1]}
@@ -67,41 +64,20 @@ class GRPOConfig:
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     max_dynamic_sampling_draws: int = 3  # rollouts per step at most when refilling
 
-    # -- optimisation -----------------------------------------------------------------
+    # -- optimisation: TrainingConfig's fields with GRPO's defaults ---------------------------
     per_device_train_batch_size: int = 4  # PROMPTS per step (see the module docstring)
     gradient_accumulation_steps: int = 1  # micro-batches the step's completions are split into
     learning_rate: float = 1e-5
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "constant"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    max_steps: int = 100
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
+    max_steps: int = 100  # GRPO steps (rollouts)
     adam_beta2: float = 0.99
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 disables clipping
     # On, as in TRL's GRPOConfig: measured on the arithmetic demo, peak RSS 1.6 GB instead of
     # 4.0 GB (32 completions of 64 tokens) for ~20% more training time.
     gradient_checkpointing: bool = True
-    # With checkpointing, also keep each layer's MLP gate/up outputs (2 x intermediate_size
-    # values per token) so the recomputation skips the MLP's matmuls: measured on the
-    # benchmark's 4 x 8 x 64 rollouts, an update took 3.44 s instead of 3.88 (plain: 2.85).
+    # Measured on the benchmark's 4 x 8 x 64 rollouts: an update took 3.44 s with the MLP's
+    # outputs kept instead of 3.88 (plain: 2.85); keeping the attention's too: see README "GRPO".
     gradient_checkpointing_keep_mlp: bool = True
-    # And keep each layer's q/k/v outputs and attention output, so the recomputation skips
-    # the q/k/v matmuls and the attention forward as well (~2.7x the layer input more per
-    # token and layer): see README "GRPO" for the measured update time and memory.
     gradient_checkpointing_keep_attention: bool = True
-    seed: int = 42
-
-    # -- method: LoRA / QLoRA / full ----------------------------------------------------
-    use_lora: bool = True
-    lora_r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"
-    use_rslora: bool = False
-    use_dora: bool = False
-    quantize: Literal["nf4", "int8"] | None = None
 
     # -- logging, evaluation, checkpoints ---------------------------------------------------
     output_dir: str = "output/grpo"
@@ -111,15 +87,11 @@ class GRPOConfig:
     num_eval_samples: int = 100  # held-out task problems for accuracy (0: no evaluation)
     eval_on_start: bool = True
     save_steps: int = 50  # 0: no intermediate checkpoints
-    save_total_limit: int | None = 2
-    resume_from_checkpoint: str | bool | None = None  # a checkpoint dir, or "latest" / true
-    disable_tqdm: bool = False
 
     def __post_init__(self) -> None:
+        self.check_shared_fields()
         need = partial(require, self)
-        need(self.dtype in DTYPES, "dtype", f"use one of {', '.join(DTYPES)}")
-        for name in ("num_generations", "max_completion_length", "num_iterations", "per_device_train_batch_size",
-                     "gradient_accumulation_steps", "max_steps", "logging_steps",
+        for name in ("num_generations", "max_completion_length", "num_iterations", "max_steps",
                      "max_dynamic_sampling_draws", "num_train_prompts"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         need(self.num_generations >= 2, "num_generations",
@@ -137,24 +109,19 @@ class GRPOConfig:
         need(self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "must be positive, or null")
         need(self.loss_type in LOSS_TYPES, "loss_type", f"use one of {', '.join(LOSS_TYPES)}")
         need(self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"use one of {', '.join(SCALE_REWARDS)}")
-        need(self.learning_rate > 0, "learning_rate", "must be positive")
-        need(self.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
-        need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be a fraction in [0, 1)")
-        need(self.max_grad_norm >= 0, "max_grad_norm", "must be 0 (no clipping) or more")
-        need(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", "must be at least 1, or null")
         need(self.num_eval_samples >= 0, "num_eval_samples", "must be 0 or more")
         need(self.log_completions >= 0, "log_completions", "must be 0 or more")
-        need(self.save_steps >= 0, "save_steps", "must be 0 (no checkpoints) or more")
-        need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
-             "must be at least 1, or null to keep every checkpoint")
         completions = self.per_device_train_batch_size * self.num_generations
         need(self.gradient_accumulation_steps <= completions, "gradient_accumulation_steps",
              f"must not exceed the {completions} completions of a step (per_device_train_batch_size x "
              "num_generations), or some micro-batches would be empty")
-        check_method_fields(self)
         if self.task is not None and self.train_file is not None:
             raise ThriftyError(f"task = {self.task!r} and train_file = {self.train_file!r} are both set; use one: "
                                "a built-in task supplies its own prompts.")
+
+
+RESUME_MUST_MATCH = (*SHARED_RESUME_MUST_MATCH, "task", "task_settings", "num_train_prompts", "train_file",
+                     "num_generations", "dynamic_sampling")
 
 
 def load_grpo_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> GRPOConfig:

@@ -20,11 +20,10 @@ from typing import Generic, Literal, TypeVar
 import torch
 
 from thrifty.errors import ThriftyError
+from thrifty.grpo.config import LOSS_TYPES, SCALE_REWARDS
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
 
 # TRL adds this to the std before dividing, so a group whose rewards are all equal gets
 # zero advantages instead of 0/0.

@@ -41,15 +41,14 @@ import torch
 
 from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.formats.atomic import remove_stale_temporaries
-from thrifty.kernels.attention import training_attention_kernel
 from thrifty.training.checkpoint import resume_from, save_checkpoint, save_trained_model, settings_must_match
 from thrifty.config_io import dump_yaml
-from thrifty.training.data import DataOrder, load_rows
+from thrifty.training.rows import DataOrder, load_rows
 from thrifty.errors import ThriftyError
 from thrifty.grpo.evaluation import EvalResult, evaluate_rows
 from thrifty.generation.engine import generate_tokens, render_prompt
 from thrifty.grpo.batches import MicroBatch, completion_log_probs, pack_groups
-from thrifty.grpo.config import GRPOConfig
+from thrifty.grpo.config import RESUME_MUST_MATCH, GRPOConfig
 from thrifty.grpo.loss import collect_informative_groups, combine_rewards, completion_mask, group_advantages, \
     grpo_loss, reward_metrics
 from thrifty.formats.default_model import DEFAULT_MODEL_NAME
@@ -66,9 +65,6 @@ from thrifty.model.tokenizer import Tokenizer
 from thrifty.training.setup import has_lora, method_name, prepare_model, set_seed
 
 # Settings a resumed run must share with its checkpoint to continue the same training.
-RESUME_MUST_MATCH = ("model_name_or_path", "dtype", "task", "task_settings", "num_train_prompts", "train_file",
-                     "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "use_rslora", "use_dora",
-                     "quantize", "per_device_train_batch_size", "num_generations", "seed", "dynamic_sampling")
 TIMING_KEYS = ("time/generation", "time/scoring", "time/training", "time/step", "rss_mb")
 
 
@@ -288,8 +284,7 @@ class GRPOTrainer:
     def log_probs(self, batch: MicroBatch, model: CausalLM | None = None) -> torch.Tensor:
         """[B, T] log-probs of the completion tokens (at the sampling temperature)."""
         model = model or self.model
-        with training_attention_kernel(batch.input_ids.shape[1], batch.input_ids.device):
-            return completion_log_probs(model, batch, self.config.temperature)
+        return completion_log_probs(model, batch, self.config.temperature)
 
     @torch.no_grad()
     def reference_log_probs(self, batch: MicroBatch) -> torch.Tensor:

@@ -34,15 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from thrifty.kernels import native as native_kernels
+from thrifty.kernels.native import native_kernel
 
 # Up to this many tokens per row the math kernel wins on CPU (crossover ~192).
 MATH_KERNEL_MAX_LENGTH = 160
 
 
-def training_attention_kernel(seq_len: int, device: torch.device) -> ContextManager[None]:
-    """A context for the forward pass (backward follows the forward's choice)."""
-    if device.type == "cpu" and seq_len <= MATH_KERNEL_MAX_LENGTH and native_kernels.attention_backward() is None:
+def _pytorch_training_kernel(q: torch.Tensor) -> ContextManager[None]:
+    """Short training sequences on CPU to PyTorch's math kernel (see above); backward
+    follows the forward's choice, and a checkpointed layer's recomputation makes the same
+    one from the same shapes."""
+    training = torch.is_grad_enabled() and q.requires_grad
+    if training and q.device.type == "cpu" and q.shape[2] <= MATH_KERNEL_MAX_LENGTH:
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 
@@ -56,9 +59,10 @@ def scaled_dot_product_attention(
     if result is not None:
         return result[0]
     if q.shape[2] == 1 and _native_decode_applies(q, k, v):
-        return native_kernels.decode_attention().decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+        return native_kernel("decode_attention").decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)
+    with _pytorch_training_kernel(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              enable_gqa=k.shape[1] != q.shape[1])
 
 
 def attention_with_logsumexp(
@@ -77,14 +81,14 @@ def attention_with_logsumexp(
 def _native_backward_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
     return (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and q.device.type == "cpu"
             and q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0
-            and native_kernels.attention_backward() is not None)
+            and native_kernel("attention_backward") is not None)
 
 
 def _native_decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """A decoding step (one query per row) without gradients, in bf16 on this CPU."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
-    module = native_kernels.decode_attention() if q.device.type == "cpu" and q.dtype == torch.bfloat16 else None
+    module = native_kernel("decode_attention") if q.device.type == "cpu" and q.dtype == torch.bfloat16 else None
     return module is not None and module.decode_attention_supports(q.shape[-1])
 
 
@@ -94,7 +98,7 @@ class _FlashAttentionNativeBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal, known):  # type: ignore[no-untyped-def]
-        module = native_kernels.attention_forward()
+        module = native_kernel("attention_forward")
         if module is not None:  # the backward reads its inputs in the layout the forward takes
             q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         if known is not None:
@@ -113,7 +117,7 @@ class _FlashAttentionNativeBackward(torch.autograd.Function):
         q, k, v, out, logsumexp, mask = ctx.saved_tensors
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
-        grad_q, grad_k, grad_v = native_kernels.attention_backward().attention_backward(
+        grad_q, grad_k, grad_v = native_kernel("attention_backward").attention_backward(
             grad_out, q, k, v, out, logsumexp, mask, ctx.is_causal, q.shape[-1] ** -0.5)
         batch, heads, _, head_dim = q.shape
         kv_heads, keys = k.shape[1], k.shape[2]

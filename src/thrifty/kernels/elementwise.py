@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from thrifty.kernels import native as native_kernels
+from thrifty.kernels.native import native_kernel
 
 
 def _native_for(*tensors: torch.Tensor, rows: bool = False) -> Any:
@@ -30,7 +30,7 @@ def _native_for(*tensors: torch.Tensor, rows: bool = False) -> Any:
         layout_ok = t.stride(-1) == 1 if rows else t.is_contiguous()
         if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not layout_ok:
             return None
-    return native_kernels.elementwise()
+    return native_kernel("elementwise")
 
 
 def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,14 +123,14 @@ class _RoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)  # the rotation is linear: x is not needed
-        return native_kernels.elementwise().rope_forward(x, cos, sin)
+        return native_kernel("elementwise").rope_forward(x, cos, sin)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         cos, sin = ctx.saved_tensors
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
-        return native_kernels.elementwise().rope_backward(grad, cos, sin), None, None
+        return native_kernel("elementwise").rope_backward(grad, cos, sin), None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

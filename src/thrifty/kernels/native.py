@@ -9,6 +9,9 @@ The kernels need AVX-512 BF16. Where the CPU also has AMX, the attention and dec
 matmuls run on it; THRIFTY_NATIVE_AMX=0 makes them use their AVX-512 BF16 versions.
 
     python -c "import thrifty.kernels.native as n; n.main()"   # build now, report what runs
+
+Every caller asks `native_kernel(name)`; THRIFTY_NATIVE_OFF=name,... switches single
+kernels off.
 """
 
 from __future__ import annotations
@@ -50,38 +53,23 @@ def native_module() -> ModuleType | None:
     return module if module.avx512_bf16() else None
 
 
-def attention_backward() -> ModuleType | None:
-    """The module if its `attention_backward` runs here."""
-    return native_module()
+# The native kernels by name: what native_kernel() and THRIFTY_NATIVE_OFF take.
+KERNELS = ("attention_forward", "attention_backward", "token_log_probs", "elementwise", "decode_linear",
+           "decode_attention", "sampling")
 
 
-def attention_forward() -> ModuleType | None:
-    """The module if its `attention_forward` (the training forward) runs here."""
-    return native_module()
+def native_kernel(name: str) -> ModuleType | None:
+    """The compiled module if kernel `name` (one of KERNELS) runs here, else None: the one
+    question every caller asks before taking a native path, answered here only.
 
-
-def decode_linear() -> ModuleType | None:
-    """The module if its `decode_linear` runs here."""
-    return native_module()
-
-
-def decode_attention() -> ModuleType | None:
-    """The module if its `decode_attention` runs here."""
-    return native_module()
-
-
-def sampling() -> ModuleType | None:
-    """The module if its `sample_tokens` runs here."""
-    return native_module()
-
-
-def token_log_probs() -> ModuleType | None:
-    """The module if its `token_log_probs` runs here."""
-    return native_module()
-
-
-def elementwise() -> ModuleType | None:
-    """The module if its RMSNorm, SwiGLU and RoPE kernels run here."""
+    THRIFTY_NATIVE_OFF=name[,name...] switches single kernels off (PyTorch's ops run
+    instead), to find which one is wrong when results look wrong, or to compare them.
+    """
+    if name not in KERNELS:
+        raise ValueError(f"unknown native kernel {name!r}; the kernels are {', '.join(KERNELS)}")
+    switched_off = os.environ.get("THRIFTY_NATIVE_OFF")
+    if switched_off and name in switched_off.split(","):
+        return None
     return native_module()
 
 
@@ -109,17 +97,15 @@ def _build(name: str, sources: list[Path]) -> ModuleType:
 
 def main() -> None:
     started = time.perf_counter()
-    kernels = {"attention forward": attention_forward(), "attention backward": attention_backward(),
-               "decoding matmuls": decode_linear(),
-               "decoding attention": decode_attention(), "sampling": sampling(),
-               "token log-probs": token_log_probs(),
-               "RMSNorm, SwiGLU and RoPE": elementwise()}
+    module = native_module()
     elapsed = time.perf_counter() - started
-    uses_amx = {"attention forward": "attention_uses_amx", "attention backward": "attention_uses_amx",
-                "decoding matmuls": "decode_linear_uses_amx"}  # kernels with an AMX and an AVX-512 version
-    for name, module in kernels.items():
-        state = "available" if module is not None else "not available here (PyTorch's ops are used)"
-        if module is not None and name in uses_amx:
-            state += " (AMX)" if getattr(module, uses_amx[name])() else " (AVX-512 BF16)"
+    # kernels with an AMX and an AVX-512 version
+    uses_amx = {"attention_forward": "attention_uses_amx", "attention_backward": "attention_uses_amx",
+                "decode_linear": "decode_linear_uses_amx"}
+    for name in KERNELS:
+        kernel = native_kernel(name)
+        state = "available" if kernel is not None else "not available here (PyTorch's ops are used)"
+        if kernel is not None and name in uses_amx:
+            state += " (AMX)" if getattr(kernel, uses_amx[name])() else " (AVX-512 BF16)"
         print(f"native {name}: {state}")
-    print(f"({elapsed:.0f} s)")
+    print(f"({elapsed:.0f} s{'' if module is not None else ', no native module'})")

@@ -442,11 +442,11 @@ def quantize_model(
     in full precision (it is usually tied to the embedding, and its precision matters
     most for the logits).
     """
-    from thrifty.layers.lora import LoraLinear  # lora imports quant; import here to avoid a cycle
-
     if method not in ("nf4", "int8"):
         raise ThriftyError(f"quantize method {method!r} is not supported: use 'nf4' (QLoRA) or 'int8'.")
-    if any(isinstance(m, LoraLinear) for m in model.modules()):
+    # LoRA wraps quantized layers, so this layer sits below it and knows a LoRA layer by its
+    # lora_A, as PEFT's own checks do.
+    if any(hasattr(m, "lora_A") for m in model.modules()):
         raise ThriftyError("quantize_model: the model already has LoRA adapters. Quantize the base "
                            "model first, then call apply_lora (that is QLoRA).")
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)

@@ -14,6 +14,11 @@ from thrifty.errors import ThriftyError
 # model_type values in a Hugging Face config.json that this decoder implements.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
+# The dtype names a config or the CLI accepts -> torch's name for it (kept as strings so
+# configs are checked without importing torch).
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+
 
 @dataclass
 class ModelConfig:

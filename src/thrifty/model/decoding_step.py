@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from thrifty.kernels import native as native_kernels
+from thrifty.kernels.native import native_kernel
 from thrifty.model.fused_linear import DECODE_ROWS, fused_for_inference
 from thrifty.model.kv_cache import KVCache
 from thrifty.model.decoder import CausalLM, DecoderLayer
@@ -37,7 +37,7 @@ class DecodingStep:
     def for_model(cls, model: CausalLM) -> DecodingStep | None:
         """The step for `model` as its weights are now, or None if the kernels do not apply."""
         config = model.config
-        native = native_kernels.decode_linear()
+        native = native_kernel("decode_linear")
         if (model.dtype != torch.bfloat16 or model.device.type != "cpu" or config.qk_norm or native is None
                 or not native.decode_attention_supports(config.head_dim)):
             return None

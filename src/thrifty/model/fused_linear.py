@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thrifty.kernels import native as native_kernels
+from thrifty.kernels.native import native_kernel
 from thrifty.layers.lora import LoraLinear
 from thrifty.layers.lora_group import fusable_for_training, lora_group_forward
 
@@ -90,7 +90,7 @@ class FusedLinear:
         self.native_adapters: list[torch.Tensor] | None = None  # self.adapters packed by decode_lora_pack
         self.checked_in: object | None = None  # the weights_frozen() block in which this copy was checked
         self.current_adapters: tuple[torch.Tensor, torch.Tensor] | None = None  # live_adapters() when checked
-        self.native = None  # native_kernels' module when its decode kernel holds the weight
+        self.native = None  # the native module when its decode kernel holds the weight
 
     # The fused weight is derived data (and an opaque oneDNN tensor that cannot be
     # copied or pickled): copies start without it and rebuild it on first use.
@@ -118,7 +118,7 @@ class FusedLinear:
             ])
         self.native = None
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
-            self.native = native_kernels.decode_linear()
+            self.native = native_kernel("decode_linear")
         self.prepacked = self.native is None and can_prepack(weight)
         if self.native is not None:
             weight = self.native.decode_linear_pack(weight)

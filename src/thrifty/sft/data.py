@@ -14,10 +14,10 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 import torch
 
-from thrifty.training.data import (
-    IGNORE_INDEX, FORMATS, PackedBatch, Rows, TokenizedExample, collate_padded, detect_format, load_rows,
-    pack_examples, tokenize_dataset,
-)
+from thrifty.sft.batches import PackedBatch, collate_padded, pack_examples
+from thrifty.sft.config import FORMATS
+from thrifty.sft.examples import IGNORE_INDEX, TokenizedExample, detect_format, tokenize_dataset
+from thrifty.training.rows import Rows, load_rows
 from thrifty.errors import ThriftyError
 from thrifty.sft.config import SFTConfig
 from thrifty.model.tokenizer import Tokenizer

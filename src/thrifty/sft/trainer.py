@@ -28,11 +28,10 @@ from typing import Any, Callable
 import torch
 
 from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
-from thrifty.kernels.attention import training_attention_kernel
 from thrifty.formats.atomic import remove_stale_temporaries
 from thrifty.training.checkpoint import resume_from, save_checkpoint, save_trained_model, settings_must_match
 from thrifty.config_io import dump_yaml
-from thrifty.training.data import DataOrder
+from thrifty.training.rows import DataOrder
 from thrifty.errors import ThriftyError
 from thrifty.generation.engine import generate
 from thrifty.formats.default_model import DEFAULT_MODEL_NAME
@@ -43,25 +42,19 @@ from thrifty.model.decoder import CausalLM
 from thrifty.training.optim import MasterWeightAdamW
 from thrifty.layers.quant import weight_memory_bytes
 from thrifty.training.schedule import lr_factor, warmup_steps_for
-from thrifty.sft.config import SFTConfig
+from thrifty.sft.config import RESUME_MUST_MATCH, SFTConfig
 from thrifty.sft.data import Batch, DatasetLike, SFTData, load_sft_data
 from thrifty.model.tokenizer import Tokenizer
 from thrifty.training.setup import method_name, prepare_model, set_seed
 
 # Settings a resumed run must share with the checkpoint, or it would not continue
 # the same training (the data order itself is checked separately).
-RESUME_MUST_MATCH = ("model_name_or_path", "dtype", "use_lora", "lora_r", "lora_alpha", "lora_target_modules",
-                     "use_rslora", "use_dora", "quantize", "per_device_train_batch_size",
-                     "gradient_accumulation_steps", "packing", "max_length", "seed", "format",
-                     "completion_only_loss", "eval_split")
 
 
 def sft_loss(model: CausalLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, labelled tokens) of one batch; labels come shifted."""
     batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
-    input_ids = batch["input_ids"]
-    with training_attention_kernel(input_ids.shape[1], input_ids.device):
-        hidden = model.hidden_states(input_ids, batch["positions"], batch.get("mask"))
+    hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch.get("mask"))
     return chunked_cross_entropy(hidden, model.lm_head.weight, batch["labels"])
 
 

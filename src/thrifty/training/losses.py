@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.kernels import native as native_kernels
+from thrifty.kernels.native import native_kernel
 from thrifty.errors import ThriftyError
 
 IGNORE_INDEX = -100
@@ -50,7 +50,7 @@ def chunked_cross_entropy(
 
     hidden: [..., H] final hidden states (fp32 or bf16); weight: [V, H] the lm_head weight;
     labels: [...] target ids, already aligned with hidden (position t predicts labels[t];
-    thrifty.training.data's batches come shifted), `ignore_index` where there is no loss.
+    thrifty.sft.batches' come shifted), `ignore_index` where there is no loss.
 
     Returns the *sum* of per-token losses (fp32 scalar) and the number of labelled tokens
     (int64 scalar), not the mean: with gradient accumulation, packing and several ranks,
@@ -125,7 +125,7 @@ def _chunk_log_probs(logits: torch.Tensor, targets: torch.Tensor, temperature: f
     """log p(target) per row of a chunk of head outputs (the matmul ran in the model's
     dtype, 2x faster in bf16; the softmax statistics are fp32). With grad_scale [rows],
     `logits` is overwritten with grad_scale * d log p / d logits, in its own dtype."""
-    native = native_kernels.token_log_probs() if logits.device.type == "cpu" else None
+    native = native_kernel("token_log_probs") if logits.device.type == "cpu" else None
     if native is not None:
         return native.token_log_probs(logits, targets, temperature, grad_scale)
     scaled = logits.float()

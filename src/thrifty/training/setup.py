@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from thrifty.config_io import require
 from thrifty.errors import ThriftyError
 from thrifty.layers.lora import LoraConfig, LoraLinear, apply_lora, lora_layers
 from thrifty.layers.quant import is_quantized, quantize_model
@@ -25,21 +24,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def check_method_fields(config: Any) -> None:
-    """The checks of the method fields, shared by SFTConfig and GRPOConfig; turns a
-    comma-separated lora_target_modules (`lora_target_modules=q_proj,v_proj` on the
-    command line) into a list."""
-    require(config, config.lora_r >= 1, "lora_r", "must be at least 1")
-    require(config, config.lora_alpha > 0, "lora_alpha", "must be positive")
-    require(config, 0.0 <= config.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
-    if isinstance(config.lora_target_modules, str) and "," in config.lora_target_modules:
-        config.lora_target_modules = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()]
-    if config.quantize is not None and not config.use_lora:
-        raise ThriftyError(f"quantize = {config.quantize!r} needs use_lora: true. A quantized base model is "
-                           "frozen, so only LoRA adapters can be trained on it (QLoRA). Set use_lora: true, "
-                           "or quantize: null for full fine-tuning.")
 
 
 def lora_config_from(config: Any) -> LoraConfig:

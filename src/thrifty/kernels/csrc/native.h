@@ -1,6 +1,6 @@
 // The functions of Thrifty's native module (module.cpp binds them for Python).
 //
-// Compiled on the user's machine by thrifty/native_kernels.py with -march=native. The
+// Compiled on the user's machine by thrifty/kernels/native.py with -march=native. The
 // kernels use AVX-512 with BF16 instructions; on any other CPU they compile to stubs
 // and `avx512_bf16()` tells Python to use PyTorch's ops instead.
 #pragma once

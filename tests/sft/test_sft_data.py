@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from thrifty.training.data import (
-    DataOrder, TokenizedExample, collate_padded, load_rows, pack_examples, tokenize_dataset, tokenize_example,
-)
+from thrifty.sft.batches import collate_padded, pack_examples
+from thrifty.sft.examples import TokenizedExample, tokenize_dataset, tokenize_example
+from thrifty.training.rows import DataOrder, load_rows
 from thrifty.errors import ThriftyError
 from thrifty.formats.build import build_model
-from thrifty.formats.gguf import open_gguf
+from thrifty.formats.gguf_reader import open_gguf
+from thrifty.formats.gguf_tokenizer import tokenizer_from_gguf
 from thrifty.formats.hf import load_hf_config, load_hf_state_dict
 from thrifty.training.losses import chunked_cross_entropy
 from thrifty.model.tokenizer import Tokenizer
@@ -42,7 +43,7 @@ CHAT = [
 
 @pytest.fixture(scope="session")
 def tokenizer(default_gguf_path: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(open_gguf(default_gguf_path), default_gguf_path)
+    return tokenizer_from_gguf(open_gguf(default_gguf_path), default_gguf_path)
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
