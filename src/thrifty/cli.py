@@ -35,8 +35,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     # Imported here so `thrifty --help` answers instantly, without loading torch.
-    from thrifty.generation.engine import generate
     from thrifty.formats.loader import load_model
+    from thrifty.generation.engine import generate
     from thrifty.generation.streaming import TextStreamer
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -115,9 +115,9 @@ def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_merge(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from thrifty.formats.peft_adapter import load_adapter, read_adapter_config
     from thrifty.formats.hf_export import save_hf_model
     from thrifty.formats.loader import load_model, parse_dtype
+    from thrifty.formats.peft_adapter import load_adapter, read_adapter_config
     from thrifty.layers.lora import merge_lora
 
     adapter = Path(args.adapter)
@@ -158,8 +158,8 @@ def run_grpo(args: argparse.Namespace) -> None:
     if config.task is None:
         raise ThriftyError(f"{args.config}: train_file needs reward functions, which the command line cannot "
                            "take; use a built-in `task`, or the Python API with reward_funcs=[...].")
-    from thrifty.grpo.trainer import GRPOTrainer
     from thrifty.formats.loader import load_model
+    from thrifty.grpo.trainer import GRPOTrainer
 
     model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype)
     result = GRPOTrainer(model, tokenizer, config=config).train()
@@ -214,9 +214,9 @@ def run_eval(args: argparse.Namespace) -> None:
     task = get_task(args.task, **settings)
     from pathlib import Path
 
+    from thrifty.formats.loader import load_model
     from thrifty.formats.peft_adapter import load_adapter, read_adapter_config
     from thrifty.grpo.evaluation import evaluate_task
-    from thrifty.formats.loader import load_model
 
     base = args.model
     if args.adapter is not None:

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from thrifty.model.config import ModelConfig
 from thrifty.errors import ThriftyError
 from thrifty.formats.default_model import DEFAULT_MODEL_NAME, resolve_model_path
 from thrifty.formats.gguf import load_gguf
 from thrifty.formats.gguf_reader import _FastGGUFReader, metadata_value
 from thrifty.formats.gguf_tokenizer import _bytes_to_unicode
+from thrifty.model.config import ModelConfig
 
 Q = gguf.GGMLQuantizationType
 

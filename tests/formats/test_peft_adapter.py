@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from thrifty.formats.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from thrifty.errors import ThriftyError
+from thrifty.formats.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from thrifty.layers.lora import LoraConfig, apply_lora, lora_layers
 from thrifty.layers.quant import quantize_model
-from tiny_models import LORA_CASES as CASES, batch, load_ours, randomise_adapters
-from tiny_models import make_hf_model, save_hf_model
+
+from tiny_models import LORA_CASES as CASES
+from tiny_models import batch, load_ours, make_hf_model, randomise_adapters, save_hf_model
 
 
 @pytest.fixture()

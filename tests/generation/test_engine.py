@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from thrifty.generation.engine import generate, generate_tokens, render_prompt
+from thrifty.errors import ThriftyError
 from thrifty.formats.build import build_model
 from thrifty.formats.hf import load_hf_config, load_hf_state_dict
+from thrifty.generation.engine import generate, generate_tokens, render_prompt
 from thrifty.generation.sampling import SamplingParams
-from thrifty.errors import ThriftyError
+
 from tiny_models import make_hf_model, save_hf_model
 
 GREEDY = SamplingParams(temperature=0.0)

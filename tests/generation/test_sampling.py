@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from thrifty.kernels.native import native_kernel
 from thrifty.errors import ThriftyError
 from thrifty.generation.sampling import TOP_P_CANDIDATES, SamplingParams, sample_next_tokens
+from thrifty.kernels.native import native_kernel
 
 
 @pytest.fixture(autouse=True, params=["native", "pytorch"])
@@ -23,8 +23,13 @@ def sampling_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
 
 def reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The distribution transformers samples from with the same settings."""
-    from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
-                              TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     warpers = LogitsProcessorList([TemperatureLogitsWarper(p.temperature)])
     if p.top_k:

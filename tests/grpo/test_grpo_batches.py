@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from thrifty.grpo.batches import ROW_TOKENS, balanced_rows, completion_log_probs, pack_groups
 from thrifty.formats.loader import load_model
+from thrifty.grpo.batches import ROW_TOKENS, balanced_rows, completion_log_probs, pack_groups
 from thrifty.layers.lora import LoraConfig, apply_lora, lora_layers
 
 from tiny_tokenizer import save_tiny_model_dir

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from thrifty.errors import ThriftyError
-from thrifty.grpo.evaluation import pass_at_k
-from thrifty.generation.engine import generate_tokens
-from thrifty.grpo.config import GRPOConfig, load_grpo_config
-from thrifty.grpo.trainer import TIMING_KEYS, GRPOTrainer
 from thrifty.formats.loader import load_model
-from thrifty.layers.lora import lora_layers
+from thrifty.generation.engine import generate_tokens
 from thrifty.generation.sampling import SamplingParams
+from thrifty.grpo.config import GRPOConfig, load_grpo_config
+from thrifty.grpo.evaluation import pass_at_k
+from thrifty.grpo.trainer import TIMING_KEYS, GRPOTrainer
+from thrifty.layers.lora import lora_layers
 
 from tiny_tokenizer import save_tiny_model_dir
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from thrifty.kernels.native import native_kernel
 from thrifty.kernels.elementwise import apply_rope, rms_norm, swiglu
+from thrifty.kernels.native import native_kernel
 
 EPS = 1e-5
 

@@ -16,9 +16,10 @@ import math
 import pytest
 import torch
 
-from native_support import needs_native
 from thrifty.kernels import attention as attention_kernels
 from thrifty.kernels.native import native_module
+
+from native_support import needs_native
 
 BF16_ROUNDING = 2.0**-8  # the largest relative error of one rounding to bf16 (7 stored mantissa bits)
 

@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from thrifty.kernels import attention as attention_kernels
-from thrifty.model import fused_linear
-from thrifty.kernels.native import native_kernel, native_module
-from thrifty.model.fused_linear import FusedLinear
 from thrifty.grpo.batches import group_mask, pack_groups
-from thrifty.training.losses import selective_log_probs
+from thrifty.kernels import attention as attention_kernels
+from thrifty.kernels.native import native_kernel, native_module
 from thrifty.layers.lora import LoraConfig, apply_lora, lora_layers
-from tiny_models import save_hf_model
+from thrifty.model import fused_linear
+from thrifty.model.fused_linear import FusedLinear
+from thrifty.training.losses import selective_log_probs
+
 from native_support import cpu_has, needs_native
-from tiny_models import load_ours, randomise_adapters
+from tiny_models import load_ours, randomise_adapters, save_hf_model
 
 
 @needs_native

@@ -10,10 +10,21 @@ from torch import nn
 
 from thrifty.errors import ThriftyError
 from thrifty.layers.lora import (
-    LoraConfig, LoraLinear, apply_lora, disable_lora, lora_layers, lora_state_dict, merge_adapters,
-    merge_lora, trainable_parameters, unmerge_adapters,
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    disable_lora,
+    lora_layers,
+    lora_state_dict,
+    merge_adapters,
+    merge_lora,
+    trainable_parameters,
+    unmerge_adapters,
 )
-from tiny_models import LORA_CASES as CASES, VOCAB, batch, load_ours, randomise_adapters, save_hf_model
+
+from tiny_models import LORA_CASES as CASES
+from tiny_models import VOCAB, batch, load_ours, randomise_adapters, save_hf_model
+
 
 def copy_into_peft(ours: nn.Module, peft_model: nn.Module) -> None:
     with torch.no_grad():

@@ -13,6 +13,7 @@ from thrifty.formats.hf import load_hf_config, load_hf_state_dict
 from thrifty.layers.lora import LoraConfig, apply_lora, disable_lora
 from thrifty.layers.lora_group import fusable_for_training, lora_group_forward
 from thrifty.layers.quant import quantize_model
+
 from tiny_models import lora_model, save_hf_model
 
 

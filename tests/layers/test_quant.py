@@ -14,10 +14,22 @@ from thrifty.formats.build import build_model
 from thrifty.formats.hf import load_hf_config, load_hf_state_dict
 from thrifty.layers.lora import LoraConfig, apply_lora, lora_layers
 from thrifty.layers.quant import (
-    ABSMAX_BLOCKSIZE, NF4_CODE, Int8Linear, NF4Linear, _nearest_code, _nf4_indices, cache_dequantized,
+    ABSMAX_BLOCKSIZE,
+    NF4_CODE,
+    Int8Linear,
+    NF4Linear,
+    _nearest_code,
+    _nf4_indices,
+    cache_dequantized,
     dequantize_absmax,
-    dequantize_nf4, dynamic_code_8bit, quantize_int8, quantize_model, quantize_nf4, weight_memory_bytes,
+    dequantize_nf4,
+    dynamic_code_8bit,
+    quantize_int8,
+    quantize_model,
+    quantize_nf4,
+    weight_memory_bytes,
 )
+
 from tiny_models import save_hf_model
 
 VOCAB = 97
@@ -290,6 +302,7 @@ def test_default_model_weight_memory(default_model_fp32) -> None:
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_merge_quantized_base_needs_dequantize(use_dora: bool, tmp_path: Path) -> None:
     from thrifty.layers.lora import merge_lora
+
     from tiny_models import randomise_adapters
 
     save_hf_model("llama", tmp_path)

@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tiny_models import lora_model
+from thrifty.grpo.batches import pack_groups
 from thrifty.kernels import native
 from thrifty.kernels.native import native_kernel
 from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
-from thrifty.grpo.batches import pack_groups
+
+from tiny_models import lora_model
 
 
 def _batch(vocab: int):

@@ -10,6 +10,7 @@ import torch
 from thrifty.formats.build import build_model
 from thrifty.formats.hf import load_hf_config, load_hf_state_dict
 from thrifty.model.kv_cache import KVCache
+
 from tiny_models import FAMILIES, save_hf_model
 
 

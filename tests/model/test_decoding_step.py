@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from thrifty.generation.engine import attention_mask, generate_tokens
+from thrifty.generation.sampling import SamplingParams
+from thrifty.layers.lora import LoraConfig, apply_lora
 from thrifty.model.decoding_step import DecodingStep
 from thrifty.model.fused_linear import DECODE_ROWS, weights_frozen
-from thrifty.generation.engine import attention_mask, generate_tokens
 from thrifty.model.kv_cache import KVCache
-from thrifty.layers.lora import LoraConfig, apply_lora
-from thrifty.generation.sampling import SamplingParams
-from tiny_models import load_ours, randomise_adapters
+
 from native_support import needs_native
-from tiny_models import make_hf_model
+from tiny_models import load_ours, make_hf_model, randomise_adapters
 
 
 def tiny_model_with_head_dim_64(family: str, directory: Path):  # type: ignore[no-untyped-def]

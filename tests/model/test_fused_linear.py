@@ -11,6 +11,7 @@ from torch import nn
 
 from thrifty.formats.build import build_model
 from thrifty.formats.hf import load_hf_config, load_hf_state_dict
+
 from tiny_models import save_hf_model
 
 
@@ -90,10 +91,10 @@ def test_fused_path_uses_live_lora_weights(tiny, dtype: torch.dtype) -> None:
 
 
 def test_weights_frozen_checks_once_per_block_and_generation_sees_updates(tiny) -> None:
-    from thrifty.model.fused_linear import weights_frozen
     from thrifty.generation.engine import generate_tokens
-    from thrifty.layers.lora import LoraConfig, apply_lora
     from thrifty.generation.sampling import SamplingParams
+    from thrifty.layers.lora import LoraConfig, apply_lora
+    from thrifty.model.fused_linear import weights_frozen
 
     model = apply_lora(tiny, LoraConfig(r=4, lora_alpha=8)).to(torch.bfloat16)
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(4))

@@ -17,16 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from thrifty.sft.batches import collate_padded, pack_examples
-from thrifty.sft.examples import TokenizedExample, tokenize_dataset, tokenize_example
-from thrifty.training.rows import DataOrder, load_rows
 from thrifty.errors import ThriftyError
 from thrifty.formats.build import build_model
 from thrifty.formats.gguf_reader import open_gguf
 from thrifty.formats.gguf_tokenizer import tokenizer_from_gguf
 from thrifty.formats.hf import load_hf_config, load_hf_state_dict
-from thrifty.training.losses import chunked_cross_entropy
 from thrifty.model.tokenizer import Tokenizer
+from thrifty.sft.batches import collate_padded, pack_examples
+from thrifty.sft.examples import TokenizedExample, tokenize_dataset, tokenize_example
+from thrifty.training.losses import chunked_cross_entropy
+from thrifty.training.rows import DataOrder, load_rows
 
 from tiny_models import save_hf_model
 

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from thrifty.training.checkpoint import list_checkpoints
-from thrifty.sft.batches import collate_padded, pack_examples
-from thrifty.sft.examples import tokenize_dataset
 from thrifty.formats.hf_export import save_hf_model
 from thrifty.formats.loader import load_model
+from thrifty.sft.batches import collate_padded, pack_examples
 from thrifty.sft.config import SFTConfig
 from thrifty.sft.data import make_batch
+from thrifty.sft.examples import tokenize_dataset
 from thrifty.sft.trainer import SFTTrainer, sft_loss
+from thrifty.training.checkpoint import list_checkpoints
 
 from tiny_tokenizer import save_tiny_model_dir
 

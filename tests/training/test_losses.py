@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from thrifty.kernels.native import native_kernel
 from thrifty.errors import ThriftyError
+from thrifty.kernels.native import native_kernel
 from thrifty.training.losses import chunked_cross_entropy, selective_log_probs
 
 N, H, V = 37, 24, 101  # N is prime, so most chunk sizes leave a ragged last chunk; V % 16 != 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.model.config import ModelConfig
 from thrifty.errors import ThriftyError
+from thrifty.model.config import ModelConfig
 from thrifty.model.decoder import CausalLM, rope_inverse_frequencies
 
 

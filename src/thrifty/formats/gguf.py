@@ -19,10 +19,10 @@ import gguf
 import numpy as np
 import torch
 
-from thrifty.model.config import ModelConfig
 from thrifty.errors import ThriftyError
 from thrifty.formats.gguf_reader import metadata_value, open_gguf
 from thrifty.formats.gguf_tokenizer import tokenizer_from_gguf
+from thrifty.model.config import ModelConfig
 from thrifty.model.tokenizer import Tokenizer
 
 # GGUF `general.architecture` values this loader maps onto our Llama-family decoder.

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from thrifty.errors import ThriftyError
 from thrifty.formats.gguf_reader import metadata_value

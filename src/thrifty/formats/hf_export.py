@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from thrifty.formats.atomic import atomic_directory
 from thrifty.errors import ThriftyError
+from thrifty.formats.atomic import atomic_directory
 from thrifty.layers.lora import LoraLinear
-from thrifty.model.decoder import CausalLM
 from thrifty.layers.quant import is_quantized
+from thrifty.model.decoder import CausalLM
 from thrifty.model.tokenizer import Tokenizer
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}

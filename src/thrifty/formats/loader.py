@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from thrifty.errors import ThriftyError
+from thrifty.formats.build import build_model
 from thrifty.formats.default_model import resolve_model_path
 from thrifty.formats.hf import load_hf_config, load_hf_state_dict
-from thrifty.formats.build import build_model
 from thrifty.kernels.malloc_tuning import tune_malloc
 from thrifty.model.config import DTYPE_NAMES
 from thrifty.model.decoder import CausalLM

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from thrifty.model.decoding_step import DecodingStep
 from thrifty.errors import ThriftyError
+from thrifty.generation.sampling import SamplingParams, sample_next_tokens
+from thrifty.model.decoder import CausalLM, causal_mask
+from thrifty.model.decoding_step import DecodingStep
 from thrifty.model.fused_linear import weights_frozen
 from thrifty.model.kv_cache import KVCache
-from thrifty.model.decoder import CausalLM
-from thrifty.generation.sampling import SamplingParams, sample_next_tokens
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from thrifty.model.tokenizer import Tokenizer
@@ -265,11 +264,9 @@ def attention_mask(
     Padding queries attend only to themselves: a row with no visible key would make
     SDPA produce NaNs, which would then leak through 0 * NaN into real rows' outputs.
     """
-    distance = query_positions.unsqueeze(-1) - key_positions.unsqueeze(1)
-    allowed = (distance >= 0) & (key_positions >= 0).unsqueeze(1)
-    if sliding_window is not None:
-        allowed &= distance < sliding_window
+    allowed = causal_mask(query_positions, key_positions.shape[1], sliding_window, key_positions=key_positions)
+    allowed &= (key_positions >= 0)[:, None, None, :]
     if query_positions.shape[1] > 1:
         is_padding = (query_positions < 0).unsqueeze(-1)
-        allowed |= is_padding & (distance == 0)
-    return allowed.unsqueeze(1)
+        allowed |= (is_padding & (query_positions.unsqueeze(-1) == key_positions.unsqueeze(1))).unsqueeze(1)
+    return allowed

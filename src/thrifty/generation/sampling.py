@@ -7,8 +7,8 @@ from types import ModuleType
 
 import torch
 
-from thrifty.kernels.native import native_kernel
 from thrifty.errors import ThriftyError
+from thrifty.kernels.native import native_kernel
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from thrifty.training.losses import selective_log_probs
 from thrifty.model.decoder import CausalLM, causal_mask
+from thrifty.training.losses import selective_log_probs
 
 PADDING = -1  # the group and segment of padding tokens
 # Rows are padded to a multiple of this many tokens. Unpadded, every micro-batch had a new

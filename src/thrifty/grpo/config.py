@@ -24,7 +24,8 @@ from typing import Any, Literal, Sequence
 
 from thrifty.config_io import load_config, require, resolve_next_to
 from thrifty.errors import ThriftyError
-from thrifty.training.config import RESUME_MUST_MATCH as SHARED_RESUME_MUST_MATCH, TrainingConfig
+from thrifty.training.config import RESUME_MUST_MATCH as SHARED_RESUME_MUST_MATCH
+from thrifty.training.config import TrainingConfig
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")  # see grpo/loss.py
 SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thrifty.generation.engine import generate_tokens, render_prompt
-from thrifty.model.decoder import CausalLM
 from thrifty.generation.sampling import SamplingParams
 from thrifty.grpo.tasks.common import Row, Task
+from thrifty.model.decoder import CausalLM
 from thrifty.model.tokenizer import Tokenizer
 
 # Prompts per generate_tokens call: bounds the KV cache, keeps decode batches efficient.

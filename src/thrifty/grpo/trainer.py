@@ -39,30 +39,31 @@ from typing import Any
 
 import torch
 
-from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
-from thrifty.formats.atomic import remove_stale_temporaries
-from thrifty.training.checkpoint import resume_from, save_checkpoint, save_trained_model, settings_must_match
-from thrifty.config_io import dump_yaml
-from thrifty.training.rows import DataOrder, load_rows
 from thrifty.errors import ThriftyError
-from thrifty.grpo.evaluation import EvalResult, evaluate_rows
 from thrifty.generation.engine import generate_tokens, render_prompt
+from thrifty.generation.sampling import SamplingParams
 from thrifty.grpo.batches import MicroBatch, completion_log_probs, pack_groups
 from thrifty.grpo.config import RESUME_MUST_MATCH, GRPOConfig
-from thrifty.grpo.loss import collect_informative_groups, combine_rewards, completion_mask, group_advantages, \
-    grpo_loss, reward_metrics
-from thrifty.formats.default_model import DEFAULT_MODEL_NAME
-from thrifty.layers.lora import disable_lora, trainable_parameters
-from thrifty.training.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
-from thrifty.model.decoder import CausalLM
-from thrifty.training.optim import MasterWeightAdamW
-from thrifty.layers.quant import weight_memory_bytes
+from thrifty.grpo.evaluation import EvalResult, evaluate_rows
+from thrifty.grpo.loss import (
+    collect_informative_groups,
+    combine_rewards,
+    completion_mask,
+    group_advantages,
+    grpo_loss,
+    reward_metrics,
+)
 from thrifty.grpo.rewards import RewardFunc, call_reward_function, reward_function_name
-from thrifty.generation.sampling import SamplingParams
-from thrifty.training.schedule import lr_factor, warmup_steps_for
 from thrifty.grpo.tasks import Task, get_task
+from thrifty.layers.lora import disable_lora, trainable_parameters
+from thrifty.layers.quant import weight_memory_bytes
+from thrifty.model.decoder import CausalLM
 from thrifty.model.tokenizer import Tokenizer
-from thrifty.training.setup import has_lora, method_name, prepare_model, set_seed
+from thrifty.training.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
+from thrifty.training.rows import DataOrder, load_rows
+from thrifty.training.run import TrainingRun
+from thrifty.training.schedule import lr_factor, warmup_steps_for
+from thrifty.training.setup import has_lora
 
 # Settings a resumed run must share with its checkpoint to continue the same training.
 TIMING_KEYS = ("time/generation", "time/scoring", "time/training", "time/step", "rss_mb")
@@ -134,8 +135,8 @@ class GRPOTrainer:
             self.task.rows("eval", cfg.num_eval_samples, seed=0)
             if self.task is not None and cfg.num_eval_samples > 0 else [])
         self.chat = tokenizer.chat_template is not None
-        set_seed(cfg.seed)  # before LoRA init, so adapters start the same in every run
-        self.model = prepare_model(model, cfg)
+        self.run = TrainingRun(model, tokenizer, cfg, RESUME_MUST_MATCH)
+        self.model, self.optimizer, self.output_dir = self.run.model, self.run.optimizer, self.run.output_dir
         # The KL reference: with LoRA the same model with adapters off (no copy); for full
         # fine-tuning a frozen copy of the starting weights.
         self.ref_model: CausalLM | None = None
@@ -144,11 +145,7 @@ class GRPOTrainer:
         self.order = DataOrder(len(self.rows), cfg.per_device_train_batch_size, seed=cfg.seed)
         self.total_updates = cfg.max_steps * cfg.num_iterations
         self.warmup_steps = warmup_steps_for(self.total_updates, cfg.warmup_steps, cfg.warmup_ratio)
-        self.optimizer = MasterWeightAdamW(self.model.named_parameters(), lr=cfg.learning_rate,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                           weight_decay=cfg.weight_decay)
         self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
-        self.output_dir = Path(cfg.output_dir)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
         self.completions_log = MetricsLog(self.output_dir / "completions.jsonl")
         self.step = 0
@@ -322,8 +319,7 @@ class GRPOTrainer:
                     if value == value and key != "num_tokens":  # skip NaN extremes
                         sums[key] = sums.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
-            grad_norm = self.optimizer.step(cfg.max_grad_norm)
-            self.optimizer.zero_grad()
+            grad_norm = self.run.optimizer_step(self.updates + 1)
             self.updates += 1
         out = {k: sums[k] / counts[k] for k in sums}
         out["loss"] = out.pop("policy_loss", 0.0)
@@ -333,51 +329,42 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> GRPOResult:
-        cfg, model = self.config, self.model
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.output_dir)
-        resumed = self._maybe_resume()
-        self.log(self._describe_run())
-        initial_eval = None
-        if not resumed:
-            self.metrics.start_fresh()
-            self.completions_log.start_fresh()
-            if cfg.eval_on_start:
-                initial_eval = self.evaluate()
-                if initial_eval is not None:
-                    self.metrics.write({"step": 0, "eval_accuracy": initial_eval.accuracy})
-                    self.log(f"held-out before training: {initial_eval.summary()}")
-        if cfg.gradient_checkpointing:  # acts only where gradients are on: not in generation
-            enable_activation_checkpointing(model, keep_mlp_outputs=cfg.gradient_checkpointing_keep_mlp,
-                                            keep_attention_outputs=cfg.gradient_checkpointing_keep_attention)
-        progress = ProgressBar(cfg.max_steps, self.step, cfg.disable_tqdm, desc="grpo")
-        try:
-            while self.step < cfg.max_steps:
-                record = self._step()
-                progress.advance(self._postfix(record))
-                if "eval_accuracy" in record:
-                    progress.write(f"step {self.step}: held-out accuracy {record['eval_accuracy']:.1%}")
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
-                    self.save_checkpoint()
-        finally:
-            progress.close()
-            if cfg.gradient_checkpointing:
-                disable_activation_checkpointing(model)
-        model.eval()
-        records = self.metrics.read()
-        plot_metrics(records, self.output_dir / "rewards.png", ["reward", "accuracy", "eval_accuracy"],
-                     title=f"GRPO: {self._method_name()}", ylabel="reward / accuracy")
-        output = self.save_model()
-        final_eval = self._last_eval
-        rewards = [r["reward"] for r in records if "reward" in r]
-        result = GRPOResult(global_step=self.step, initial_eval=initial_eval, final_eval=final_eval,
-                            output_path=output, mean_reward_first=rewards[0] if rewards else None,
-                            mean_reward_last=rewards[-1] if rewards else None, seconds=dict(self.seconds),
-                            peak_rss_mb=peak_rss_bytes() / 2**20)
-        self.log(self._summary(result))
-        if initial_eval is not None and final_eval is not None:
-            self.log(before_and_after(initial_eval, final_eval))
-        return result
+        """Run to the end (or resume, as the config says) and save the result."""
+        with self.run.holding_output_dir():
+            cfg, model = self.config, self.model
+            resumed = self.run.resume(self._restore)
+            self.log(self._describe_run())
+            initial_eval = None
+            if not resumed:
+                self.metrics.start_fresh()
+                self.completions_log.start_fresh()
+                if cfg.eval_on_start:
+                    initial_eval = self.evaluate()
+                    if initial_eval is not None:
+                        self.metrics.write({"step": 0, "eval_accuracy": initial_eval.accuracy})
+                        self.log(f"held-out before training: {initial_eval.summary()}")
+            with self.run.checkpointed_layers(), ProgressBar(cfg.max_steps, self.step, cfg.disable_tqdm, desc="grpo") as progress:
+                while self.step < cfg.max_steps:
+                    record = self._step()
+                    progress.advance(self._postfix(record))
+                    if "eval_accuracy" in record:
+                        progress.write(f"step {self.step}: held-out accuracy {record['eval_accuracy']:.1%}")
+                    self.run.save_checkpoint_if_due(self.step, self._trainer_state)
+            model.eval()
+            records = self.metrics.read()
+            plot_metrics(records, self.output_dir / "rewards.png", ["reward", "accuracy", "eval_accuracy"],
+                         title=f"GRPO: {self.run.method}", ylabel="reward / accuracy")
+            output = self.run.save_model()
+            final_eval = self._last_eval
+            rewards = [r["reward"] for r in records if "reward" in r]
+            result = GRPOResult(global_step=self.step, initial_eval=initial_eval, final_eval=final_eval,
+                                output_path=output, mean_reward_first=rewards[0] if rewards else None,
+                                mean_reward_last=rewards[-1] if rewards else None, seconds=dict(self.seconds),
+                                peak_rss_mb=peak_rss_bytes() / 2**20)
+            self.log(self._summary(result))
+            if initial_eval is not None and final_eval is not None:
+                self.log(before_and_after(initial_eval, final_eval))
+            return result
 
     def _step(self) -> dict[str, Any]:
         """One GRPO step: rollout, score, advantages, update; returns the metrics record."""
@@ -451,26 +438,13 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ saving and resuming
 
-    def base_model_name(self) -> str:
-        return self.config.model_name_or_path or DEFAULT_MODEL_NAME
-
-    def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "updates": self.updates, "max_steps": self.config.max_steps,
+    def _trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this trainer, for an exact resume."""
+        return {"step": self.step, "updates": self.updates, "max_steps": self.config.max_steps,
                  "data_order": self.order.state_dict(), "unlogged": self._unlogged}
-        return save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer,
-                               optimizer_state=self.optimizer.state_dict(), trainer_state=state,
-                               config_yaml=dump_yaml(self.config), base_model_name_or_path=self.base_model_name(),
-                               save_total_limit=self.config.save_total_limit)
 
-    def save_model(self) -> Path:
-        return save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name())
-
-    def _maybe_resume(self) -> bool:
-        checkpoint = resume_from(self.config.resume_from_checkpoint, self.output_dir, self.model, self.optimizer,
-                                 settings_must_match(self.config, RESUME_MUST_MATCH))
-        if checkpoint is None:
-            return False
-        state, path = checkpoint.trainer_state, checkpoint.path
+    def _restore(self, state: dict[str, Any], path: Path) -> None:
+        """This trainer's part of resuming from the checkpoint at `path`."""
         self.order.load_state_dict(state["data_order"])
         self.step, self.updates = int(state["step"]), int(state["updates"])
         if self.step > self.config.max_steps:
@@ -480,17 +454,13 @@ class GRPOTrainer:
         self.completions_log.keep_until(self.step)
         self._unlogged = state.get("unlogged", [])
         self.log(f"resumed from {path} at step {self.step}")
-        return True
 
     # ------------------------------------------------------------------ reporting
-
-    def _method_name(self) -> str:
-        return method_name(self.model, self.config.quantize)
 
     def _describe_run(self) -> str:
         cfg = self.config
         source = f"task {cfg.task!r}" if self.task is not None else "prompts"
-        return (f"GRPO ({self._method_name()}) of {self.base_model_name()} [{cfg.dtype}, base weights "
+        return (f"GRPO ({self.run.method}) of {self.run.base_model_name} [{cfg.dtype}, base weights "
                 f"{weight_memory_bytes(self.model) / 2**20:.0f} MB]: {trainable_parameters(self.model)}\n"
                 f"  {len(self.rows)} train {source}, {len(self.eval_rows)} held out; {cfg.max_steps} steps of "
                 f"{cfg.per_device_train_batch_size} prompts x {cfg.num_generations} completions (<= "

@@ -8,17 +8,15 @@ Nothing here is device-specific: the same code runs on CPU and CUDA.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from thrifty.kernels.attention import scaled_dot_product_attention
-from thrifty.model.config import ModelConfig
 from thrifty.errors import ThriftyError
-from thrifty.model.fused_linear import project
-from thrifty.model.kv_cache import KVCache
 from thrifty.kernels.elementwise import apply_rope, rms_norm, swiglu
+from thrifty.model.config import ModelConfig
+from thrifty.model.kv_cache import KVCache
+from thrifty.model.projections import attention, project
 
 
 class RMSNorm(nn.Module):
@@ -61,6 +59,10 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    # Projections that read one input, computed as a group (model/projections.py); the
+    # decoding step (decoding_step.py) reads the same groups.
+    PROJECTION_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",)}
+
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.config = config
@@ -85,23 +87,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        q, k, v = project(self, "qkv", [self.q_proj, self.k_proj, self.v_proj], x)
-        return self.attend(q, k, v, cos, sin, mask, cache)
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
-        attention: Callable[..., torch.Tensor] = scaled_dot_product_attention,
-    ) -> torch.Tensor:
-        """The rest of forward from the q/k/v projections' outputs [batch, seq, width];
-        `attention` as scaled_dot_product_attention (activation_checkpointing.py passes
-        one that keeps its output)."""
+        q, k, v = project(self, "qkv", projection_group(self, "qkv"), x)
         batch, seq, _ = q.shape
         q = q.view(batch, seq, self.n_heads, self.head_dim)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
@@ -115,11 +101,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         out = attention(q, k, v, mask, is_causal=mask is None and seq > 1)
-        (out,) = project(self, "o", [self.o_proj], out.transpose(1, 2).reshape(batch, seq, -1))
+        (out,) = project(self, "o", projection_group(self, "o"), out.transpose(1, 2).reshape(batch, seq, -1))
         return out
 
 
 class MLP(nn.Module):
+    PROJECTION_GROUPS = {"gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -127,9 +115,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(self, "gate_up", [self.gate_proj, self.up_proj], x)
-        (down,) = project(self, "down", [self.down_proj], swiglu(gate, up))
+        gate, up = project(self, "gate_up", projection_group(self, "gate_up"), x)
+        (down,) = project(self, "down", projection_group(self, "down"), swiglu(gate, up))
         return down
+
+
+def projection_group(owner: Attention | MLP, name: str) -> list[nn.Module]:
+    """The linear layers of one of `owner`'s PROJECTION_GROUPS."""
+    return [getattr(owner, member) for member in owner.PROJECTION_GROUPS[name]]
 
 
 class DecoderLayer(nn.Module):

@@ -21,9 +21,9 @@ from types import ModuleType
 import torch
 
 from thrifty.kernels.native import native_kernel
+from thrifty.model.decoder import MLP, Attention, CausalLM, DecoderLayer, projection_group
 from thrifty.model.fused_linear import DECODE_ROWS, fused_for_inference
 from thrifty.model.kv_cache import KVCache
-from thrifty.model.decoder import CausalLM, DecoderLayer
 
 
 class DecodingStep:
@@ -61,17 +61,19 @@ class DecodingStep:
 
 
 def _plan(native: ModuleType, layer: DecoderLayer) -> object | None:
-    attention, mlp = layer.self_attn, layer.mlp
     groups = []
-    for owner, name, members in ((attention, "qkv", [attention.q_proj, attention.k_proj, attention.v_proj]),
-                                 (attention, "o", [attention.o_proj]),
-                                 (mlp, "gate_up", [mlp.gate_proj, mlp.up_proj]),
-                                 (mlp, "down", [mlp.down_proj])):
-        fused = fused_for_inference(owner, name, members)  # the modules' own cache entries
-        if fused is None:
-            return None
-        fused.ensure_current()
-        if fused.native is None:
-            return None
-        groups.append(fused.native_linear())
+    # The order DecodingLayer takes: qkv, o (attention), gate_up, down (MLP).
+    for owner in (layer.self_attn, layer.mlp):
+        for name in owner.PROJECTION_GROUPS:
+            groups.append(_native_group(owner, name))
+    if any(group is None for group in groups):
+        return None
     return native.DecodingLayer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *groups)
+
+
+def _native_group(owner: Attention | MLP, name: str) -> object | None:
+    fused = fused_for_inference(owner, name, projection_group(owner, name))  # the modules' own cache entries
+    if fused is None:
+        return None
+    fused.ensure_current()
+    return fused.native_linear() if fused.native is not None else None

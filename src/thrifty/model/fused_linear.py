@@ -37,8 +37,6 @@ from torch import nn
 
 from thrifty.kernels.native import native_kernel
 from thrifty.layers.lora import LoraLinear
-from thrifty.layers.lora_group import fusable_for_training, lora_group_forward
-
 
 # Rows up to which the native decode kernel runs (it was 0.5-1.4x oneDNN's speed at 100+).
 DECODE_ROWS = 64
@@ -227,16 +225,3 @@ def fused_for_inference(owner: nn.Module, name: str, layers: list[nn.Module]) ->
     if cached is None or any(a is not b for a, b in zip(cached.layers, layers)):
         cached = fused[name] = FusedLinear(layers)
     return cached
-
-
-def project(owner: nn.Module, name: str, layers: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(layer(x) for layer in layers): one fused, pre-packed matmul when no gradients
-    are needed and the layers allow it; one autograd node for a group of LoRA layers
-    in training (lora_group.py); the layers' own forwards otherwise."""
-    if not torch.is_grad_enabled():
-        fused = fused_for_inference(owner, name, layers)
-        if fused is not None:
-            return fused.split(x)
-    elif fusable_for_training(layers, x):
-        return lora_group_forward(layers, x)  # type: ignore[arg-type]
-    return tuple(layer(x) for layer in layers)

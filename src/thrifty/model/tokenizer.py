@@ -26,6 +26,7 @@ from tokenizers import AddedToken, processors
 
 from thrifty.errors import ThriftyError
 
+
 @dataclass
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids and chat template generation needs.

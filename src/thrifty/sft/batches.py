@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from thrifty.errors import ThriftyError
+from thrifty.model.decoder import causal_mask
 from thrifty.sft.examples import IGNORE_INDEX, TokenizedExample
 
 # ---------------------------------------------------------------- batches
@@ -45,7 +46,7 @@ def collate_padded(examples: Sequence[TokenizedExample], pad_token_id: int, *,
     if not with_mask:
         return {"input_ids": input_ids, "labels": labels, "positions": positions}
     key_is_real = positions < torch.tensor(lengths).unsqueeze(1)
-    mask = _causal(width, sliding_window) & key_is_real[:, None, None, :]
+    mask = causal_mask(torch.arange(width)[None], width, sliding_window)[0, 0] & key_is_real[:, None, None, :]
     # A padding query may see no real key (with a sliding window): let it see itself, or
     # SDPA gives it NaN, which would leak into real rows through 0 * NaN in later layers.
     mask |= torch.eye(width, dtype=torch.bool)
@@ -101,15 +102,5 @@ def _pack(group: list[TokenizedExample], sliding_window: int | None) -> PackedBa
     positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     segment = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths))
     # Within an example positions are consecutive, so position distance is token distance.
-    mask = (_causal(len(segment), sliding_window) & (segment[:, None] == segment[None, :]))[None, None]
+    mask = (causal_mask(torch.arange(len(segment))[None], len(segment), sliding_window)[0, 0] & (segment[:, None] == segment[None, :]))[None, None]
     return PackedBatch(input_ids, labels, positions, mask, lengths)
-
-
-def _causal(width: int, sliding_window: int | None) -> torch.Tensor:
-    """[T, T]: query i may see key j if j <= i (and i - j < window). Token index, not
-    position, decides: within one example they differ by a constant."""
-    distance = torch.arange(width)[:, None] - torch.arange(width)[None, :]
-    allowed = distance >= 0
-    if sliding_window is not None:
-        allowed &= distance < sliding_window
-    return allowed

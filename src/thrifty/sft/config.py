@@ -15,7 +15,8 @@ from typing import Literal, Sequence
 
 from thrifty.config_io import load_config, require, resolve_next_to
 from thrifty.errors import ThriftyError
-from thrifty.training.config import RESUME_MUST_MATCH as SHARED_RESUME_MUST_MATCH, TrainingConfig
+from thrifty.training.config import RESUME_MUST_MATCH as SHARED_RESUME_MUST_MATCH
+from thrifty.training.config import TrainingConfig
 
 # The data formats SFT reads (see sft/examples.py); None in the config: detect per file.
 FORMATS = ("text", "prompt_completion", "messages", "alpaca")

@@ -14,13 +14,12 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 import torch
 
+from thrifty.errors import ThriftyError
+from thrifty.model.tokenizer import Tokenizer
 from thrifty.sft.batches import PackedBatch, collate_padded, pack_examples
-from thrifty.sft.config import FORMATS
+from thrifty.sft.config import FORMATS, SFTConfig
 from thrifty.sft.examples import IGNORE_INDEX, TokenizedExample, detect_format, tokenize_dataset
 from thrifty.training.rows import Rows, load_rows
-from thrifty.errors import ThriftyError
-from thrifty.sft.config import SFTConfig
-from thrifty.model.tokenizer import Tokenizer
 
 # What SFTTrainer accepts as a data set: a file path, rows (dicts), or examples it
 # has already tokenized.

@@ -27,25 +27,19 @@ from typing import Any, Callable
 
 import torch
 
-from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
-from thrifty.formats.atomic import remove_stale_temporaries
-from thrifty.training.checkpoint import resume_from, save_checkpoint, save_trained_model, settings_must_match
-from thrifty.config_io import dump_yaml
-from thrifty.training.rows import DataOrder
 from thrifty.errors import ThriftyError
 from thrifty.generation.engine import generate
-from thrifty.formats.default_model import DEFAULT_MODEL_NAME
 from thrifty.layers.lora import trainable_parameters
-from thrifty.training.losses import chunked_cross_entropy
-from thrifty.training.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
-from thrifty.model.decoder import CausalLM
-from thrifty.training.optim import MasterWeightAdamW
 from thrifty.layers.quant import weight_memory_bytes
-from thrifty.training.schedule import lr_factor, warmup_steps_for
+from thrifty.model.decoder import CausalLM
+from thrifty.model.tokenizer import Tokenizer
 from thrifty.sft.config import RESUME_MUST_MATCH, SFTConfig
 from thrifty.sft.data import Batch, DatasetLike, SFTData, load_sft_data
-from thrifty.model.tokenizer import Tokenizer
-from thrifty.training.setup import method_name, prepare_model, set_seed
+from thrifty.training.losses import chunked_cross_entropy
+from thrifty.training.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
+from thrifty.training.rows import DataOrder
+from thrifty.training.run import TrainingRun
+from thrifty.training.schedule import lr_factor, warmup_steps_for
 
 # Settings a resumed run must share with the checkpoint, or it would not continue
 # the same training (the data order itself is checked separately).
@@ -125,19 +119,14 @@ class SFTTrainer:
         self.config = config or SFTConfig()
         self.tokenizer = tokenizer
         self.log = log or _print_now
-        set_seed(self.config.seed)  # before LoRA init, so adapters start the same in every run
-        self.model = prepare_model(model, self.config)
+        self.run = TrainingRun(model, tokenizer, self.config, RESUME_MUST_MATCH)
+        self.model, self.optimizer, self.output_dir = self.run.model, self.run.optimizer, self.run.output_dir
         self.data: SFTData = load_sft_data(self.config, tokenizer, train_dataset, eval_dataset,
                                            model.config.sliding_window)
-        self.output_dir = Path(self.config.output_dir)
         self.order = DataOrder(len(self.data.train_items), self.config.per_device_train_batch_size,
                                seed=self.config.seed)
         self.total_steps = self._total_steps()
         self.warmup_steps = warmup_steps_for(self.total_steps, self.config.warmup_steps, self.config.warmup_ratio)
-        cfg = self.config
-        self.optimizer = MasterWeightAdamW(self.model.named_parameters(), lr=cfg.learning_rate,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                           weight_decay=cfg.weight_decay)
         self.step = 0
         self.window = LogWindow()
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
@@ -145,66 +134,57 @@ class SFTTrainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
-        cfg, model = self.config, self.model
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.output_dir)
-        resumed = self._maybe_resume()
-        self.log(self._describe_run())
-        before: list[str] = []
-        initial_eval = None
-        if not resumed:
-            self.metrics.start_fresh()
-            before = self._sample("before training")
-            if cfg.eval_on_start and self.data.eval_examples:
-                initial_eval = self.evaluate()
-                self.metrics.write({"step": 0, "epoch": 0.0, "eval_loss": initial_eval})
-                self.log(f"eval loss before training: {initial_eval:.4f}")
-        if cfg.gradient_checkpointing:
-            enable_activation_checkpointing(model, keep_mlp_outputs=cfg.gradient_checkpointing_keep_mlp,
-                                            keep_attention_outputs=cfg.gradient_checkpointing_keep_attention)
-        model.train()
-        progress = ProgressBar(self.total_steps, self.step, cfg.disable_tqdm, desc="sft")
-        last_loss = eval_loss = None
-        train_tokens, train_seconds = 0, 0.0
-        try:
-            while self.step < self.total_steps:
-                started = time.perf_counter()
-                lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps,
-                                                   cfg.lr_scheduler_type)
-                self.optimizer.set_lr(lr)
-                batches = [self.data.train_batch(self.order.next_batch())
-                           for _ in range(cfg.gradient_accumulation_steps)]
-                loss_sum, grad_norm = self.training_step(batches)
-                self.step += 1
-                labels, tokens = sum(b.num_labels for b in batches), sum(b.num_tokens for b in batches)
-                seconds = time.perf_counter() - started
-                train_tokens, train_seconds = train_tokens + tokens, train_seconds + seconds
-                progress.update(loss_sum / max(labels, 1), tokens / seconds, lr)
-                self.window.add(loss_sum, labels, tokens, seconds)
+        """Run to the end (or resume, as the config says) and save the result."""
+        with self.run.holding_output_dir():
+            cfg, model = self.config, self.model
+            resumed = self.run.resume(self._restore)
+            self.log(self._describe_run())
+            before: list[str] = []
+            initial_eval = None
+            if not resumed:
+                self.metrics.start_fresh()
+                before = self._sample("before training")
+                if cfg.eval_on_start and self.data.eval_examples:
+                    initial_eval = self.evaluate()
+                    self.metrics.write({"step": 0, "epoch": 0.0, "eval_loss": initial_eval})
+                    self.log(f"eval loss before training: {initial_eval:.4f}")
+            model.train()
+            last_loss = eval_loss = None
+            train_tokens, train_seconds = 0, 0.0
+            with self.run.checkpointed_layers(), ProgressBar(self.total_steps, self.step, cfg.disable_tqdm, desc="sft") as progress:
+                while self.step < self.total_steps:
+                    started = time.perf_counter()
+                    lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps,
+                                                       cfg.lr_scheduler_type)
+                    self.optimizer.set_lr(lr)
+                    batches = [self.data.train_batch(self.order.next_batch())
+                               for _ in range(cfg.gradient_accumulation_steps)]
+                    loss_sum, grad_norm = self.training_step(batches)
+                    self.step += 1
+                    labels, tokens = sum(b.num_labels for b in batches), sum(b.num_tokens for b in batches)
+                    seconds = time.perf_counter() - started
+                    train_tokens, train_seconds = train_tokens + tokens, train_seconds + seconds
+                    progress.update(loss_sum / max(labels, 1), tokens / seconds, lr)
+                    self.window.add(loss_sum, labels, tokens, seconds)
 
-                record = self._log_and_evaluate(lr, grad_norm)
-                last_loss = record.get("loss", last_loss)
-                eval_loss = record.get("eval_loss", eval_loss)
-                if "eval_loss" in record:
-                    progress.write(f"step {self.step}: eval loss {record['eval_loss']:.4f}")
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
-                    self.save_checkpoint()
-        finally:
-            progress.close()
-            if cfg.gradient_checkpointing:
-                disable_activation_checkpointing(model)
-        model.eval()
-        plot_metrics(self.metrics.read(), self.output_dir / "loss.png", ["loss", "eval_loss"],
-                     title=f"SFT: {self._method_name()}", ylabel="cross-entropy (nats/token)")
-        output = self.save_model()
-        after = self._sample("after training")
-        self._save_samples(before, after)
-        result = TrainResult(
-            global_step=self.step, train_loss=last_loss, eval_loss=eval_loss, initial_eval_loss=initial_eval,
-            tokens_per_sec=train_tokens / train_seconds if train_seconds else 0.0,
-            peak_rss_mb=peak_rss_bytes() / 2**20, output_path=output, samples_before=before, samples_after=after)
-        self.log(self._summary(result))
-        return result
+                    record = self._log_and_evaluate(lr, grad_norm)
+                    last_loss = record.get("loss", last_loss)
+                    eval_loss = record.get("eval_loss", eval_loss)
+                    if "eval_loss" in record:
+                        progress.write(f"step {self.step}: eval loss {record['eval_loss']:.4f}")
+                    self.run.save_checkpoint_if_due(self.step, self._trainer_state)
+            model.eval()
+            plot_metrics(self.metrics.read(), self.output_dir / "loss.png", ["loss", "eval_loss"],
+                         title=f"SFT: {self.run.method}", ylabel="cross-entropy (nats/token)")
+            output = self.run.save_model()
+            after = self._sample("after training")
+            self._save_samples(before, after)
+            result = TrainResult(
+                global_step=self.step, train_loss=last_loss, eval_loss=eval_loss, initial_eval_loss=initial_eval,
+                tokens_per_sec=train_tokens / train_seconds if train_seconds else 0.0,
+                peak_rss_mb=peak_rss_bytes() / 2**20, output_path=output, samples_before=before, samples_after=after)
+            self.log(self._summary(result))
+            return result
 
     def _log_and_evaluate(self, lr: float, grad_norm: float) -> dict[str, Any]:
         """After a step: the metrics.jsonl record due now (train stats every logging_steps,
@@ -223,8 +203,7 @@ class SFTTrainer:
     def training_step(self, batches: list[Batch]) -> tuple[float, float]:
         """One optimizer step over the micro-batches; returns (summed loss, grad norm)."""
         loss_sum = self.accumulate_gradients(batches)
-        grad_norm = self.optimizer.step(self.config.max_grad_norm)
-        self.optimizer.zero_grad()
+        grad_norm = self.run.optimizer_step(self.step + 1)
         return loss_sum, grad_norm
 
     def accumulate_gradients(self, batches: list[Batch]) -> float:
@@ -267,29 +246,16 @@ class SFTTrainer:
 
     # ------------------------------------------------------------------ saving
 
-    def base_model_name(self) -> str:
-        return self.config.model_name_or_path or DEFAULT_MODEL_NAME
-
-    def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "epoch": self.epoch, "total_steps": self.total_steps,
-                 "data_order": self.order.state_dict(), "log_window": self.window.state_dict(),
-                 "schedule": {"type": self.config.lr_scheduler_type, "warmup_steps": self.warmup_steps}}
-        return save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer,
-                               optimizer_state=self.optimizer.state_dict(), trainer_state=state,
-                               config_yaml=dump_yaml(self.config), base_model_name_or_path=self.base_model_name(),
-                               save_total_limit=self.config.save_total_limit)
-
-    def save_model(self) -> Path:
-        return save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name())
+    def _trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this trainer, for an exact resume."""
+        return {"step": self.step, "epoch": self.epoch, "total_steps": self.total_steps,
+                "data_order": self.order.state_dict(), "log_window": self.window.state_dict(),
+                "schedule": {"type": self.config.lr_scheduler_type, "warmup_steps": self.warmup_steps}}
 
     # ------------------------------------------------------------------ resuming
 
-    def _maybe_resume(self) -> bool:
-        checkpoint = resume_from(self.config.resume_from_checkpoint, self.output_dir, self.model, self.optimizer,
-                                 settings_must_match(self.config, RESUME_MUST_MATCH))
-        if checkpoint is None:
-            return False
-        state, path = checkpoint.trainer_state, checkpoint.path
+    def _restore(self, state: dict[str, Any], path: Path) -> None:
+        """This trainer's part of resuming from the checkpoint at `path`."""
         self.order.load_state_dict(state["data_order"])
         self.window.load_state_dict(state["log_window"])
         self.step = int(state["step"])
@@ -298,17 +264,13 @@ class SFTTrainer:
                                "max_steps or num_train_epochs to train further.")
         self.metrics.keep_until(self.step)
         self.log(f"resumed from {path} at step {self.step}")
-        return True
 
     # ------------------------------------------------------------------ reporting
-
-    def _method_name(self) -> str:
-        return method_name(self.model, self.config.quantize)
 
     def _describe_run(self) -> str:
         cfg = self.config
         items = "packed sequences" if self.data.packed else "examples"
-        return (f"SFT ({self._method_name()}) of {self.base_model_name()} [{str(self.model.dtype).removeprefix('torch.')}, base weights "
+        return (f"SFT ({self.run.method}) of {self.run.base_model_name} [{str(self.model.dtype).removeprefix('torch.')}, base weights "
                 f"{weight_memory_bytes(self.model) / 2**20:.0f} MB]: {trainable_parameters(self.model)}\n"
                 f"  {len(self.data.train_items)} train {items}, {len(self.data.eval_examples)} eval examples; "
                 f"{self.total_steps} steps of {cfg.per_device_train_batch_size} x "

@@ -32,11 +32,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from thrifty.formats.peft_adapter import KEY_PREFIX, WEIGHTS_NAME as ADAPTER_WEIGHTS, save_adapter
-from thrifty.formats.atomic import atomic_directory
 from thrifty.config_io import config_to_dict
 from thrifty.errors import ThriftyError
+from thrifty.formats.atomic import atomic_directory
 from thrifty.formats.hf_export import save_hf_model, write_hf_files
+from thrifty.formats.peft_adapter import KEY_PREFIX, save_adapter
+from thrifty.formats.peft_adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from thrifty.training.setup import has_lora
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")

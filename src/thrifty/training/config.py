@@ -9,6 +9,7 @@ so a YAML file is checked before any model code loads.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -66,6 +67,9 @@ class TrainingConfig:
 
     # -- logging, evaluation, checkpoints ---------------------------------------------------
     output_dir: str = "output/run"
+    # A fresh run (no resume_from_checkpoint) into an output_dir that holds another run's
+    # checkpoints stops, unless this deletes them first (transformers' name).
+    overwrite_output_dir: bool = False
     logging_steps: int = 10
     eval_steps: int | None = None  # None: evaluate at the end only
     eval_on_start: bool = False  # also evaluate before the first step (to see the improvement)
@@ -86,13 +90,15 @@ class TrainingConfig:
         need(self.dtype in TRAINING_DTYPES, "dtype", f"use one of {', '.join(TRAINING_DTYPES)}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
-        need(self.learning_rate > 0, "learning_rate", "must be positive")
+        need(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
+             "must be a positive number")
         need(self.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
         need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be a fraction in [0, 1)")
         need(self.weight_decay >= 0, "weight_decay", "must be 0 or more")
         need(0.0 <= self.adam_beta1 < 1.0, "adam_beta1", "must be in [0, 1)")
         need(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", "must be in [0, 1)")
-        need(self.max_grad_norm >= 0, "max_grad_norm", "must be 0 (no clipping) or more")
+        need(self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm), "max_grad_norm",
+             "must be 0 (no clipping) or a positive number")
         need(self.lora_r >= 1, "lora_r", "must be at least 1")
         need(self.lora_alpha > 0, "lora_alpha", "must be positive")
         need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")

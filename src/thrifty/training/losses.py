@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.kernels.native import native_kernel
 from thrifty.errors import ThriftyError
+from thrifty.kernels.native import native_kernel
 
 IGNORE_INDEX = -100
 

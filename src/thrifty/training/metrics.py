@@ -89,6 +89,12 @@ class ProgressBar:
     def close(self) -> None:
         self.bar.close()
 
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def plot_metrics(records: list[dict[str, Any]], path: Path, keys: list[str], title: str,
                  ylabel: str = "value") -> Path | None:

@@ -16,6 +16,16 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from thrifty.errors import ThriftyError
+
+
+class NonFiniteGradients(ThriftyError):
+    """The gradients' norm is NaN or infinite: no update was applied."""
+
+    def __init__(self, norm: float) -> None:
+        super().__init__(f"the gradient norm is {norm}; no update was applied.")
+        self.norm = norm
+
 
 class MasterWeightAdamW:
     """AdamW over `params` with fp32 masters for the non-fp32 ones.
@@ -71,7 +81,9 @@ class MasterWeightAdamW:
             return 0.0
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         norm_value = float(norm)
-        if max_grad_norm > 0 and math.isfinite(norm_value):
+        if not math.isfinite(norm_value):
+            raise NonFiniteGradients(norm_value)
+        if max_grad_norm > 0:
             # As torch.nn.utils.clip_grad_norm_: scale down only when above the limit.
             factor = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
             for g in grads:

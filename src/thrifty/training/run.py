@@ -1,0 +1,177 @@
+"""TrainingRun: what an SFT and a GRPO run do around their loops, written once.
+
+The model prepared as the config says (full, LoRA or QLoRA, seeded first so adapters
+start the same in every run), its optimizer, the output directory held by one run at a
+time, checkpoints saved and resumed, activation checkpointing switched on for the loop,
+and optimizer steps that refuse to apply NaN or infinite gradients. The trainers own
+their loops and their own state; this object owns the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from torch import nn
+
+from thrifty.config_io import dump_yaml
+from thrifty.errors import ThriftyError
+from thrifty.formats.atomic import remove_stale_temporaries
+from thrifty.formats.default_model import DEFAULT_MODEL_NAME
+from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
+from thrifty.training.checkpoint import (
+    find_latest_checkpoint, list_checkpoints, resume_from, save_checkpoint, save_trained_model,
+    settings_must_match,
+)
+from thrifty.training.config import TrainingConfig
+from thrifty.training.optim import MasterWeightAdamW, NonFiniteGradients
+from thrifty.training.setup import method_name, prepare_model, set_seed
+
+LOCK_NAME = ".thrifty-run.lock"
+
+
+class TrainingRun:
+    def __init__(self, model: nn.Module, tokenizer: Any, config: TrainingConfig, must_match: Sequence[str]) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.must_match = tuple(must_match)
+        set_seed(config.seed)  # before LoRA init, so adapters start the same in every run
+        self.model = prepare_model(model, config)
+        self.optimizer = MasterWeightAdamW(self.model.named_parameters(), lr=config.learning_rate,
+                                           betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                                           weight_decay=config.weight_decay)
+        self.output_dir = Path(config.output_dir)
+
+    @property
+    def base_model_name(self) -> str:
+        return self.config.model_name_or_path or DEFAULT_MODEL_NAME
+
+    @property
+    def method(self) -> str:
+        """LoRA, QLoRA (nf4) or full fine-tuning, for logs and plot titles."""
+        return method_name(self.model, self.config.quantize)
+
+    # ------------------------------------------------------------------ the output directory
+
+    @contextlib.contextmanager
+    def holding_output_dir(self) -> Iterator[None]:
+        """output_dir created and held for the block: a second run into it stops at once, and
+        a fresh run will not start over another run's checkpoints unless overwrite_output_dir."""
+        lock = _lock_directory(_make_output_dir(self.output_dir))
+        try:
+            remove_stale_temporaries(self.output_dir)
+            if not self.config.resume_from_checkpoint:
+                self._clear_for_a_fresh_run()
+            yield
+        finally:
+            lock.close()  # closing the file releases the lock (so does the process dying)
+
+    def _clear_for_a_fresh_run(self) -> None:
+        old = [path.name for path in list_checkpoints(self.output_dir)]
+        if not old:
+            return
+        if not self.config.overwrite_output_dir:
+            raise ThriftyError(
+                f"output_dir {self.output_dir} holds another run's checkpoints ({', '.join(old[:3])}"
+                f"{', ...' if len(old) > 3 else ''}). Continue that run with resume_from_checkpoint: latest, "
+                "choose another output_dir, or set overwrite_output_dir: true to delete them and start afresh.")
+        for name in old:
+            shutil.rmtree(self.output_dir / name)
+
+    # ------------------------------------------------------------------ the loop
+
+    @contextlib.contextmanager
+    def checkpointed_layers(self) -> Iterator[None]:
+        """Activation checkpointing as the config asks, for the loop only (it acts where
+        gradients are on, so generation inside the loop is not affected)."""
+        config = self.config
+        if config.gradient_checkpointing:
+            enable_activation_checkpointing(self.model, keep_mlp_outputs=config.gradient_checkpointing_keep_mlp,
+                                            keep_attention_outputs=config.gradient_checkpointing_keep_attention)
+        try:
+            yield
+        finally:
+            if config.gradient_checkpointing:
+                disable_activation_checkpointing(self.model)
+
+    def optimizer_step(self, step: int) -> float:
+        """Clip and apply the accumulated gradients of optimizer step `step` (1-based);
+        returns the gradient norm. Stops the run, updating nothing, when the gradients are
+        NaN or infinite: training on from there only spreads them into every weight."""
+        try:
+            grad_norm = self.optimizer.step(self.config.max_grad_norm)
+        except NonFiniteGradients as error:
+            latest = find_latest_checkpoint(self.output_dir)
+            raise ThriftyError(
+                f"step {step}: the gradients are {error.norm} (the loss diverged or a value overflowed); the run "
+                f"stops without applying them. Last good checkpoint: {latest or 'none yet'}. Lower learning_rate "
+                f"(now {self.config.learning_rate:g}) or max_grad_norm, or check the data, then resume from it."
+            ) from error
+        finally:
+            self.optimizer.zero_grad()
+        return grad_norm
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, step: int, trainer_state: dict[str, Any]) -> Path:
+        return save_checkpoint(self.output_dir, step, model=self.model, tokenizer=self.tokenizer,
+                               optimizer_state=self.optimizer.state_dict(), trainer_state=trainer_state,
+                               config_yaml=dump_yaml(self.config), base_model_name_or_path=self.base_model_name,
+                               save_total_limit=self.config.save_total_limit)
+
+    def save_checkpoint_if_due(self, step: int, trainer_state: Callable[[], dict[str, Any]]) -> None:
+        """After step `step`: a checkpoint every save_steps steps."""
+        if self.config.save_steps and step % self.config.save_steps == 0:
+            self.save_checkpoint(step, trainer_state())
+
+    def save_model(self) -> Path:
+        return save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name)
+
+    def resume(self, restore: Callable[[dict[str, Any], Path], None]) -> bool:
+        """Load the checkpoint resume_from_checkpoint names into the model and optimizer and
+        hand its trainer_state and path to `restore`; False for a fresh run."""
+        checkpoint = resume_from(self.config.resume_from_checkpoint, self.output_dir, self.model, self.optimizer,
+                                 settings_must_match(self.config, self.must_match))
+        if checkpoint is not None:
+            restore(checkpoint.trainer_state, checkpoint.path)
+        return checkpoint is not None
+
+
+def _make_output_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:
+        raise ThriftyError(f"output_dir {path} is a file, not a directory; choose another output_dir.") from error
+    except OSError as error:
+        raise ThriftyError(f"output_dir {path} cannot be created ({error.strerror}); choose a writable "
+                           "output_dir.") from error
+    if not os.access(path, os.W_OK):
+        raise ThriftyError(f"output_dir {path} is not writable (read-only file system or permissions); choose "
+                           "a writable output_dir.")
+    return path
+
+
+def _lock_directory(path: Path) -> TextIO:
+    """An exclusive flock on path/LOCK_NAME, held while the returned file is open. The
+    kernel drops it when the holder exits in any way (kill -9 included), so a lock left by
+    a killed run is never stale; the holder's pid inside is only for the message."""
+    lock_file = open(path / LOCK_NAME, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "another process"
+        lock_file.close()
+        raise ThriftyError(f"output_dir {path} is in use by another training run ({holder}); wait for it to "
+                           "finish, or choose another output_dir.") from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(f"pid {os.getpid()}")
+    lock_file.flush()
+    return lock_file
+
