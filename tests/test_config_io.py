@@ -74,7 +74,7 @@ def test_unknown_key_names_file_line_and_valid_keys(tmp_path: Path) -> None:
     ("name: [1, 2]\n", r"name: expected a string, got a list"),
 ])
 def test_wrong_types_name_the_key_and_expected_type(tmp_path: Path, text: str, expected: str) -> None:
-    path = _yaml(tmp_path, "lr: 0.1\n" + text)
+    path = _yaml(tmp_path, "# line 1 is a comment\n" + text)
     with pytest.raises(ThriftyError, match=expected) as err:
         load_config(Demo, path)
     assert f"{path} line 2" in str(err.value)

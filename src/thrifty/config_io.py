@@ -97,6 +97,7 @@ def read_yaml_values(cls: type[Any], path: Path) -> dict[str, Any]:
         raise ThriftyError(f"{path}: expected a mapping of `key: value` lines at the top level, "
                            f"got {_describe(data)}.")
     lines = _key_lines(node)
+    _refuse_repeated_keys(node, path)
     hints = field_types(cls)
     values: dict[str, Any] = {}
     for key, raw in data.items():
@@ -328,6 +329,22 @@ def _key_lines(node: yaml.Node | None) -> dict[Any, int]:
         return {}
     return {key_node.value: key_node.start_mark.line + 1 for key_node, _ in node.value
             if isinstance(key_node, yaml.ScalarNode)}
+
+
+def _refuse_repeated_keys(node: yaml.Node | None, path: Path) -> None:
+    """YAML lets a later `key:` silently replace an earlier one; in a config that hides
+    which value a run used."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        line = key_node.start_mark.line + 1
+        if key_node.value in first:
+            raise ThriftyError(f"{path} line {line}: key {key_node.value!r} is set again (first on line "
+                               f"{first[key_node.value]}); keep one of them.")
+        first[key_node.value] = line
 
 
 def _plain(value: Any) -> Any:

@@ -12,7 +12,7 @@ from thrifty.kernels.native import native_kernel
 
 @pytest.fixture(autouse=True, params=["native", "pytorch"])
 def sampling_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with the C++ whole-vocabulary sampler (native/sampling.cpp) and
+    """Every test runs with the C++ whole-vocabulary sampler (kernels/csrc/sampling.cpp) and
     with the PyTorch ops used where it cannot run."""
     if request.param == "pytorch":
         monkeypatch.setenv("THRIFTY_NATIVE_OFF", "sampling")

@@ -15,7 +15,7 @@ EPS = 1e-5
 
 @pytest.fixture(autouse=True, params=["native", "pytorch"])
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with the C++ kernels (native/norm_and_activation.cpp and rope.cpp,
+    """Every test runs with the C++ kernels (kernels/csrc/norm_and_activation.cpp and rope.cpp,
     bf16 only) and with the PyTorch ops used where they cannot run."""
     if request.param == "pytorch":
         monkeypatch.setenv("THRIFTY_NATIVE_OFF", "elementwise")

@@ -15,7 +15,7 @@ N, H, V = 37, 24, 101  # N is prime, so most chunk sizes leave a ragged last chu
 
 @pytest.fixture(autouse=True, params=["native", "pytorch"])
 def log_prob_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with the C++ per-chunk kernel (native/token_log_probs.cpp) and
+    """Every test runs with the C++ per-chunk kernel (kernels/csrc/token_log_probs.cpp) and
     with the PyTorch ops used where it cannot run (CUDA, CPUs without AVX-512 BF16)."""
     if request.param == "pytorch":
         monkeypatch.setenv("THRIFTY_NATIVE_OFF", "token_log_probs")

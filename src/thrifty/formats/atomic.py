@@ -1,18 +1,27 @@
-"""Write a whole directory so that it appears complete or not at all.
+"""Writes that appear complete or not at all, and never hold NaN or infinite weights.
 
-Files go into a hidden temporary sibling, are flushed to disk, and the directory is
-renamed into place. A crash, or kill -9, at any moment leaves either the previous
-directory or the new one, plus at worst a `.tmp-*` leftover that
-`remove_stale_temporaries` cleans up. Used for checkpoints and exported models.
+A directory's files go into a hidden temporary sibling, are flushed to disk, and the
+directory is renamed into place (`atomic_directory`); a single file is written beside its
+destination and renamed over it (`atomic_file`). A crash, or kill -9, at any moment
+leaves either the previous version or the new one, plus at worst a `.tmp-*` leftover that
+`remove_stale_temporaries` cleans up. A write that fails because the disk is full says
+so (torch.save's own error, "unexpected pos", never does). Used for checkpoints,
+adapters and exported models.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Iterator
+
+import torch
+
+from thrifty.errors import ThriftyError
 
 TMP_PREFIX = ".tmp-"
 
@@ -27,7 +36,8 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        yield tmp
+        with _disk_full_said(final):
+            yield tmp
         _fsync_tree(tmp)
         if final.exists():
             # rename() cannot replace a non-empty directory: move the old one aside first.
@@ -45,6 +55,59 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_file(path: Path, write: Callable[[str], None]) -> None:
+    """write(temp_path) then rename over `path`: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with _disk_full_said(path):
+            write(tmp)
+        # mkstemp makes the file owner-only; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def require_finite(tensors: Mapping[str, torch.Tensor], destination: Path | str) -> None:
+    """Refuse to write weights holding NaN or infinity: a file that loads and then
+    answers garbage is worse than no file."""
+    bad = non_finite(tensors)
+    if bad:
+        raise ThriftyError(f"{destination}: not written, {len(bad)} of {len(tensors)} tensors hold NaN or infinite "
+                           f"values (e.g. {', '.join(bad[:3])}). The training that made them diverged: train again "
+                           "with a lower learning_rate, or use an earlier checkpoint.")
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold NaN or infinity."""
+    return [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+class DiskFull(ThriftyError):
+    """A write failed for lack of space."""
+
+
+@contextlib.contextmanager
+def _disk_full_said(destination: Path) -> Iterator[None]:
+    """Turn the errors a full disk causes (ENOSPC, torch.save's "unexpected pos",
+    safetensors' "os error 28") into one that says so, naming `destination`."""
+    try:
+        yield
+    except Exception as error:
+        free = shutil.disk_usage(destination.parent if destination.parent.exists() else ".").free
+        full = isinstance(error, DiskFull) or getattr(error, "errno", None) == errno.ENOSPC or free < 16 * 2**20
+        if not full or (isinstance(error, ThriftyError) and not isinstance(error, DiskFull)):
+            raise
+        raise DiskFull(f"{destination}: not written, the disk is full ({free / 2**20:.0f} MB free on "
+                       f"{destination.parent}). Free some space (older checkpoints, exports) or write elsewhere; "
+                       "what was written before is intact.") from error
 
 
 def remove_stale_temporaries(directory: Path) -> None:

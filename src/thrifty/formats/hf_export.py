@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from thrifty.errors import ThriftyError
-from thrifty.formats.atomic import atomic_directory
+from thrifty.formats.atomic import atomic_directory, require_finite
 from thrifty.layers.lora import LoraLinear
 from thrifty.layers.quant import is_quantized
 from thrifty.model.decoder import CausalLM
@@ -78,6 +78,7 @@ def write_hf_files(model: CausalLM, tokenizer: Tokenizer, directory: Path,
     (no atomic rename: for callers that build a larger directory atomically themselves)."""
     state = hf_state_dict(model) if state is None else state
     weights = directory / "model.safetensors"
+    require_finite(state, weights)
     save_file(state, str(weights), metadata={"format": "pt"})
     _write_json(directory / "config.json", hf_config_dict(model))
     # safetensors creates its file owner-only (0600): give it the permissions the umask

@@ -9,8 +9,6 @@ with `peft.PeftModel.from_pretrained`, and adapters trained with PEFT load here.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from thrifty.errors import ThriftyError
+from thrifty.formats.atomic import atomic_file, non_finite, require_finite
 from thrifty.layers.lora import LoraConfig, LoraLinear, apply_lora, linear_module_names, lora_layers, lora_state_dict
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,23 +49,6 @@ _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_bdlora": (lambda v: not v, "BD-LoRA is not supported"),
     "arrow_config": (lambda v: v is None, "Arrow routing is not supported"),
 }
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """write(temp_path) then rename over `path`: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file owner-only; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _target_modules_for_file(model: nn.Module, config: LoraConfig) -> list[str] | str:
@@ -118,9 +100,10 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         raise ThriftyError(f"save_adapter: {directory} exists and is not a directory.")
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    require_finite(tensors, directory / WEIGHTS_NAME)
+    atomic_file(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(peft_config_dict(model, config, base_model_name_or_path), indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_file(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory
 
 
@@ -205,6 +188,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         raise ThriftyError(f"load_adapter: adapter directory {directory} does not exist.")
     config, raw = read_adapter_config(directory)
     tensors, path = _read_weights(directory)
+    bad = non_finite(tensors)
+    if bad:
+        raise ThriftyError(f"{path}: {len(bad)} of {len(tensors)} tensors hold NaN or infinite values (e.g. "
+                           f"{bad[0]}); the training that saved them diverged. Use an earlier checkpoint's adapter.")
     modules = _group_by_module(tensors, path)
     if not modules:
         raise ThriftyError(f"{path} holds no LoRA weights.")

@@ -92,6 +92,9 @@ def generate(
         prompts = [prompts]  # type: ignore[list-item]
     if not prompts:
         return []
+    if stop is not None and (isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop)):
+        raise ThriftyError(f"stop strings must be a list of non-empty strings, got {stop!r} (an empty string "
+                           "matches at once, so nothing would be generated).")
     prompt_ids = [render_prompt(tokenizer, p, chat, system_prompt) for p in prompts]  # type: ignore[arg-type]
     sampling = SamplingParams(temperature, top_k, top_p, min_p)
     tokens, reasons = generate_tokens(

@@ -81,7 +81,7 @@ def sample_next_tokens(
 
 
 def _native_whole_vocabulary_sampler(logits: torch.Tensor, params: SamplingParams) -> ModuleType | None:
-    """native/sampling.cpp's module when only a temperature applies: one fused pass per row
+    """kernels/csrc/sampling.cpp's module when only a temperature applies: one fused pass per row
     (max, exp, inverse-CDF scan) instead of a float copy, softmax, cumsum and search."""
     temperature_only = not (0 < params.top_k < logits.shape[-1]) and params.top_p >= 1.0 and params.min_p == 0.0
     if not temperature_only or logits.device.type != "cpu" or logits.stride(-1) != 1:

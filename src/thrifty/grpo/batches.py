@@ -17,7 +17,7 @@ it), for about (prompt + G * completion) / (G * (prompt + completion)) of the to
 
 Groups are laid end to end in a row, as many as fit in ROW_TOKENS, rows balanced: with
 a row per group, every row was padded to the longest group, 10-30% of the tokens of a
-4 x 8 x 64 step. The attention kernels skip the blocks between groups (attention_kernels.py).
+4 x 8 x 64 step. The attention kernels skip the blocks between groups (kernels/attention.py).
 Log-probs are computed for real completion tokens only.
 """
 

@@ -135,7 +135,7 @@ class GRPOTrainer:
             self.task.rows("eval", cfg.num_eval_samples, seed=0)
             if self.task is not None and cfg.num_eval_samples > 0 else [])
         self.chat = tokenizer.chat_template is not None
-        self.run = TrainingRun(model, tokenizer, cfg, RESUME_MUST_MATCH)
+        self.run = TrainingRun(model, tokenizer, cfg, RESUME_MUST_MATCH, self.log)
         self.model, self.optimizer, self.output_dir = self.run.model, self.run.optimizer, self.run.output_dir
         # The KL reference: with LoRA the same model with adapters off (no copy); for full
         # fine-tuning a frozen copy of the starting weights.
@@ -366,6 +366,16 @@ class GRPOTrainer:
                 self.log(before_and_after(initial_eval, final_eval))
             return result
 
+    def _check_reward_signal(self, rewards: torch.Tensor) -> None:
+        """Stop when a reward function scored none of a step's completions (None or NaN for
+        all): every advantage would then be 0 and the run would "train" on nothing."""
+        for name, values in zip(self.reward_names, rewards):
+            if torch.isnan(values).all():
+                raise ThriftyError(
+                    f"step {self.step + 1}: reward function '{name}' gave no usable value (None or NaN) for any "
+                    f"of the {values.numel()} completions, so GRPO has no signal to learn from. Make it return a "
+                    "number for every completion it can score (None only where it does not apply), or remove it.")
+
     def _step(self) -> dict[str, Any]:
         """One GRPO step: rollout, score, advantages, update; returns the metrics record."""
         cfg, G = self.config, self.config.num_generations
@@ -373,8 +383,9 @@ class GRPOTrainer:
         before = dict(self.seconds)
         groups, drawn, stats = self.collect_groups()
         record: dict[str, Any] = {"step": self.step + 1}
-        record.update(reward_metrics(torch.cat([g.rewards for g in drawn], dim=1), self.reward_names, G,
-                                     self.reward_weights))
+        drawn_rewards = torch.cat([g.rewards for g in drawn], dim=1)  # [functions, completions]
+        self._check_reward_signal(drawn_rewards)
+        record.update(reward_metrics(drawn_rewards, self.reward_names, G, self.reward_weights))
         record.update(self._completion_stats(drawn))
         record.update(stats)
         train_started = time.perf_counter()

@@ -1,11 +1,11 @@
 """Attention kernels on CPU: training, and generation's decoding steps.
 
 With bf16 weights on a CPU with AVX-512 BF16, training attention runs Thrifty's C++
-forward and backward (native/attention_forward.cpp, native/attention_backward.cpp):
+forward and backward (kernels/csrc/attention_forward.cpp, kernels/csrc/attention_backward.cpp):
 PyTorch's own CPU flash backward is 7x its forward and was ~25% of a LoRA SFT step.
 Measured at 4 x 512 tokens, 9 query / 3 kv heads of 64: 17-20 ms against 50-56 ms.
 Both visit only the 64-key blocks a 64-query block sees at all: GRPO rows
-([prompt | completion 1 | ...], grpo_batches.py) hide most of them. At 4 x 576 GRPO
+([prompt | completion 1 | ...], grpo/batches.py) hide most of them. At 4 x 576 GRPO
 rows (8 completions of ~60 tokens per row), per call: forward 4.5 ms against PyTorch's
 11.9, backward ~10 ms against ~19 before the block table. GRPO now lays several groups
 end to end in one row, so both kernels also split each head's query blocks over the
@@ -21,7 +21,7 @@ went to the math kernel. The native backward beats both at every length (forward
 backward, same shapes, causal: 8x64 3.7 ms vs math 5.2, 8x128 7.8 vs 19.5, 4x512 29
 vs flash 115), so with it the math kernel is never chosen.
 
-Decoding steps (one query per row, no gradients) run native/decode_attention.cpp:
+Decoding steps (one query per row, no gradients) run kernels/csrc/decode_attention.cpp:
 PyTorch's flash attention took ~320 us per layer there, for about a MFLOP of work.
 """
 
@@ -93,8 +93,8 @@ def _native_decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 
 class _FlashAttentionNativeBackward(torch.autograd.Function):
-    """native/attention_forward.cpp's forward (PyTorch's CPU flash-attention forward where
-    the module lacks it); the backward of native/attention_backward.cpp."""
+    """kernels/csrc/attention_forward.cpp's forward (PyTorch's CPU flash-attention forward where
+    the module lacks it); the backward of kernels/csrc/attention_backward.cpp."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal, known):  # type: ignore[no-untyped-def]

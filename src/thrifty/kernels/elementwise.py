@@ -10,7 +10,7 @@ most of a training step's peak memory without activation checkpointing.
 The forward arithmetic is the reference's, op for op (fp32 normalisation rounded to the
 input dtype, then scaled), in training and inference alike; gradients agree to rounding.
 For bf16 on CPUs with AVX-512 BF16 each forward and backward is one C++ pass
-(native/norm_and_activation.cpp, native/rope.cpp) that rounds where these ops round.
+(kernels/csrc/norm_and_activation.cpp, kernels/csrc/rope.cpp) that rounds where these ops round.
 """
 
 from __future__ import annotations

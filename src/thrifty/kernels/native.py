@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
+import importlib.util
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -27,8 +28,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-
-log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "csrc"  # *.cpp compile into one module
 
@@ -45,7 +44,7 @@ def native_module() -> ModuleType | None:
     if os.environ.get("THRIFTY_NATIVE") == "0" or not sys.platform.startswith("linux"):
         return None
     try:
-        module = _build("thrifty_native", sorted(SOURCE_DIR.glob("*.cpp")))
+        module = build_module("thrifty_native", SOURCE_DIR)
     except Exception as error:  # no compiler, other torch headers, ...: fall back, say why
         warnings.warn(f"Thrifty's native kernels could not be built ({error}); "
                       "training uses PyTorch's slower ops instead.", stacklevel=2)
@@ -73,26 +72,68 @@ def native_kernel(name: str) -> ModuleType | None:
     return native_module()
 
 
-def _build(name: str, sources: list[Path]) -> ModuleType:
+def build_module(name: str, source_dir: Path) -> ModuleType:
+    """The module compiled from the *.cpp files of `source_dir`, built once per version of
+    its sources (*.cpp and *.h).
+
+    A finished build is a directory named for the sources' hash holding the .so, which
+    is then only loaded. A build runs in a directory of its own process and is renamed into
+    place when complete: a compile interrupted by Ctrl-C or kill leaves a temporary
+    directory that no later process waits on (PyTorch's loader, building in place, left a
+    lock file behind that made every later process wait forever)."""
+    # Headers included, which PyTorch's loader does not hash: an edit never reuses a stale build.
+    files = sorted(path for path in source_dir.iterdir() if path.suffix in (".cpp", ".h"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
+    final = build_directory() / f"{name}-{digest[:12]}"
+    if (final / f"{name}.so").is_file():
+        return _load_built(name, final / f"{name}.so")
+    _remove_abandoned_builds(final.parent)
+    temporary = final.parent / f".{final.name}.building-{os.getpid()}"
+    temporary.mkdir(parents=True, exist_ok=True)
+    print(f"Compiling Thrifty's native kernels for this CPU (once, ~40 s) in {final} ...", file=sys.stderr,
+          flush=True)
+    started = time.perf_counter()
     from torch.utils.cpp_extension import load
 
-    # One directory per version of the sources (headers included, which PyTorch's
-    # loader does not hash), so an edit never reuses a stale build.
-    files = sorted(path for path in SOURCE_DIR.iterdir() if path.suffix in (".cpp", ".h"))
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
-    directory = build_directory() / f"{name}-{digest[:12]}"
-    if not directory.exists():
-        log.warning("compiling Thrifty's native kernels for this CPU (once, ~40 s)")
-    directory.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     # -march=native: the build is for this machine only (it lives in its environment).
     # -fopenmp compiles at::parallel_for's OpenMP loop; the runtime is the libgomp torch
     # has already loaded, so nothing extra is linked.
-    module = load(name=name, sources=[str(source) for source in sources], build_directory=str(directory),
-                  extra_cflags=["-O3", "-march=native", "-fopenmp",
-                                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"])
-    log.info("native kernels %s ready in %.0f s", name, time.perf_counter() - started)
+    try:
+        module = load(name=name, sources=[str(path) for path in files if path.suffix == ".cpp"],
+                      build_directory=str(temporary),
+                      extra_cflags=["-O3", "-march=native", "-fopenmp",
+                                    "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"])
+        if final.exists() and not (final / f"{name}.so").is_file():
+            shutil.rmtree(final, ignore_errors=True)  # an older, unfinished build made in place
+        try:
+            temporary.rename(final)
+        except OSError:  # another process finished the same build first: keep its copy
+            shutil.rmtree(temporary, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    print(f"Native kernels ready ({time.perf_counter() - started:.0f} s).", file=sys.stderr, flush=True)
     return module
+
+
+def _load_built(name: str, library: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, library)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _remove_abandoned_builds(directory: Path) -> None:
+    """Temporary build directories whose process is gone (an interrupted compile)."""
+    for path in directory.glob(".*.building-*"):
+        pid = int(path.name.rsplit("-", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def main() -> None:

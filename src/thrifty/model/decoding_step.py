@@ -5,7 +5,7 @@ Through the modules, a decoding step dispatched ~25 Python-level calls per layer
 checks) around the ~10 kernels that do the work: ~11 of the step's ~80 ms for 32 rows.
 Within one generate call nothing changes the weights (fused_linear.weights_frozen), so
 the kernels' operands are gathered once per call here, and each step runs every layer
-in native/decoding_step.cpp: the same kernel calls in the same order as
+in kernels/csrc/decoding_step.cpp: the same kernel calls in the same order as
 DecoderLayer.forward, so the results are identical, bit for bit (tested). Issued one by
 one from Python, those calls still cost ~5 ms of a ~45 ms step.
 

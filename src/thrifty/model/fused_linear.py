@@ -18,7 +18,7 @@ layer in bf16, added into a column slice of the output, had made LoRA generation
 slower than the plain model (bf16 matmuls with K = 16 take a slow path on CPU).
 
 Where Thrifty's native decoding matmul runs (CPUs with AVX-512 BF16), decoding-sized
-batches go through native/decode_linear.cpp instead: weights streamed in blocks of 32
+batches go through kernels/csrc/decode_linear.cpp instead: weights streamed in blocks of 32
 columns through the AMX tile unit (or the vector units where there is none), with the
 LoRA branch accumulated into the same sums. Bigger batches (prefill, scoring) then
 multiply by the layers' own weights, compute-bound there, so no second packed copy of

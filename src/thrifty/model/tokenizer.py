@@ -294,6 +294,10 @@ def _check_messages(messages: Any) -> None:
         # An assistant turn that only calls tools legitimately has no content.
         if "content" not in m and "tool_calls" not in m:
             raise ThriftyError(f"chat message {i} (role {m['role']!r}) has no 'content': {m!r}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise ThriftyError(f"chat message {i} (role {m['role']!r}) has content of type "
+                               f"{type(content).__name__}; it must be a string (or a list of text parts).")
 
 
 def _hf_chat_template(path: Path, config: dict[str, Any]) -> str | None:

@@ -79,9 +79,27 @@ def _messages_field(value: Any, name: str, where: str) -> list[dict[str, Any]]:
                                f"got {json_type(m)}.")
         if not isinstance(m.get("role"), str):
             raise ThriftyError(f"{where}: {name}[{j}] has no 'role' (e.g. \"user\", \"assistant\", \"system\").")
-        if m.get("content") is None and "tool_calls" not in m:
+        if m["role"] not in ROLES:
+            raise ThriftyError(f"{where}: {name}[{j}] has role {m['role']!r}; chat templates know "
+                               f"{', '.join(repr(r) for r in ROLES)}. Rename it (a typo would otherwise be "
+                               "trained on as if it were a known turn).")
+        content = m.get("content")
+        if content is None and "tool_calls" not in m:
             raise ThriftyError(f"{where}: {name}[{j}] (role {m['role']!r}) has no 'content'.")
+        if content is not None and not isinstance(content, str) and not _is_text_parts(content):
+            raise ThriftyError(f"{where}: {name}[{j}] (role {m['role']!r}) has 'content' {json_type(content)}; "
+                               "it must be a string (or a list of {\"type\": \"text\", \"text\": ...} parts).")
     return value
+
+
+# The roles of the chat templates Thrifty's model families ship.
+ROLES = ("system", "user", "assistant", "tool", "developer", "ipython")
+
+
+def _is_text_parts(content: Any) -> bool:
+    return isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        for part in content)
 
 
 # ---------------------------------------------------------------- tokenizing

@@ -119,13 +119,16 @@ class SFTTrainer:
         self.config = config or SFTConfig()
         self.tokenizer = tokenizer
         self.log = log or _print_now
-        self.run = TrainingRun(model, tokenizer, self.config, RESUME_MUST_MATCH)
+        self.run = TrainingRun(model, tokenizer, self.config, RESUME_MUST_MATCH, self.log)
         self.model, self.optimizer, self.output_dir = self.run.model, self.run.optimizer, self.run.output_dir
         self.data: SFTData = load_sft_data(self.config, tokenizer, train_dataset, eval_dataset,
                                            model.config.sliding_window)
         self.order = DataOrder(len(self.data.train_items), self.config.per_device_train_batch_size,
                                seed=self.config.seed)
         self.total_steps = self._total_steps()
+        if self.config.max_steps == 0:
+            self.log(f"max_steps = 0 sets no step limit (as in transformers): {self.config.num_train_epochs:g} "
+                     f"epochs of num_train_epochs, {self.total_steps} steps.")
         self.warmup_steps = warmup_steps_for(self.total_steps, self.config.warmup_steps, self.config.warmup_ratio)
         self.step = 0
         self.window = LogWindow()

@@ -132,6 +132,18 @@ def save_trained_model(model: nn.Module, tokenizer: Any, output_dir: Path, base_
     return save_hf_model(model, tokenizer, output_dir / "model")
 
 
+# Settings that only say where and how a run reports or resumes: never worth a notice.
+_NOT_SETTINGS = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir", "disable_tqdm")
+
+
+def changed_settings(checkpoint: Path, config: Any) -> list[str]:
+    """'key: saved -> now' for each setting that differs from the checkpoint's config.yaml."""
+    saved = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text(encoding="utf-8")) or {}
+    current = config_to_dict(config)
+    return [f"{key}: {saved[key]!r} -> {value!r}" for key, value in current.items()
+            if key in saved and saved[key] != value and key not in _NOT_SETTINGS]
+
+
 def settings_must_match(config: Any, keys: tuple[str, ...]) -> Callable[[str, Path], None]:
     """A check_config for load_checkpoint: refuse to resume when any of `keys` differs
     between the checkpoint's saved config.yaml and the current config."""

@@ -13,7 +13,7 @@ was ~10% of a LoRA SFT step. A trainable head needs every chunk again for its ow
 gradient, so that case recomputes the logits in backward.
 
 Per chunk, the softmax statistics and d log p / d logits come from one C++ pass per row
-on CPUs with AVX-512 BF16 (native/token_log_probs.cpp), PyTorch ops elsewhere: measured
+on CPUs with AVX-512 BF16 (kernels/csrc/token_log_probs.cpp), PyTorch ops elsewhere: measured
 on a 4 x 512 LoRA SFT step, the whole loss went from 915 to 488 ms.
 
 Both public functions are the same computation, log p(token | hidden) for one token per

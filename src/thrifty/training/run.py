@@ -25,7 +25,7 @@ from thrifty.formats.atomic import remove_stale_temporaries
 from thrifty.formats.default_model import DEFAULT_MODEL_NAME
 from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.training.checkpoint import (
-    find_latest_checkpoint, list_checkpoints, resume_from, save_checkpoint, save_trained_model,
+    changed_settings, find_latest_checkpoint, list_checkpoints, resume_from, save_checkpoint, save_trained_model,
     settings_must_match,
 )
 from thrifty.training.config import TrainingConfig
@@ -36,8 +36,10 @@ LOCK_NAME = ".thrifty-run.lock"
 
 
 class TrainingRun:
-    def __init__(self, model: nn.Module, tokenizer: Any, config: TrainingConfig, must_match: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, config: TrainingConfig, must_match: Sequence[str],
+                 log: Callable[[str], None]) -> None:
         self.config = config
+        self.log = log
         self.tokenizer = tokenizer
         self.must_match = tuple(must_match)
         set_seed(config.seed)  # before LoRA init, so adapters start the same in every run
@@ -137,9 +139,13 @@ class TrainingRun:
         hand its trainer_state and path to `restore`; False for a fresh run."""
         checkpoint = resume_from(self.config.resume_from_checkpoint, self.output_dir, self.model, self.optimizer,
                                  settings_must_match(self.config, self.must_match))
-        if checkpoint is not None:
-            restore(checkpoint.trainer_state, checkpoint.path)
-        return checkpoint is not None
+        if checkpoint is None:
+            return False
+        changed = changed_settings(checkpoint.path, self.config)
+        if changed:
+            self.log(f"resuming {checkpoint.path} with changed settings, which apply from here on: {'; '.join(changed)}")
+        restore(checkpoint.trainer_state, checkpoint.path)
+        return True
 
 
 def _make_output_dir(path: Path) -> Path:
