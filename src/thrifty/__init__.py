@@ -20,6 +20,7 @@ _EXPORTS = {
     "ThriftyError": "thrifty.errors",
     "load_model": "thrifty.formats.loader",
     "save_hf_model": "thrifty.formats.hf_export",
+    "export_gguf": "thrifty.formats.gguf_export",
     "Completion": "thrifty.generation.engine",
     "generate": "thrifty.generation.engine",
     "SFTConfig": "thrifty.sft.config",
@@ -47,6 +48,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from thrifty.errors import ThriftyError
+    from thrifty.formats.gguf_export import export_gguf
     from thrifty.formats.hf_export import save_hf_model
     from thrifty.formats.loader import load_model
     from thrifty.generation.engine import Completion, generate

@@ -116,26 +116,54 @@ def run_merge(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from thrifty.formats.hf_export import save_hf_model
-    from thrifty.formats.loader import load_model, parse_dtype
-    from thrifty.formats.peft_adapter import load_adapter, read_adapter_config
-    from thrifty.layers.lora import merge_lora
+    from thrifty.formats.loader import parse_dtype
+    from thrifty.formats.peft_adapter import load_merged
 
-    adapter = Path(args.adapter)
-    if not adapter.is_dir():
-        raise ThriftyError(f"{adapter}: adapter directory not found.")
-    _, raw = read_adapter_config(adapter)
-    base = args.model or raw.get("base_model_name_or_path")
-    if not base:
-        raise ThriftyError(f"{adapter / 'adapter_config.json'}: no base_model_name_or_path; pass the base "
-                           "model with --model.")
+    if Path(args.output).suffix == ".gguf":
+        raise ThriftyError(f"--output {args.output}: merge writes a Hugging Face directory; for a GGUF file use "
+                           f"`thrifty export-gguf {args.adapter} --output {args.output}`.")
     dtype = parse_dtype(args.dtype)
-    # Merge in float32 (delta added to the exact base weight), round once to `dtype`.
-    model, tokenizer = load_model(base, dtype="float32", device="cpu")
-    load_adapter(model, adapter)
-    merge_lora(model, dtype=dtype)
-    model.to(dtype)
+    model, tokenizer, base = load_merged(Path(args.adapter), args.model, dtype)
     path = save_hf_model(model, tokenizer, Path(args.output))
-    print(f"merged {adapter} into {base}: wrote {path}")
+    print(f"merged {args.adapter} into {base}: wrote {path}")
+
+
+def add_export_gguf_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export-gguf", help="Write a model or a LoRA fine-tune as a GGUF file for llama.cpp, Ollama, LM Studio.",
+        description="Write SOURCE as one GGUF file, with its tokenizer and chat template, written by Thrifty "
+                    "(no llama.cpp build). SOURCE is a Hugging Face model directory, a .gguf file, "
+                    "'smollm2-135m-instruct', or a LoRA adapter directory (merged into its base on the fly; a QLoRA "
+                    "adapter into the unquantized base).",
+    )
+    p.add_argument("source", help="model directory, .gguf file, model name, or LoRA adapter directory")
+    p.add_argument("--output", "-o", required=True, help="the .gguf file to write")
+    p.add_argument("--quantization", "-q", default="f16",
+                   help="f16 (default), bf16, f32 or q8_0 (Unsloth's names: not_quantized, fast_quantized)")
+    p.add_argument("--model", default=None, help="with an adapter SOURCE: its base model (default: the adapter's "
+                                                 "base_model_name_or_path)")
+    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the file")
+    p.set_defaults(run=run_export_gguf)
+
+
+def run_export_gguf(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from thrifty.formats.gguf_export import export_gguf, write_ollama_modelfile
+    from thrifty.formats.loader import load_model
+    from thrifty.formats.peft_adapter import is_adapter_dir, load_merged
+
+    source = Path(args.source)
+    if is_adapter_dir(source):
+        model, tokenizer, _ = load_merged(source, args.model, None)
+    else:
+        model, tokenizer = load_model(args.source, dtype="float32", device="cpu")
+    path = export_gguf(model, tokenizer, Path(args.output), args.quantization, progress=True)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB, {args.quantization})")
+    if args.ollama:
+        modelfile = write_ollama_modelfile(path, tokenizer)
+        print(f"wrote {modelfile}; to run it in Ollama:\n  ollama create {path.stem} -f {modelfile}\n"
+              f"  ollama run {path.stem}")
 
 
 def add_grpo_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -249,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(subparsers)
     add_sft_parser(subparsers)
     add_merge_parser(subparsers)
+    add_export_gguf_parser(subparsers)
     add_grpo_parser(subparsers)
     add_eval_parser(subparsers)
     return parser

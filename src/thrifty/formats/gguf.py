@@ -167,27 +167,29 @@ def _llama3_scaling(tensor: Any, theta: float, head_dim: int, path: Path) -> dic
     """Recover Llama 3.1-style rope_scaling from the per-frequency factors llama.cpp stores.
 
     convert_hf_to_gguf writes only the factors, not the parameters they came from. The
-    factor is their maximum; the other three are the same in every Llama 3.x release
-    (and convert_hf_to_gguf reads original_max_position_embeddings from the wrong place,
-    so it always uses 8192). We recompute the factors from those values and refuse the
-    file if they do not match, rather than run a model with the wrong positions.
+    factor is their maximum; the low and high frequency factors are the same in every
+    Llama 3.x release (1 and 4), and the original context is 8192 there (a power of two in
+    Thrifty's own exports of other models). We recompute the factors from those values and
+    refuse the file if none match, rather than run a model with the wrong positions.
     """
     stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64).reshape(-1)
     factor = float(stored.max())
     if factor == 1.0:
         return None
-    guess = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-             "original_max_position_embeddings": 8192}
     freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     wavelen = 2 * math.pi / freqs
-    low_wl, high_wl = 8192 / 1.0, 8192 / 4.0
-    smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
-    expected = np.where(wavelen < high_wl, 1.0,
-                        np.where(wavelen > low_wl, factor, 1 / ((1 - smooth) / factor + smooth)))
-    if expected.shape != stored.shape or not np.allclose(expected, stored, rtol=1e-4):
-        raise ThriftyError(f"{path}: the 'rope_freqs.weight' tensor holds rope scaling factors that are not "
-                           "Llama 3's (factor, low 1, high 4, original 8192); this rope scaling is not supported.")
-    return guess
+    # Llama 3.x use 8192; other files (Thrifty's own exports of other models) a power of two.
+    for original in (8192, *(2**k for k in range(4, 21))):
+        low_wl, high_wl = original / 1.0, original / 4.0
+        smooth = (original / wavelen - 1.0) / (4.0 - 1.0)
+        expected = np.where(wavelen < high_wl, 1.0,
+                            np.where(wavelen > low_wl, factor, 1 / ((1 - smooth) / factor + smooth)))
+        if expected.shape == stored.shape and np.allclose(expected, stored, rtol=1e-4):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": original}
+    raise ThriftyError(f"{path}: the 'rope_freqs.weight' tensor holds rope scaling factors that are not "
+                       "Llama 3's (factor, low 1, high 4, an original context of a power of two); this rope scaling "
+                       "is not supported.")
 
 
 # ---------------------------------------------------------------- tensors

@@ -114,6 +114,12 @@ def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
     ])
 
 
+def pre_names() -> list[str]:
+    """One llama.cpp pre-tokenizer type per distinct way of splitting text that
+    `_pre_tokenizer` builds, the most common first (what a GGUF writer picks from)."""
+    return ["smollm", "gpt-2", "llama-bpe", "qwen2", "tekken", "gpt-4o", "default"]
+
+
 def _pre_tokenizer(pre: str | None, path: Path) -> pre_tokenizers.PreTokenizer:
     gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _GPT2_PRE:

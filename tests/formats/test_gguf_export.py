@@ -1,0 +1,164 @@
+"""GGUF files written by Thrifty: tiny models of every family (and the real default model)
+written and read back give the same logits and tokens; quantized tensors are exactly the
+gguf package's quantization; transformers' GGUF loader reads them; the CLI exports a
+fine-tune (adapter merged on the fly) with an Ollama Modelfile; nothing half-written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import tokenizers
+import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+from thrifty.errors import ThriftyError
+from thrifty.formats.gguf_export import export_gguf
+from thrifty.formats.gguf_reader import metadata_value, open_gguf
+from thrifty.formats.loader import load_model
+from thrifty.model.tokenizer import Tokenizer
+
+from tiny_models import FAMILIES, load_ours, make_hf_model
+from tiny_tokenizer import CHAT_TEMPLATE
+
+VOCAB = 300  # 256 byte tokens, three specials, merges
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEXTS = ["Hello world, it's 2024!", "<|im_start|>user\nabc 123<|im_end|>", "Über café\n\n  x"]
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """A GPT-2-style byte-level BPE small enough for the tiny models."""
+    byte_symbols = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 173)] + \
+        [chr(c) for c in range(174, 256)]
+    byte_symbols += [chr(256 + i) for i in range(256 - len(byte_symbols))]
+    vocab = {s: i for i, s in enumerate(byte_symbols)}
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"), ("1", "2")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS])
+    ids = {t: backend.token_to_id(t) for t in SPECIALS}
+    assert max(ids.values()) < VOCAB
+    return Tokenizer(backend=backend, eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+                     chat_template=CHAT_TEMPLATE.replace("</s>", "<|im_end|>"), source="tiny byte-level tokenizer")
+
+
+def tiny_model(family: str, directory: Path):  # type: ignore[no-untyped-def]
+    """Our fp32 model of a tiny random `family` model with the byte-level tokenizer."""
+    make_hf_model(family, vocab_size=VOCAB, bos_token_id=None, eos_token_id=263, pad_token_id=263).save_pretrained(
+        directory)
+    byte_level_tokenizer().save(directory)
+    return load_model(directory, dtype="float32", device="cpu")
+
+
+def logits(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_f32_export_reads_back_exactly(family: str, tmp_path: Path) -> None:
+    model, tokenizer = tiny_model(family, tmp_path / "hf")
+    path = export_gguf(model, tokenizer, tmp_path / "tiny.gguf", "f32")
+    again, tokenizer_again = load_model(path, dtype="float32", device="cpu")
+    assert again.config.model_type == model.config.model_type
+    assert again.config.rope_scaling == model.config.rope_scaling
+    assert again.config.tie_word_embeddings == model.config.tie_word_embeddings
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert tokenizer_again.encode(text) == ids, text
+        assert torch.equal(logits(again, ids), logits(model, ids))  # the q/k permutation undone exactly
+    assert tokenizer_again.stop_token_ids == tokenizer.stop_token_ids
+    assert tokenizer_again.chat_template == tokenizer.chat_template
+    reader = open_gguf(path)
+    assert metadata_value(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert metadata_value(reader, "general.file_type") == gguf.LlamaFileType.ALL_F32
+
+
+@pytest.mark.parametrize("quantization, tensor_type", [("f16", gguf.GGMLQuantizationType.F16),
+                                                       ("bf16", gguf.GGMLQuantizationType.BF16),
+                                                       ("q8_0", gguf.GGMLQuantizationType.Q8_0),
+                                                       ("fast_quantized", gguf.GGMLQuantizationType.Q8_0)])
+def test_quantized_export_holds_the_quantized_weights(quantization: str, tensor_type: gguf.GGMLQuantizationType,
+                                                      tmp_path: Path) -> None:
+    model, tokenizer = tiny_model("qwen2", tmp_path / "hf")
+    path = export_gguf(model, tokenizer, tmp_path / "tiny.gguf", quantization)
+    types = {t.name: t.tensor_type for t in open_gguf(path).tensors}
+    assert types["blk.0.attn_q.weight"] == tensor_type and types["token_embd.weight"] == tensor_type
+    assert types["blk.0.attn_norm.weight"] == types["blk.0.attn_q.bias"] == gguf.GGMLQuantizationType.F32
+    again, _ = load_model(path, dtype="float32", device="cpu")
+    weight = model.model.layers[1].mlp.up_proj.weight.detach().numpy()
+    expected = gguf.quants.dequantize(gguf.quants.quantize(weight, tensor_type), tensor_type) \
+        if tensor_type != gguf.GGMLQuantizationType.F16 else weight.astype(np.float16).astype(np.float32)
+    assert np.array_equal(again.model.layers[1].mlp.up_proj.weight.detach().numpy(), expected)
+    if quantization in ("q8_0", "fast_quantized"):  # rows of 112 do not fill 32-wide blocks: f16
+        assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16
+    ids = tokenizer.encode(TEXTS[0])
+    assert (logits(again, ids) - logits(model, ids)).abs().max() < 0.05 * logits(model, ids).abs().max()
+
+
+def test_transformers_reads_the_export(tmp_path: Path) -> None:
+    import transformers
+
+    model, tokenizer = tiny_model("llama", tmp_path / "hf")
+    path = export_gguf(model, tokenizer, tmp_path / "tiny.gguf", "f32")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    ids = tokenizer.encode(TEXTS[0])
+    with torch.no_grad():
+        assert torch.allclose(theirs(torch.tensor([ids])).logits[0], logits(model, ids), atol=1e-5)
+
+
+def test_the_default_model_round_trips(tmp_path: Path, default_model_fp32, default_gguf_path: Path) -> None:
+    model, tokenizer = default_model_fp32
+    path = export_gguf(model, tokenizer, tmp_path / "smollm2.gguf", "f32")
+    again, tokenizer_again = load_model(path, dtype="float32", device="cpu")
+    source, written = open_gguf(default_gguf_path), open_gguf(path)
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "llama.rope.freq_base",
+                "llama.attention.head_count_kv", "llama.context_length"):
+        assert metadata_value(written, key) == metadata_value(source, key), key
+    ids = tokenizer.encode("The capital of France is")
+    assert torch.equal(logits(again, ids), logits(model, ids))
+
+
+def test_bad_exports_are_refused_and_leave_nothing(tmp_path: Path) -> None:
+    model, tokenizer = tiny_model("llama", tmp_path / "hf")
+    with pytest.raises(ThriftyError, match=r"q4_k_m.*not written by Thrifty yet"):
+        export_gguf(model, tokenizer, tmp_path / "a.gguf", "q4_k_m")
+    with pytest.raises(ThriftyError, match=r"ends in \.gguf"):
+        export_gguf(model, tokenizer, tmp_path / "a.bin", "f16")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ThriftyError, match=r"a\.gguf: not written, 1 of \d+ tensors hold NaN"):
+        export_gguf(model, tokenizer, tmp_path / "a.gguf", "f16")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".a.gguf*"))
+
+
+def test_cli_exports_a_fine_tune_with_an_ollama_modelfile(tmp_path: Path) -> None:
+    from thrifty.formats.peft_adapter import save_adapter
+    from thrifty.layers.lora import LoraConfig, apply_lora, merge_lora
+
+    from tiny_models import randomise_adapters
+
+    base = tmp_path / "base"
+    tiny_model("qwen2", base)
+    model = apply_lora(load_ours(base), LoraConfig(r=4, lora_alpha=8))
+    randomise_adapters(model)
+    save_adapter(model, tmp_path / "adapter", str(base))
+    out = subprocess.run([sys.executable, "-m", "thrifty", "export-gguf", str(tmp_path / "adapter"), "--output",
+                          str(tmp_path / "tuned.gguf"), "--quantization", "f32", "--ollama"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ollama create tuned -f" in out.stdout
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tuned.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    merged = merge_lora(model)
+    exported, tokenizer = load_model(tmp_path / "tuned.gguf", dtype="float32", device="cpu")
+    ids = tokenizer.encode(TEXTS[1])
+    assert torch.allclose(logits(exported, ids), logits(merged, ids), atol=1e-5)
