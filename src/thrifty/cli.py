@@ -139,7 +139,8 @@ def add_export_gguf_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="model directory, .gguf file, model name, or LoRA adapter directory")
     p.add_argument("--output", "-o", required=True, help="the .gguf file to write")
     p.add_argument("--quantization", "-q", default="f16",
-                   help="f16 (default), bf16, f32 or q8_0 (Unsloth's names: not_quantized, fast_quantized)")
+                   help="f16 (default), bf16, f32, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (Unsloth's names: "
+                        "not_quantized, fast_quantized, quantized)")
     p.add_argument("--model", default=None, help="with an adapter SOURCE: its base model (default: the adapter's "
                                                  "base_model_name_or_path)")
     p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the file")

@@ -6,14 +6,14 @@ architecture's hyper-parameters (`llama` for Llama and Mistral, `qwen2`, `qwen3`
 tensors under llama.cpp's names with the q/k row permutation its `llama` architecture
 expects, a Llama 3.1 rope_freqs tensor, the byte-level BPE tokenizer (tokens, types,
 merges, the pre-tokenizer llama.cpp must use), the special token ids and the chat
-template. Types: f32, f16, bf16 and q8_0 (every matrix, as llama-quantize's q8_0 does;
-vectors stay f32). The K-quant mixes (q4_k_m, ...) are not written yet: they say so.
+template. Types: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m and q6_k, each tensor given
+the type llama-quantize gives it (formats/gguf_types.py), the K-quants quantized as its
+reference quantizers do (formats/gguf_kquants.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -24,30 +24,12 @@ from thrifty.errors import ThriftyError
 from thrifty.formats.atomic import atomic_file, require_finite
 from thrifty.formats.gguf import _GLOBAL_NAMES, _LAYER_NAMES, SUPPORTED_ARCHITECTURES
 from thrifty.formats.gguf_tokenizer import _CONTROL, _NORMAL, _UNUSED, _USER_DEFINED, _pre_tokenizer, pre_names
+from thrifty.formats.gguf_types import GGUFType, encode, file_type, tensor_types
 from thrifty.formats.hf_export import hf_state_dict
 from thrifty.model.decoder import CausalLM, rope_inverse_frequencies
 from thrifty.model.tokenizer import Tokenizer
 
 QType = gguf.GGMLQuantizationType
-
-
-@dataclass(frozen=True)
-class GGUFType:
-    """A file type: what matrices become, and the file_type llama.cpp records for it."""
-
-    matrix: QType
-    file_type: gguf.LlamaFileType
-
-
-TYPES = {
-    "f32": GGUFType(QType.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": GGUFType(QType.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": GGUFType(QType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": GGUFType(QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
-# The names Unsloth's save_pretrained_gguf takes for the same choices.
-ALIASES = {"not_quantized": "f16", "fast_quantized": "q8_0"}
-PLANNED = ("q4_0", "q4_k_m", "q5_k_m", "q6_k", "quantized")
 
 _HF_TO_GGUF = {hf: gguf_name for gguf_name, hf in _GLOBAL_NAMES.items()}
 _HF_LAYER_TO_GGUF = {hf: gguf_name for gguf_name, hf in _LAYER_NAMES.items()}
@@ -58,7 +40,7 @@ def export_gguf(model: CausalLM, tokenizer: Tokenizer, path: str | Path, quantiz
     """Write `model` (plain: LoRA merged, not quantized) and `tokenizer` to the GGUF file
     `path`, which appears only when complete. Returns the path."""
     path = Path(path)
-    qtype = _file_type(quantization)
+    kind = file_type(quantization)
     if path.suffix != ".gguf":
         raise ThriftyError(f"{path}: a GGUF file name ends in .gguf; choose e.g. {path.with_suffix('.gguf')}.")
     if path.is_dir():
@@ -74,10 +56,12 @@ def export_gguf(model: CausalLM, tokenizer: Tokenizer, path: str | Path, quantiz
 
     def write(temporary: str) -> None:
         writer = gguf.GGUFWriter(temporary, arch)
-        _add_model_metadata(writer, model, qtype, name or path.stem)
+        _add_model_metadata(writer, model, kind, name or path.stem)
         _add_tokenizer(writer, tokenizer, config.vocab_size)
-        for gguf_name, array, tensor_type in _tensors(state, model, arch, qtype.matrix):
-            writer.add_tensor(gguf_name, array, raw_dtype=tensor_type)
+        arrays = _arrays(state, model, arch)
+        types = tensor_types({name: array.shape for name, array in arrays.items()}, kind, config.num_hidden_layers)
+        for gguf_name, array in arrays.items():
+            writer.add_tensor(gguf_name, encode(array, types[gguf_name]), raw_dtype=types[gguf_name])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
@@ -87,25 +71,13 @@ def export_gguf(model: CausalLM, tokenizer: Tokenizer, path: str | Path, quantiz
     return path
 
 
-def _file_type(quantization: str) -> GGUFType:
-    key = ALIASES.get(quantization.lower(), quantization.lower())
-    if key in TYPES:
-        return TYPES[key]
-    if key in PLANNED:
-        raise ThriftyError(f"quantization {quantization!r} is not written by Thrifty yet (its K-quant type mix needs "
-                           f"llama.cpp's quantizers); use one of {', '.join(TYPES)}, or run llama-quantize on an f16 "
-                           "export.")
-    raise ThriftyError(f"quantization {quantization!r} is not a GGUF type Thrifty writes; use one of "
-                       f"{', '.join([*TYPES, *ALIASES])}.")
-
-
 # ---------------------------------------------------------------- metadata
 
 
-def _add_model_metadata(writer: gguf.GGUFWriter, model: CausalLM, qtype: GGUFType, name: str) -> None:
+def _add_model_metadata(writer: gguf.GGUFWriter, model: CausalLM, kind: GGUFType, name: str) -> None:
     config = model.config
     writer.add_name(name)
-    writer.add_file_type(qtype.file_type)
+    writer.add_file_type(kind.file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -189,22 +161,20 @@ def _pre_name(tokenizer: Tokenizer) -> str:
 # ---------------------------------------------------------------- tensors
 
 
-def _tensors(state: dict[str, torch.Tensor], model: CausalLM, arch: str,
-             matrix_type: QType) -> list[tuple[str, np.ndarray, QType]]:
+def _arrays(state: dict[str, torch.Tensor], model: CausalLM, arch: str) -> dict[str, np.ndarray]:
+    """float32 arrays under llama.cpp's names, q/k rows permuted for the `llama` architecture."""
     config = model.config
-    out = []
+    out = {}
     for hf_name, tensor in state.items():
-        gguf_name = _gguf_name(hf_name)
         array = tensor.float().numpy()
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             heads = config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads
             array = _permute_rows(array, heads)
-        out.append((gguf_name, *_encode(array, matrix_type if array.ndim == 2 else QType.F32)))
+        out[_gguf_name(hf_name)] = array
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "llama3":
         plain = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim))
-        factors = (plain / rope_inverse_frequencies(config).double().numpy()).astype(np.float32)
-        out.append(("rope_freqs.weight", factors, QType.F32))
+        out["rope_freqs.weight"] = (plain / rope_inverse_frequencies(config).double().numpy()).astype(np.float32)
     return out
 
 
@@ -223,17 +193,6 @@ def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     rotates halves. convert_hf_to_gguf permutes q/k rows so the two agree (the inverse of
     formats/gguf.py's _unpermute_rows)."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _encode(array: np.ndarray, tensor_type: QType) -> tuple[np.ndarray, QType]:
-    if tensor_type == QType.F32:
-        return np.ascontiguousarray(array, dtype=np.float32), tensor_type
-    if tensor_type == QType.F16:
-        return array.astype(np.float16), tensor_type
-    block = gguf.GGML_QUANT_SIZES[tensor_type][0]
-    if array.shape[-1] % block:  # rows that do not fill whole blocks (llama-quantize refuses them): f16
-        return array.astype(np.float16), QType.F16
-    return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), tensor_type), tensor_type
 
 
 # ---------------------------------------------------------------- Ollama
