@@ -5,16 +5,24 @@ embedded template too) is Thrifty's."""
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 from pathlib import Path
 
+import gguf
+import llama_cpp
+import numpy as np
 import pytest
+import torch
 from llama_cpp import Llama
 
 from thrifty.formats.gguf_export import export_gguf
 from thrifty.generation.engine import generate_tokens, render_prompt
 from thrifty.generation.sampling import SamplingParams
 
+FILE_TYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+              "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
+              "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.", "What is 12 * 7?"]
 
 
@@ -22,10 +30,11 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.
 def exports(tmp_path_factory: pytest.TempPathFactory, default_model_fp32) -> dict[str, Path]:  # type: ignore[no-untyped-def]
     model, tokenizer = default_model_fp32
     directory = tmp_path_factory.mktemp("gguf")
-    return {q: export_gguf(model, tokenizer, directory / f"smollm2-{q}.gguf", q) for q in ("f32", "f16", "bf16", "q8_0")}
+    return {q: export_gguf(model, tokenizer, directory / f"smollm2-{q}.gguf", q)
+            for q in ("f32", "f16", "bf16", "q8_0", "q4_k_m")}
 
 
-@pytest.mark.parametrize("quantization, tokens", [("f32", 24), ("f16", 8), ("bf16", 6), ("q8_0", 6)])
+@pytest.mark.parametrize("quantization, tokens", [("f32", 24), ("f16", 8), ("bf16", 6), ("q8_0", 6), ("q4_k_m", 3)])
 def test_llama_cpp_answers_as_thrifty(quantization: str, tokens: int, exports, default_model_fp32) -> None:  # type: ignore[no-untyped-def]
     """The same greedy tokens: all 24 compared for f32 (the same weights); for the rounded
     types the first few, where rounding has not yet tipped a near tie."""
@@ -49,3 +58,30 @@ def test_llama_cpp_chat_uses_the_embedded_template(exports, default_model_fp32) 
                                  stop_token_ids=tokenizer.stop_token_ids)
     assert reply["choices"][0]["message"]["content"].strip() == tokenizer.decode(ours).strip()
     assert "Paris" in reply["choices"][0]["message"]["content"]
+
+
+def llama_cpp_quantize(source: Path, target: Path, quantization: str) -> None:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FILE_TYPES[quantization]
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.mark.parametrize("quantization", sorted(FILE_TYPES))
+def test_thrifty_quantizes_as_llama_quantize(quantization: str, tmp_path: Path, default_model_fp32) -> None:  # type: ignore[no-untyped-def]
+    """llama.cpp quantizes Thrifty's f16 file; Thrifty quantizes the same f16 values: the
+    same type for every tensor, and the same bytes (or, where float rounding inside the
+    scale search differs, nearly all of them)."""
+    model, tokenizer = default_model_fp32
+    rounded = type(model)(model.config)
+    rounded.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    f16 = export_gguf(rounded, tokenizer, tmp_path / "f16.gguf", "f16")
+    llama_cpp_quantize(f16, tmp_path / "theirs.gguf", quantization)
+    ours = {t.name: t for t in gguf.GGUFReader(export_gguf(rounded, tokenizer, tmp_path / "ours.gguf", quantization)).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].tensor_type == tensor.tensor_type, name
+        mine, reference = np.asarray(ours[name].data).view(np.uint8), np.asarray(tensor.data).view(np.uint8)
+        same = (mine == reference).mean()
+        assert same >= 0.999, (name, tensor.tensor_type.name, same)
