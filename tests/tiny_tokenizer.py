@@ -1,5 +1,6 @@
 """A character-level tokenizer with a ChatML-style chat template that fits the tiny
-test models' 97-token vocabulary, so trainers can run end to end on them in seconds."""
+test models' 97-token vocabulary, so trainers can run end to end on them in seconds;
+and a byte-level BPE one (the kind GGUF files hold) for tiny models of 300 tokens."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import string
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken, decoders, models
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from thrifty.model.tokenizer import Tokenizer
 
@@ -37,3 +38,39 @@ def save_tiny_model_dir(family: str, directory: Path, seed: int = 0):  # type: i
     reference = save_hf_model(family, directory, seed)
     make_tiny_tokenizer().save(directory)
     return reference
+
+
+BYTE_LEVEL_VOCAB = 300  # 256 byte tokens, merges, three specials
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """A GPT-2-style byte-level BPE small enough for the tiny models."""
+    byte_symbols = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 173)] + \
+        [chr(c) for c in range(174, 256)]
+    byte_symbols += [chr(256 + i) for i in range(256 - len(byte_symbols))]
+    vocab = {s: i for i, s in enumerate(byte_symbols)}
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"), ("1", "2")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS])
+    ids = {t: backend.token_to_id(t) for t in SPECIALS}
+    assert max(ids.values()) < BYTE_LEVEL_VOCAB
+    return Tokenizer(backend=backend, eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+                     chat_template=CHAT_TEMPLATE.replace("</s>", "<|im_end|>"), source="tiny byte-level tokenizer")
+
+
+def tiny_byte_level_model(family: str, directory: Path):  # type: ignore[no-untyped-def]
+    """Our fp32 model of a tiny random `family` model with the byte-level tokenizer (the
+    kind GGUF files hold), saved in `directory`."""
+    from thrifty.formats.loader import load_model
+    from tiny_models import make_hf_model
+
+    # Rows a multiple of 256 wide (the intermediate size): the K-quants' blocks divide them.
+    make_hf_model(family, vocab_size=BYTE_LEVEL_VOCAB, bos_token_id=None, eos_token_id=263, pad_token_id=263,
+                  intermediate_size=256).save_pretrained(directory)
+    byte_level_tokenizer().save(directory)
+    return load_model(directory, dtype="float32", device="cpu")

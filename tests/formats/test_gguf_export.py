@@ -12,51 +12,17 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import tokenizers
 import torch
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from thrifty.errors import ThriftyError
 from thrifty.formats.gguf_export import export_gguf
 from thrifty.formats.gguf_reader import metadata_value, open_gguf
 from thrifty.formats.loader import load_model
-from thrifty.model.tokenizer import Tokenizer
 
 from tiny_models import FAMILIES, load_ours, make_hf_model
-from tiny_tokenizer import CHAT_TEMPLATE
+from tiny_tokenizer import BYTE_LEVEL_VOCAB as VOCAB, byte_level_tokenizer, tiny_byte_level_model as tiny_model
 
-VOCAB = 300  # 256 byte tokens, three specials, merges
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXTS = ["Hello world, it's 2024!", "<|im_start|>user\nabc 123<|im_end|>", "Über café\n\n  x"]
-
-
-def byte_level_tokenizer() -> Tokenizer:
-    """A GPT-2-style byte-level BPE small enough for the tiny models."""
-    byte_symbols = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 173)] + \
-        [chr(c) for c in range(174, 256)]
-    byte_symbols += [chr(256 + i) for i in range(256 - len(byte_symbols))]
-    vocab = {s: i for i, s in enumerate(byte_symbols)}
-    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"), ("1", "2")]
-    for left, right in merges:
-        vocab[left + right] = len(vocab)
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS])
-    ids = {t: backend.token_to_id(t) for t in SPECIALS}
-    assert max(ids.values()) < VOCAB
-    return Tokenizer(backend=backend, eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
-                     chat_template=CHAT_TEMPLATE.replace("</s>", "<|im_end|>"), source="tiny byte-level tokenizer")
-
-
-def tiny_model(family: str, directory: Path):  # type: ignore[no-untyped-def]
-    """Our fp32 model of a tiny random `family` model with the byte-level tokenizer."""
-    # Rows a multiple of 256 wide (the intermediate size): the K-quants' blocks divide them.
-    make_hf_model(family, vocab_size=VOCAB, bos_token_id=None, eos_token_id=263, pad_token_id=263,
-                  intermediate_size=256).save_pretrained(directory)
-    byte_level_tokenizer().save(directory)
-    return load_model(directory, dtype="float32", device="cpu")
-
 
 def logits(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
     with torch.no_grad():

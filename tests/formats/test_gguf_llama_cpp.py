@@ -20,6 +20,8 @@ from thrifty.formats.gguf_export import export_gguf
 from thrifty.generation.engine import generate_tokens, render_prompt
 from thrifty.generation.sampling import SamplingParams
 
+from tiny_tokenizer import tiny_byte_level_model
+
 FILE_TYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
               "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
               "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}
@@ -108,3 +110,21 @@ def test_q8_0_perplexity_stays_near_float32(tmp_path: Path, default_model_fp32) 
     q8 = llama_cpp_perplexity(export_gguf(model, tokenizer, tmp_path / "q8.gguf", "q8_0"), ids)
     # Measured: -0.8% (llama.cpp also rounds the activations to 8 bits); f16: +0.03%.
     assert abs(q8 / float32 - 1) < 0.015, (q8, float32)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "llama3-scaled", "qwen2", "qwen3", "mistral"])
+def test_llama_cpp_reads_every_family_as_thrifty_does(family: str, tmp_path: Path) -> None:
+    """Tiny random models (q/k permutation, Llama 3 rope_freqs, qkv biases, q/k norms, tied
+    head): llama.cpp's logits for a sequence are Thrifty's on the same f32 file. Mistral's
+    sequence stays inside its 5-token window, which llama.cpp's `llama` architecture does
+    not apply."""
+    model, tokenizer = tiny_byte_level_model(family, tmp_path / "hf")
+    path = export_gguf(model, tokenizer, tmp_path / "tiny.gguf", "f32")
+    ids = tokenizer.encode("hello world 12")[: 5 if family == "mistral" else None]
+    llm = Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[:len(ids)]))
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    # llama.cpp keeps its KV cache in f16: keys and values rounded to 2^-11 (measured: up to 2e-4).
+    assert torch.allclose(theirs, ours, atol=1e-3, rtol=0), (theirs - ours).abs().max()
