@@ -41,7 +41,7 @@ def save_tiny_model_dir(family: str, directory: Path, seed: int = 0):  # type: i
 
 
 BYTE_LEVEL_VOCAB = 300  # 256 byte tokens, merges, three specials
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BYTE_LEVEL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def byte_level_tokenizer() -> Tokenizer:
@@ -56,8 +56,8 @@ def byte_level_tokenizer() -> Tokenizer:
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS])
-    ids = {t: backend.token_to_id(t) for t in SPECIALS}
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in BYTE_LEVEL_SPECIALS])
+    ids = {t: backend.token_to_id(t) for t in BYTE_LEVEL_SPECIALS}
     assert max(ids.values()) < BYTE_LEVEL_VOCAB
     return Tokenizer(backend=backend, eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
                      chat_template=CHAT_TEMPLATE.replace("</s>", "<|im_end|>"), source="tiny byte-level tokenizer")
