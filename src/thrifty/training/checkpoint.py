@@ -23,7 +23,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -136,12 +136,15 @@ def save_trained_model(model: nn.Module, tokenizer: Any, output_dir: Path, base_
 _NOT_SETTINGS = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir", "disable_tqdm")
 
 
-def changed_settings(checkpoint: Path, config: Any) -> list[str]:
-    """'key: saved -> now' for each setting that differs from the checkpoint's config.yaml."""
-    saved = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text(encoding="utf-8")) or {}
+def setting_differences(saved_yaml: str, config: Any, keys: Sequence[str] | None = None) -> list[str]:
+    """'key: saved -> now' for each of `keys` (default: every setting but those that only
+    say where a run reports or resumes) that differs between a checkpoint's config.yaml and
+    `config`."""
+    saved = yaml.safe_load(saved_yaml) or {}
     current = config_to_dict(config)
-    return [f"{key}: {saved[key]!r} -> {value!r}" for key, value in current.items()
-            if key in saved and saved[key] != value and key not in _NOT_SETTINGS]
+    keys = [k for k in current if k not in _NOT_SETTINGS] if keys is None else keys
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
+            if k in saved and saved.get(k) != current.get(k)]
 
 
 def settings_must_match(config: Any, keys: tuple[str, ...]) -> Callable[[str, Path], None]:
@@ -149,10 +152,7 @@ def settings_must_match(config: Any, keys: tuple[str, ...]) -> Callable[[str, Pa
     between the checkpoint's saved config.yaml and the current config."""
 
     def check(saved_yaml: str, path: Path) -> None:
-        saved = yaml.safe_load(saved_yaml) or {}
-        current = config_to_dict(config)
-        different = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
-                     if k in saved and saved.get(k) != current.get(k)]
+        different = setting_differences(saved_yaml, config, keys)
         if different:
             raise ThriftyError(f"{path}: cannot resume with different settings ({'; '.join(different)}). Use the "
                                "checkpoint's values (see its config.yaml), or start a new run without "

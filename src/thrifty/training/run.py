@@ -25,8 +25,8 @@ from thrifty.formats.atomic import remove_stale_temporaries
 from thrifty.formats.default_model import DEFAULT_MODEL_NAME
 from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.training.checkpoint import (
-    changed_settings, find_latest_checkpoint, list_checkpoints, resume_from, save_checkpoint, save_trained_model,
-    settings_must_match,
+    find_latest_checkpoint, list_checkpoints, resume_from, save_checkpoint, save_trained_model,
+    setting_differences, settings_must_match,
 )
 from thrifty.training.config import TrainingConfig
 from thrifty.training.optim import MasterWeightAdamW, NonFiniteGradients
@@ -141,7 +141,7 @@ class TrainingRun:
                                  settings_must_match(self.config, self.must_match))
         if checkpoint is None:
             return False
-        changed = changed_settings(checkpoint.path, self.config)
+        changed = setting_differences(checkpoint.config_yaml, self.config)
         if changed:
             self.log(f"resuming {checkpoint.path} with changed settings, which apply from here on: {'; '.join(changed)}")
         restore(checkpoint.trainer_state, checkpoint.path)
