@@ -30,7 +30,7 @@ from thrifty.model.tokenizer import Tokenizer
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # llama.cpp tensor name -> Hugging Face name. "{i}" is the layer index.
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -46,7 +46,7 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_NAMES = {
+GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -196,11 +196,11 @@ def _llama3_scaling(tensor: Any, theta: float, head_dim: int, path: Path) -> dic
 
 
 def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
     m = _LAYER_RE.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) in LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
     return None
 
 
@@ -244,7 +244,7 @@ def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, path:
     expected = ["model.embed_tokens.weight", "model.norm.weight"]
     if not config.tie_word_embeddings:
         expected.append("lm_head.weight")
-    per_layer = [_LAYER_NAMES[k] for k in ("attn_norm.weight", "ffn_norm.weight", "attn_q.weight",
+    per_layer = [LAYER_NAMES[k] for k in ("attn_norm.weight", "ffn_norm.weight", "attn_q.weight",
                                           "attn_k.weight", "attn_v.weight", "attn_output.weight",
                                           "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")]
     if config.attention_bias:

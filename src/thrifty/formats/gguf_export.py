@@ -22,8 +22,8 @@ import torch
 
 from thrifty.errors import ThriftyError
 from thrifty.formats.atomic import atomic_file, require_finite
-from thrifty.formats.gguf import _GLOBAL_NAMES, _LAYER_NAMES, SUPPORTED_ARCHITECTURES
-from thrifty.formats.gguf_tokenizer import _CONTROL, _NORMAL, _UNUSED, _USER_DEFINED, _pre_tokenizer, pre_names
+from thrifty.formats.gguf import GLOBAL_NAMES, LAYER_NAMES, SUPPORTED_ARCHITECTURES
+from thrifty.formats.gguf_tokenizer import CONTROL, NORMAL, UNUSED, USER_DEFINED, pre_names, pre_tokenizer_for
 from thrifty.formats.gguf_types import GGUFType, encode, file_type, tensor_types
 from thrifty.formats.hf_export import hf_state_dict
 from thrifty.model.decoder import CausalLM, rope_inverse_frequencies
@@ -31,8 +31,8 @@ from thrifty.model.tokenizer import Tokenizer
 
 QType = gguf.GGMLQuantizationType
 
-_HF_TO_GGUF = {hf: gguf_name for gguf_name, hf in _GLOBAL_NAMES.items()}
-_HF_LAYER_TO_GGUF = {hf: gguf_name for gguf_name, hf in _LAYER_NAMES.items()}
+_HF_TO_GGUF = {hf: gguf_name for gguf_name, hf in GLOBAL_NAMES.items()}
+_HF_LAYER_TO_GGUF = {hf: gguf_name for gguf_name, hf in LAYER_NAMES.items()}
 
 
 def export_gguf(model: CausalLM, tokenizer: Tokenizer, path: str | Path, quantization: str = "f16",
@@ -114,14 +114,14 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: in
         raise ThriftyError(f"{tokenizer.source}: only byte-level BPE tokenizers (SmolLM, Qwen, Llama 3) are written "
                            "to GGUF yet; this one is a " + str(model.get("type")) + " tokenizer.")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # as convert_hf_to_gguf pads past the vocabulary
-    types = [_UNUSED] * vocab_size
+    types = [UNUSED] * vocab_size
     for token, index in model["vocab"].items():
         if index < vocab_size:
-            tokens[index], types[index] = token, _NORMAL
+            tokens[index], types[index] = token, NORMAL
     for added in spec.get("added_tokens", []):
         if added["id"] < vocab_size:
             tokens[added["id"]] = added["content"]
-            types[added["id"]] = _CONTROL if added.get("special") else _USER_DEFINED
+            types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_name(tokenizer))
@@ -152,7 +152,7 @@ def _pre_name(tokenizer: Tokenizer) -> str:
     token ids; the splits compare the same thing without a table of hashes)."""
     want = tokenizer.backend.pre_tokenizer.pre_tokenize_str(_PROBE) if tokenizer.backend.pre_tokenizer else None
     for name in pre_names():
-        if _pre_tokenizer(name, Path(tokenizer.source)).pre_tokenize_str(_PROBE) == want:
+        if pre_tokenizer_for(name, Path(tokenizer.source)).pre_tokenize_str(_PROBE) == want:
             return name
     raise ThriftyError(f"{tokenizer.source}: its pre-tokenizer splits text unlike any llama.cpp knows; it cannot be "
                        "written to GGUF faithfully.")

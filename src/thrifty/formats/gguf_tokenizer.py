@@ -31,7 +31,7 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, path: Path) -> Tokenizer:
     if not tokens:
         raise ThriftyError(f"{path}: the GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens); "
                            "use the model's Hugging Face directory instead.")
-    token_types = meta("token_type") or [_NORMAL] * len(tokens)
+    token_types = meta("token_type") or [NORMAL] * len(tokens)
     pre = meta("pre")
     if kind == "gpt2":
         merges = meta("merges")
@@ -72,7 +72,7 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, path: Path) -> Tokenizer:
 
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Pre-tokenizer splits, by tokenizer.ggml.pre, as in llama.cpp's llama-vocab.cpp. We use
 # the regexes of the original tokenizer.json files (llama.cpp rewrites (?i:...) groups
@@ -116,11 +116,11 @@ def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
 
 def pre_names() -> list[str]:
     """One llama.cpp pre-tokenizer type per distinct way of splitting text that
-    `_pre_tokenizer` builds, the most common first (what a GGUF writer picks from)."""
+    `pre_tokenizer_for` builds, the most common first (what a GGUF writer picks from)."""
     return ["smollm", "gpt-2", "llama-bpe", "qwen2", "tekken", "gpt-4o", "default"]
 
 
-def _pre_tokenizer(pre: str | None, path: Path) -> pre_tokenizers.PreTokenizer:
+def pre_tokenizer_for(pre: str | None, path: Path) -> pre_tokenizers.PreTokenizer:
     gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _GPT2_PRE:
         return gpt2
@@ -170,7 +170,7 @@ def _byte_level_bpe(tokens: list[str], token_types: list[int], merges: list[str]
     alphabet = set(spelling.values())
     vocab: dict[str, int] = {}
     for i, (tok, kind) in enumerate(zip(tokens, token_types)):
-        if not set(tok) <= alphabet and kind not in (_CONTROL, _USER_DEFINED):
+        if not set(tok) <= alphabet and kind not in (CONTROL, USER_DEFINED):
             # convert_hf_to_gguf writes some tokens as raw text; the BPE model needs them
             # in the byte alphabet. Control and user-defined tokens stay raw: they are
             # matched whole in the input (as llama.cpp does), never built by merges.
@@ -188,7 +188,7 @@ def _byte_level_bpe(tokens: list[str], token_types: list[int], merges: list[str]
                            "the file is damaged. Re-convert or re-download it.") from e
     # No normalizer, even for Qwen2 (whose tokenizer.json has NFC): llama.cpp and
     # transformers' GGUF loader apply none, and NFC text is unaffected either way.
-    backend.pre_tokenizer = _pre_tokenizer(pre, path)
+    backend.pre_tokenizer = pre_tokenizer_for(pre, path)
     backend.decoder = decoders.ByteLevel()
     _add_gguf_special_tokens(backend, tokens, token_types)
     return backend
@@ -198,9 +198,9 @@ def _add_gguf_special_tokens(backend: tokenizers.Tokenizer, tokens: list[str], t
     """Control tokens (e.g. <|im_end|>) become special added tokens, user-defined ones
     (e.g. <think>) plain added tokens: both are matched whole in the text, like llama.cpp does."""
     control = [AddedToken(t, normalized=False, special=True)
-               for t, k in zip(tokens, token_types) if k == _CONTROL and t]
+               for t, k in zip(tokens, token_types) if k == CONTROL and t]
     user = [AddedToken(t, normalized=False, special=False)
-            for t, k in zip(tokens, token_types) if k == _USER_DEFINED and t]
+            for t, k in zip(tokens, token_types) if k == USER_DEFINED and t]
     if control:
         backend.add_special_tokens(control)
     if user:
@@ -215,7 +215,7 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, token_type
     if scores is None:
         scores = [-float(i) for i in range(len(tokens))]
     vocab = {t: i for i, t in enumerate(tokens)}
-    unk = next((t for t, k in zip(tokens, token_types) if k == _UNKNOWN), None)
+    unk = next((t for t, k in zip(tokens, token_types) if k == UNKNOWN), None)
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(tokens, scores),
                                               unk_token=unk, fuse_unk=True, byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
