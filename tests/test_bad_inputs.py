@@ -111,9 +111,11 @@ CONFIG_CASES: dict[str, tuple[Case, str]] = {
     "grpo-task-and-file": (lambda d: grpo_config(d, "task: arithmetic\ntrain_file: t.jsonl\n"),
                            r"task.*train_file"),
     "grpo-zero-temperature": (lambda d: grpo_config(d, "temperature: 0\n"), r"temperature.*positive"),
-    "grpo-accumulation-too-big": (lambda d: grpo_config(d, "per_device_train_batch_size: 1\nnum_generations: 2\n"
-                                                          "gradient_accumulation_steps: 3\n"),
-                                  r"gradient_accumulation_steps.*2 completions"),
+    "grpo-partial-group": (lambda d: grpo_config(d, "per_device_train_batch_size: 3\nnum_generations: 2\n"),
+                           r"g\.yaml.*generation_batch_size.*3 completions.*multiple of num_generations = 2"),
+    "grpo-step-spans-generations": (lambda d: grpo_config(d, "per_device_train_batch_size: 4\nnum_generations: 2\n"
+                                                            "gradient_accumulation_steps: 2\nsteps_per_generation: 3\n"),
+                                    r"g\.yaml.*steps_per_generation.*multiple of gradient_accumulation_steps = 2"),
 }
 
 

@@ -54,7 +54,7 @@ def vowel_share(completions, **kwargs) -> list[float]:
 
 def tiny_config(output_dir: Path, tiny_dir: Path, **overrides) -> GRPOConfig:
     values = dict(model_name_or_path=str(tiny_dir), dtype="float32", output_dir=str(output_dir), max_steps=4,
-                  num_generations=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                  num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                   max_completion_length=8, learning_rate=1e-2, lora_r=4, lora_alpha=8, save_steps=0,
                   disable_tqdm=True, seed=5)
     values.update(overrides)
@@ -88,7 +88,7 @@ def test_real_run_on_default_model_raises_reward(tmp_path: Path) -> None:
                 for completion_text in (c[0]["content"] if isinstance(c, list) else c for c in completions)]
 
     config = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=4, num_generations=6,
-                        per_device_train_batch_size=2, max_completion_length=3, learning_rate=3e-3,
+                        per_device_train_batch_size=12, max_completion_length=3, learning_rate=3e-3,
                         lora_r=8, lora_alpha=16, save_steps=0, disable_tqdm=True, seed=1, log_completions=2)
     result = GRPOTrainer(model, tokenizer, reward_funcs=[starts_with_the], train_dataset=rows, config=config,
                          log=quiet).train()
@@ -183,7 +183,7 @@ def test_bad_reward_function_stops_the_run_naming_it(tiny_dir: Path, tmp_path: P
 
 def test_dynamic_sampling_and_iterations_run(tiny_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, tiny_dir, dynamic_sampling=True, max_dynamic_sampling_draws=2,
-                         num_iterations=2, max_steps=2, mask_truncated_completions=True, loss_type="grpo")
+                         num_iterations=2, max_steps=4, mask_truncated_completions=True, loss_type="grpo")
     tiny_trainer(tiny_dir, config, reward_funcs=[starts_with_a, vowel_share]).train()
     logged = records(tmp_path)
     assert len(logged) == 2 and all("dynamic_sampling/draws" in r for r in logged)
@@ -273,7 +273,7 @@ def test_grpo_cli_runs_the_demo_config_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run([sys.executable, "-m", "thrifty", "grpo", str(REPO / "examples" / "grpo_arithmetic.yaml"),
-                           "max_steps=2", "per_device_train_batch_size=2", "num_generations=4",
+                           "max_steps=2", "per_device_train_batch_size=8", "num_generations=4",
                            "max_completion_length=12", "num_eval_samples=6", "save_steps=2", f"output_dir={out}", "disable_tqdm=true"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr

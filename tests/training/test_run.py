@@ -202,7 +202,7 @@ def never_applies(completions, **kwargs) -> list[None]:  # type: ignore[no-untyp
 def test_grpo_stops_when_a_reward_function_scores_nothing(tiny_dir: Path, tmp_path: Path) -> None:
     model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
     config = GRPOConfig(model_name_or_path=str(tiny_dir), dtype="float32", output_dir=str(tmp_path), max_steps=2,
-                        num_generations=2, per_device_train_batch_size=2, max_completion_length=4, save_steps=0,
+                        num_generations=2, per_device_train_batch_size=4, max_completion_length=4, save_steps=0,
                         disable_tqdm=True, num_eval_samples=0)
     trainer = GRPOTrainer(model, tokenizer, reward_funcs=[never_applies], train_dataset=ROWS, config=config,
                           log=lambda _: None)

@@ -1,16 +1,25 @@
 """GRPOConfig: every knob of a GRPO run, with TRL's field names and meanings.
 
-Someone coming from TRL's GRPOConfig should recognise every name. The differences,
-all because one CPU process is the whole "cluster" here:
+Someone coming from TRL's GRPOConfig should recognise every name, and the batch fields
+count what they count in TRL:
 
-* per_device_train_batch_size counts PROMPTS per step (TRL counts completions per
-  micro-batch). Each step samples num_generations completions for each of these
-  prompts, then splits the per_device_train_batch_size * num_generations completions
-  into gradient_accumulation_steps micro-batches for the backward pass.
-* max_steps counts GRPO steps (rollouts); each step makes num_iterations optimizer
-  updates on its rollout (TRL counts optimizer updates).
-* task / task_settings pick a built-in verifiable task (thrifty.grpo.tasks) that supplies
-  the prompts, the reward functions and an exact checker for accuracy.
+* per_device_train_batch_size: completions per micro-batch (one forward/backward);
+* gradient_accumulation_steps: micro-batches per optimizer step;
+* generation_batch_size / steps_per_generation (set one; default steps_per_generation =
+  gradient_accumulation_steps): one generation samples generation_batch_size =
+  per_device_train_batch_size x steps_per_generation completions, num_generations for
+  each of generation_batch_size / num_generations prompts, and feeds
+  steps_per_generation micro-batches, i.e. steps_per_generation /
+  gradient_accumulation_steps optimizer steps, num_iterations times over;
+* max_steps: optimizer steps (as logging_steps, save_steps and eval_steps).
+
+So the default run generates one batch per optimizer step. Where Thrifty differs from TRL:
+it splits a generation batch in order (each prompt's group stays together, so a
+micro-batch holds the prompt once) where TRL shuffles the completions first, and
+steps_per_generation must be a multiple of gradient_accumulation_steps (an optimizer
+step never spans two generations). task / task_settings pick a built-in verifiable task
+(thrifty.grpo.tasks) that supplies the prompts, the reward functions and an exact
+checker for accuracy.
 
 Load one from YAML with `load_grpo_config(path, ["key=value", ...])`.
 """
@@ -65,12 +74,15 @@ class GRPOConfig(TrainingConfig):
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     max_dynamic_sampling_draws: int = 3  # rollouts per step at most when refilling
 
+    # -- batches, as TRL counts them (see the module docstring) --------------------------------
+    per_device_train_batch_size: int = 8  # completions per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    steps_per_generation: int | None = None  # micro-batches per generation; None: gradient_accumulation_steps
+    generation_batch_size: int | None = None  # completions per generation (instead of steps_per_generation)
+
     # -- optimisation: TrainingConfig's fields with GRPO's defaults ---------------------------
-    per_device_train_batch_size: int = 4  # PROMPTS per step (see the module docstring)
-    gradient_accumulation_steps: int = 1  # micro-batches the step's completions are split into
     learning_rate: float = 1e-5
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "constant"
-    max_steps: int = 100  # GRPO steps (rollouts)
     adam_beta2: float = 0.99
     # On, as in TRL's GRPOConfig: measured on the arithmetic demo, peak RSS 1.6 GB instead of
     # 4.0 GB (32 completions of 64 tokens) for ~20% more training time.
@@ -92,7 +104,7 @@ class GRPOConfig(TrainingConfig):
     def __post_init__(self) -> None:
         self.check_shared_fields()
         need = partial(require, self)
-        for name in ("num_generations", "max_completion_length", "num_iterations", "max_steps",
+        for name in ("num_generations", "max_completion_length", "num_iterations",
                      "max_dynamic_sampling_draws", "num_train_prompts"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         need(self.num_generations >= 2, "num_generations",
@@ -112,16 +124,56 @@ class GRPOConfig(TrainingConfig):
         need(self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"use one of {', '.join(SCALE_REWARDS)}")
         need(self.num_eval_samples >= 0, "num_eval_samples", "must be 0 or more")
         need(self.log_completions >= 0, "log_completions", "must be 0 or more")
-        completions = self.per_device_train_batch_size * self.num_generations
-        need(self.gradient_accumulation_steps <= completions, "gradient_accumulation_steps",
-             f"must not exceed the {completions} completions of a step (per_device_train_batch_size x "
-             "num_generations), or some micro-batches would be empty")
+        self._check_batch_fields()
         if self.task is not None and self.train_file is not None:
             raise ThriftyError(f"task = {self.task!r} and train_file = {self.train_file!r} are both set; use one: "
                                "a built-in task supplies its own prompts.")
 
 
-RESUME_MUST_MATCH = (*SHARED_RESUME_MUST_MATCH, "task", "task_settings", "num_train_prompts", "train_file",
+    def _check_batch_fields(self) -> None:
+        need = partial(require, self)
+        bs, accumulation = self.per_device_train_batch_size, self.gradient_accumulation_steps
+        if self.steps_per_generation is not None:
+            need(self.steps_per_generation >= 1, "steps_per_generation", "must be at least 1, or null")
+            need(self.generation_batch_size in (None, bs * self.steps_per_generation), "generation_batch_size",
+                 "and steps_per_generation are both set and disagree; set one (as in TRL)")
+        if self.generation_batch_size is not None:
+            need(self.generation_batch_size >= 1 and self.generation_batch_size % bs == 0, "generation_batch_size",
+                 f"must be a multiple of per_device_train_batch_size = {bs}")
+        need(self.micro_batches_per_generation % accumulation == 0, "steps_per_generation",
+             f"(= {self.micro_batches_per_generation} micro-batches per generation) must be a multiple of "
+             f"gradient_accumulation_steps = {accumulation}: Thrifty never spans an optimizer step across two "
+             "generations")
+        need(self.completions_per_generation % self.num_generations == 0, "generation_batch_size",
+             f"(= {self.completions_per_generation} completions per generation: per_device_train_batch_size x "
+             f"steps_per_generation) must be a multiple of num_generations = {self.num_generations}, so every "
+             "prompt gets its whole group")
+        need(self.max_steps > 0 or self.num_train_epochs > 0, "num_train_epochs", "must be positive (or set max_steps)")
+
+    @property
+    def micro_batches_per_generation(self) -> int:
+        if self.steps_per_generation is not None:
+            return self.steps_per_generation
+        if self.generation_batch_size is not None:
+            return max(self.generation_batch_size // self.per_device_train_batch_size, 1)
+        return self.gradient_accumulation_steps
+
+    @property
+    def completions_per_generation(self) -> int:
+        return self.per_device_train_batch_size * self.micro_batches_per_generation
+
+    @property
+    def prompts_per_generation(self) -> int:
+        return self.completions_per_generation // self.num_generations
+
+    @property
+    def updates_per_generation(self) -> int:
+        """Optimizer steps each generation feeds (num_iterations passes over its micro-batches)."""
+        return self.micro_batches_per_generation // self.gradient_accumulation_steps * self.num_iterations
+
+
+RESUME_MUST_MATCH = (*SHARED_RESUME_MUST_MATCH, "gradient_accumulation_steps", "steps_per_generation",
+                     "generation_batch_size", "num_iterations", "task", "task_settings", "num_train_prompts", "train_file",
                      "num_generations", "dynamic_sampling")
 
 

@@ -4,24 +4,26 @@
     task = get_task("arithmetic")
     GRPOTrainer(model, tokenizer, config=GRPOConfig(task="arithmetic", max_steps=30)).train()
 
-Each step (see `_step`):
-  1. rollout: take per_device_train_batch_size prompts, sample num_generations
-     completions of each with the generation engine (live LoRA weights, no merge);
+Each generation (see `_generation`; the batch fields count as in TRL, see grpo/config.py):
+  1. rollout: take generation_batch_size / num_generations prompts, sample
+     num_generations completions of each with the generation engine (live LoRA
+     weights, no merge);
   2. score: call every reward function (TRL's signature), weight and sum the rewards;
   3. advantages: each completion's reward minus its group's mean (scaled by the std);
      with dynamic_sampling, groups whose rewards are all equal are dropped and refilled
      by sampling more prompts;
-  4. update: num_iterations optimizer updates of the clipped-surrogate loss (grpo_loss)
-     on the rollout's completions, in gradient_accumulation_steps micro-batches that
-     hold each prompt once, followed by its completions (grpo_batches). The
-     log-probs come from the final hidden states through selective_log_probs, so the
-     [tokens x vocab] logits never exist; old log-probs are computed only when
-     num_iterations > 1, reference log-probs (adapters off, or a frozen copy for full
-     fine-tuning) only when beta > 0.
+  4. update: the completions, in order, make steps_per_generation micro-batches of
+     per_device_train_batch_size that hold each prompt once, followed by its
+     completions (grpo_batches); every gradient_accumulation_steps of them make one
+     optimizer step of the clipped-surrogate loss (grpo_loss), num_iterations times
+     over. The log-probs come from the final hidden states through selective_log_probs,
+     so the [tokens x vocab] logits never exist; old log-probs are computed only when a
+     generation feeds more than one optimizer step, reference log-probs (adapters off,
+     or a frozen copy for full fine-tuning) only when beta > 0.
 
-Generation seeds are a function of (seed, step, draw), so a resumed run samples the same
-completions as an uninterrupted one: exact resume needs only the weights, optimizer,
-data order and RNG state in the checkpoint.
+Generation seeds are a function of (seed, generation, draw), so a resumed run samples the
+same completions as an uninterrupted one: exact resume needs only the weights, optimizer,
+data order and RNG state in the checkpoint (saved between generations).
 
 What a run leaves in output_dir: metrics.jsonl, completions.jsonl (a few completions per
 step with their rewards), rewards.png, checkpoint-{step}/, and adapter/ (PEFT format)
@@ -31,6 +33,7 @@ or model/ (full fine-tuning).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +48,7 @@ from thrifty.generation.sampling import SamplingParams
 from thrifty.grpo.batches import MicroBatch, completion_log_probs, pack_groups
 from thrifty.grpo.config import RESUME_MUST_MATCH, GRPOConfig
 from thrifty.grpo.evaluation import EvalResult, evaluate_rows
+from thrifty.grpo.reporting import average_records, before_and_after, describe_run, nan_to_none, postfix, summary
 from thrifty.grpo.loss import (
     collect_informative_groups,
     combine_rewards,
@@ -55,8 +59,7 @@ from thrifty.grpo.loss import (
 )
 from thrifty.grpo.rewards import RewardFunc, call_reward_function, reward_function_name
 from thrifty.grpo.tasks import Task, get_task
-from thrifty.layers.lora import disable_lora, trainable_parameters
-from thrifty.layers.quant import weight_memory_bytes
+from thrifty.layers.lora import disable_lora
 from thrifty.model.decoder import CausalLM
 from thrifty.model.tokenizer import Tokenizer
 from thrifty.training.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
@@ -65,7 +68,7 @@ from thrifty.training.run import TrainingRun
 from thrifty.training.schedule import lr_factor, warmup_steps_for
 from thrifty.training.setup import has_lora
 
-# Settings a resumed run must share with its checkpoint to continue the same training.
+# Wall-clock measurements in metrics.jsonl: not reproducible between runs.
 TIMING_KEYS = ("time/generation", "time/scoring", "time/training", "time/step", "rss_mb")
 
 
@@ -142,14 +145,14 @@ class GRPOTrainer:
         self.ref_model: CausalLM | None = None
         if cfg.beta > 0 and not has_lora(self.model):
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.order = DataOrder(len(self.rows), cfg.per_device_train_batch_size, seed=cfg.seed)
-        self.total_updates = cfg.max_steps * cfg.num_iterations
-        self.warmup_steps = warmup_steps_for(self.total_updates, cfg.warmup_steps, cfg.warmup_ratio)
+        self.order = DataOrder(len(self.rows), cfg.prompts_per_generation, seed=cfg.seed)
+        self.total_steps = self._total_steps()
+        self.warmup_steps = warmup_steps_for(self.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
         self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
         self.completions_log = MetricsLog(self.output_dir / "completions.jsonl")
-        self.step = 0
-        self.updates = 0
+        self.step = 0  # optimizer steps, as TRL's global_step
+        self.generations = 0
         self.seconds = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
         self._prompt_cache: dict[int, list[int]] = {}
         self._last_eval: EvalResult | None = None
@@ -189,9 +192,16 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ rollout and scoring
 
+    def _total_steps(self) -> int:
+        cfg = self.config
+        if cfg.max_steps > 0:
+            return cfg.max_steps
+        generations_per_epoch = math.ceil(len(self.rows) / cfg.prompts_per_generation)
+        return max(math.ceil(cfg.num_train_epochs * generations_per_epoch) * cfg.updates_per_generation, 1)
+
     def _generation_seed(self, draw: int) -> int:
-        # A pure function of (seed, step, draw): resumed runs sample the same completions.
-        return (self.config.seed * 1_000_003 + self.step * 1009 + draw) % (2**62)
+        # A pure function of (seed, generation, draw): resumed runs sample the same completions.
+        return (self.config.seed * 1_000_003 + self.generations * 1009 + draw) % (2**62)
 
     def rollout(self, indices: list[int], draw: int = 0) -> list[Group]:
         """Sample num_generations completions for each prompt and score them."""
@@ -255,7 +265,7 @@ class GRPOTrainer:
                 drawn.extend(groups)
                 yield groups, self._combined(groups)
 
-        got = collect_informative_groups(candidates(), cfg.num_generations, cfg.per_device_train_batch_size,
+        got = collect_informative_groups(candidates(), cfg.num_generations, cfg.prompts_per_generation,
                                          cfg.max_dynamic_sampling_draws)
         stats = {"dynamic_sampling/draws": got.num_draws, "dynamic_sampling/discarded_groups": got.num_discarded,
                  "dynamic_sampling/kept_groups": len(got.groups)}
@@ -267,7 +277,7 @@ class GRPOTrainer:
         prompts = [g.prompt_ids for g in groups for _ in g.completion_ids]
         completions = [c for g in groups for c in g.completion_ids]
         truncated = torch.tensor([t for g in groups for t in g.truncated])
-        chunks = torch.arange(len(completions)).tensor_split(self.config.gradient_accumulation_steps)
+        chunks = torch.arange(len(completions)).tensor_split(self.config.micro_batches_per_generation)
         return [self._micro_batch([prompts[i] for i in idx], [completions[i] for i in idx], truncated[idx],
                                   advantages[idx]) for idx in chunks if len(idx)]
 
@@ -291,36 +301,44 @@ class GRPOTrainer:
             return self.log_probs(batch)
 
     def update(self, batches: list[MicroBatch]) -> dict[str, float]:
-        """num_iterations optimizer updates on the step's micro-batches; their metrics."""
+        """The optimizer steps one generation feeds: every gradient_accumulation_steps
+        micro-batches make one, num_iterations times over (stopping at the run's last
+        step); their metrics."""
         cfg = self.config
-        # Old log-probs are only needed when the same rollout is reused: with one
-        # iteration they equal the current ones (grpo_loss then uses logp.detach()).
+        # Old log-probs matter only when the weights move before a micro-batch's last use:
+        # for a single optimizer step they equal the current ones (grpo_loss then uses logp.detach()).
         with torch.no_grad():
-            old = [self.log_probs(b) for b in batches] if cfg.num_iterations > 1 else [None] * len(batches)
+            old = ([self.log_probs(b) for b in batches] if cfg.updates_per_generation > 1
+                   else [None] * len(batches))
         ref = [self.reference_log_probs(b) for b in batches] if cfg.beta > 0 else [None] * len(batches)
-        # dapo: normalise by the loss tokens of the whole optimizer step (all micro-batches).
-        items = sum(float(b.completion_mask.sum()) for b in batches)
+        accumulation = cfg.gradient_accumulation_steps
+        windows = [list(range(start, min(start + accumulation, len(batches))))
+                   for start in range(0, len(batches), accumulation)]
+        # dapo: the loss tokens of the whole generation, per optimizer step (as TRL scales
+        # num_items_in_batch by gradient_accumulation_steps / steps_per_generation).
+        items = sum(float(b.completion_mask.sum()) for b in batches) / len(windows)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         grad_norm, lr = 0.0, cfg.learning_rate
-        for _ in range(cfg.num_iterations):
-            lr = cfg.learning_rate * lr_factor(self.updates, self.total_updates, self.warmup_steps,
-                                               cfg.lr_scheduler_type)
+        for window in [w for _ in range(cfg.num_iterations) for w in windows]:
+            if self.step >= self.total_steps:
+                break
+            lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.lr_scheduler_type)
             self.optimizer.set_lr(lr)
-            for batch, old_logp, ref_logp in zip(batches, old, ref):
-                logp = self.log_probs(batch)
+            for i in window:
+                logp = self.log_probs(batches[i])
                 loss, metrics = grpo_loss(
-                    logp, old_logp, ref_logp, batch.advantages, batch.completion_mask, loss_type=cfg.loss_type,
+                    logp, old[i], ref[i], batches[i].advantages, batches[i].completion_mask, loss_type=cfg.loss_type,
                     beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                     max_completion_length=cfg.max_completion_length, num_items_in_batch=items,
-                    gradient_accumulation_steps=len(batches))
+                    gradient_accumulation_steps=len(window))
                 loss.backward()
                 for key, value in metrics.items():
                     if value == value and key != "num_tokens":  # skip NaN extremes
                         sums[key] = sums.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
-            grad_norm = self.run.optimizer_step(self.updates + 1)
-            self.updates += 1
+            grad_norm = self.run.optimizer_step(self.step + 1)
+            self.step += 1
         out = {k: sums[k] / counts[k] for k in sums}
         out["loss"] = out.pop("policy_loss", 0.0)
         out.update(grad_norm=float(grad_norm), lr=lr)
@@ -343,13 +361,15 @@ class GRPOTrainer:
                     if initial_eval is not None:
                         self.metrics.write({"step": 0, "eval_accuracy": initial_eval.accuracy})
                         self.log(f"held-out before training: {initial_eval.summary()}")
-            with self.run.checkpointed_layers(), ProgressBar(cfg.max_steps, self.step, cfg.disable_tqdm, desc="grpo") as progress:
-                while self.step < cfg.max_steps:
-                    record = self._step()
-                    progress.advance(self._postfix(record))
+            with (self.run.checkpointed_layers(),
+                  ProgressBar(self.total_steps, self.step, cfg.disable_tqdm, desc="grpo") as progress):
+                while self.step < self.total_steps:
+                    before = self.step
+                    record = self._generation()
+                    progress.advance(postfix(record), self.step - before)
                     if "eval_accuracy" in record:
                         progress.write(f"step {self.step}: held-out accuracy {record['eval_accuracy']:.1%}")
-                    self.run.save_checkpoint_if_due(self.step, self._trainer_state)
+                    self.run.save_checkpoint_if_due(self.step, self._trainer_state, since=before)
             model.eval()
             records = self.metrics.read()
             plot_metrics(records, self.output_dir / "rewards.png", ["reward", "accuracy", "eval_accuracy"],
@@ -361,7 +381,7 @@ class GRPOTrainer:
                                 output_path=output, mean_reward_first=rewards[0] if rewards else None,
                                 mean_reward_last=rewards[-1] if rewards else None, seconds=dict(self.seconds),
                                 peak_rss_mb=peak_rss_bytes() / 2**20)
-            self.log(self._summary(result))
+            self.log(summary(result))
             if initial_eval is not None and final_eval is not None:
                 self.log(before_and_after(initial_eval, final_eval))
             return result
@@ -376,16 +396,16 @@ class GRPOTrainer:
                     f"of the {values.numel()} completions, so GRPO has no signal to learn from. Make it return a "
                     "number for every completion it can score (None only where it does not apply), or remove it.")
 
-    def _step(self) -> dict[str, Any]:
-        """One GRPO step: rollout, score, advantages, update; returns the metrics record."""
+    def _generation(self) -> dict[str, Any]:
+        """One generation: rollout, score, advantages, and the optimizer steps it feeds;
+        returns the metrics record (its "step": the optimizer steps done after it)."""
         cfg, G = self.config, self.config.num_generations
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), self.step
         before = dict(self.seconds)
         groups, drawn, stats = self.collect_groups()
-        record: dict[str, Any] = {"step": self.step + 1}
         drawn_rewards = torch.cat([g.rewards for g in drawn], dim=1)  # [functions, completions]
         self._check_reward_signal(drawn_rewards)
-        record.update(reward_metrics(drawn_rewards, self.reward_names, G, self.reward_weights))
+        record: dict[str, Any] = reward_metrics(drawn_rewards, self.reward_names, G, self.reward_weights)
         record.update(self._completion_stats(drawn))
         record.update(stats)
         train_started = time.perf_counter()
@@ -393,22 +413,24 @@ class GRPOTrainer:
             rewards = self._combined(groups)
             advantages = group_advantages(rewards, G, cfg.scale_rewards)
             record.update(self.update(self.micro_batches(groups, advantages)))
-            self._log_completions(groups, rewards, advantages)
-        else:
-            self.log(f"step {self.step + 1}: every sampled group had equal rewards; no update")
+            self._log_completions(groups, rewards, advantages, first_step + 1)
+        else:  # the steps still count, or a run whose groups all tie would never end
+            self.step = min(self.step + cfg.updates_per_generation, self.total_steps)
+            self.log(f"step {self.step}: every sampled group had equal rewards; no update")
         self.seconds["training"] += time.perf_counter() - train_started
-        self.step += 1
-        last = self.step == cfg.max_steps
+        self.generations += 1
+        record = {"step": self.step, **record}
+        last = self.step >= self.total_steps
         for key in self.seconds:
             record[f"time/{key}"] = round(self.seconds[key] - before[key], 3)
         record["time/step"] = round(time.perf_counter() - started, 3)
         record["rss_mb"] = round(rss_bytes() / 2**20, 1)
-        if (cfg.eval_steps and self.step % cfg.eval_steps == 0) or last:
+        if _crossed(first_step, self.step, cfg.eval_steps) or last:
             result = self.evaluate()
             if result is not None:
                 record["eval_accuracy"] = result.accuracy
         self._unlogged.append(record)
-        if self.step % cfg.logging_steps == 0 or last or "eval_accuracy" in record:
+        if _crossed(first_step, self.step, cfg.logging_steps) or last or "eval_accuracy" in record:
             self.metrics.write(average_records(self._unlogged))
             self._unlogged = []
         return record
@@ -423,16 +445,17 @@ class GRPOTrainer:
             out["accuracy"] = sum(correct) / max(len(correct), 1)
         return out
 
-    def _log_completions(self, groups: list[Group], rewards: torch.Tensor, advantages: torch.Tensor) -> None:
+    def _log_completions(self, groups: list[Group], rewards: torch.Tensor, advantages: torch.Tensor,
+                         step: int) -> None:
         G, n = self.config.num_generations, min(self.config.log_completions, len(groups) * self.config.num_generations)
         for i in range(n):
             g, j = i % len(groups), i // len(groups)  # the first completion of each group, then the second...
             group, flat = groups[g], g * G + j
             prompt = group.row["prompt"]
             self.completions_log.write({
-                "step": self.step + 1, "prompt": prompt if isinstance(prompt, str) else str(prompt[-1].get("content", "")),
-                "completion": group.texts[j], "reward": _nan_to_none(rewards[flat].item()),
-                "rewards": {name: _nan_to_none(group.rewards[f, j].item()) for f, name in enumerate(self.reward_names)},
+                "step": step, "prompt": prompt if isinstance(prompt, str) else str(prompt[-1].get("content", "")),
+                "completion": group.texts[j], "reward": nan_to_none(rewards[flat].item()),
+                "rewards": {name: nan_to_none(group.rewards[f, j].item()) for f, name in enumerate(self.reward_names)},
                 "advantage": round(advantages[flat].item(), 4),
                 **({"correct": group.correct[j]} if group.correct is not None else {})})
 
@@ -451,16 +474,16 @@ class GRPOTrainer:
 
     def _trainer_state(self) -> dict[str, Any]:
         """What a checkpoint keeps of this trainer, for an exact resume."""
-        return {"step": self.step, "updates": self.updates, "max_steps": self.config.max_steps,
-                 "data_order": self.order.state_dict(), "unlogged": self._unlogged}
+        return {"step": self.step, "generations": self.generations, "max_steps": self.total_steps,
+                "data_order": self.order.state_dict(), "unlogged": self._unlogged}
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
         """This trainer's part of resuming from the checkpoint at `path`."""
         self.order.load_state_dict(state["data_order"])
-        self.step, self.updates = int(state["step"]), int(state["updates"])
-        if self.step > self.config.max_steps:
-            raise ThriftyError(f"{path} is at step {self.step}, past this run's max_steps = "
-                               f"{self.config.max_steps}; raise max_steps to train further.")
+        self.step, self.generations = int(state["step"]), int(state["generations"])
+        if self.step > self.total_steps:
+            raise ThriftyError(f"{path} is at step {self.step}, past this run's {self.total_steps} steps; raise "
+                               "max_steps to train further.")
         self.metrics.keep_until(self.step)
         self.completions_log.keep_until(self.step)
         self._unlogged = state.get("unlogged", [])
@@ -469,79 +492,10 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ reporting
 
     def _describe_run(self) -> str:
-        cfg = self.config
-        source = f"task {cfg.task!r}" if self.task is not None else "prompts"
-        return (f"GRPO ({self.run.method}) of {self.run.base_model_name} [{cfg.dtype}, base weights "
-                f"{weight_memory_bytes(self.model) / 2**20:.0f} MB]: {trainable_parameters(self.model)}\n"
-                f"  {len(self.rows)} train {source}, {len(self.eval_rows)} held out; {cfg.max_steps} steps of "
-                f"{cfg.per_device_train_batch_size} prompts x {cfg.num_generations} completions (<= "
-                f"{cfg.max_completion_length} tokens), rewards: {', '.join(self.reward_names)}; "
-                f"lr {cfg.learning_rate:g}, beta {cfg.beta:g}, loss {cfg.loss_type}; output in {self.output_dir}")
-
-    @staticmethod
-    def _postfix(record: dict[str, Any]) -> str:
-        parts = [f"reward={record['reward']:.3f}±{record['reward_std']:.2f}"]
-        if "accuracy" in record:
-            parts.append(f"acc={record['accuracy']:.2f}")
-        parts.append(f"len={record['completions/mean_length']:.0f}")
-        if "kl" in record:
-            parts.append(f"kl={record['kl']:.4f}")
-        if "clip_ratio/region_mean" in record:
-            parts.append(f"clip={record['clip_ratio/region_mean']:.3f}")
-        parts.append(f"gen/score/train={record['time/generation']:.1f}/{record['time/scoring']:.2f}/"
-                     f"{record['time/training']:.1f}s")
-        return " ".join(parts)
-
-    def _summary(self, result: GRPOResult) -> str:
-        parts = [f"done: {result.global_step} steps"]
-        if result.mean_reward_first is not None:
-            parts.append(f"reward {result.mean_reward_first:.3f} (first step) -> {result.mean_reward_last:.3f} (last)")
-        if result.initial_eval is not None and result.final_eval is not None:
-            parts.append(f"held-out accuracy {result.initial_eval.accuracy:.1%} -> {result.final_eval.accuracy:.1%}")
-        elif result.final_eval is not None:
-            parts.append(f"held-out accuracy {result.final_eval.accuracy:.1%}")
-        total = sum(result.seconds.values())
-        parts.append("time " + " / ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()) + f" (total {total:.0f}s)")
-        parts.append(f"peak RSS {result.peak_rss_mb:.0f} MB")
-        if result.output_path is not None:
-            parts.append(f"saved {result.output_path}")
-        return "; ".join(parts)
+        return describe_run(self)
 
 
-def average_records(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """One metrics line for a logging window, as TRL logs: each metric's mean over the
-    steps that have it (None and NaN skipped), the last step's number, the peak RSS."""
-    out: dict[str, Any] = {}
-    for key in dict.fromkeys(k for r in records for k in r):
-        values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
-        if key == "step":
-            out[key] = records[-1]["step"]
-        elif key == "rss_mb" or key.endswith("/max_length") or key.endswith("_max"):
-            out[key] = max(values) if values else None
-        elif key.endswith("_min"):
-            out[key] = min(values) if values else None
-        else:
-            out[key] = sum(values) / len(values) if values else None
-    return out
-
-
-def before_and_after(before: EvalResult, after: EvalResult) -> str:
-    """The first held-out problems with the greedy answers before and after training."""
-    lines = ["held-out examples, before -> after training:"]
-    for old, new in zip(before.examples, after.examples):
-        prompt = old["prompt"]
-        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        lines.append(f"  {question}")
-        for when, example in (("before", old), ("after ", new)):
-            verdict = "right" if example["correct"] else "wrong"
-            lines.append(f"    {when} [{verdict}] {_one_line(example['completion'])}")
-    return "\n".join(lines)
-
-
-def _one_line(text: str, width: int = 100) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _nan_to_none(value: float) -> float | None:
-    return None if value != value else round(value, 4)
+def _crossed(before: int, after: int, every: int | None) -> bool:
+    """Whether a multiple of `every` lies in (before, after]: a generation can make
+    several optimizer steps at once, and logging/eval steps count optimizer steps."""
+    return bool(every) and after // every > before // every

@@ -30,13 +30,14 @@ class SFTConfig(TrainingConfig):
     eval_split: float = 0.0  # without eval_file: this fraction of train_file is held out for eval
     format: Literal["text", "prompt_completion", "messages", "alpaca"] | None = None  # None: detect
     max_length: int = 1024  # tokens per example (and per packed sequence)
+    max_seq_length: int | None = None  # older TRL's and Unsloth's name for max_length
+    dataset_text_field: str = "text"  # the column of the text format
     truncation: Literal["error", "truncate", "drop"] = "error"  # for examples longer than max_length
     packing: bool = False  # several examples per sequence, no padding
     completion_only_loss: bool = True  # loss on the completion / assistant turns only
 
     # -- optimisation (the rest: TrainingConfig) ---------------------------------------------
     per_device_eval_batch_size: int = 8
-    num_train_epochs: float = 3.0  # max_steps > 0 overrides it
 
     # -- logging ------------------------------------------------------------------------
     output_dir: str = "output/sft"
@@ -49,6 +50,9 @@ class SFTConfig(TrainingConfig):
     def __post_init__(self) -> None:
         self.check_shared_fields()
         need = partial(require, self)
+        if self.max_seq_length is not None:
+            need(self.max_seq_length >= 1, "max_seq_length", "must be at least 1")
+            self.max_length = self.max_seq_length
         need(self.format is None or self.format in FORMATS, "format", f"use one of {', '.join(FORMATS)}")
         need(0.0 <= self.eval_split < 1.0, "eval_split", "must be a fraction in [0, 1)")
         for name in ("max_length", "per_device_eval_batch_size"):

@@ -58,8 +58,9 @@ def load_sft_data(config: SFTConfig, tokenizer: Tokenizer, train_dataset: Datase
         raise ThriftyError("no training data: set train_file in the config (a .jsonl, .json, .csv or .parquet "
                            "file), or pass train_dataset to SFTTrainer.")
     eval_source = eval_dataset if eval_dataset is not None else config.eval_file
-    train_rows, train_examples = _rows_or_examples(train_source)
-    eval_rows, eval_examples = (None, None) if eval_source is None else _rows_or_examples(eval_source)
+    train_rows, train_examples = _rows_or_examples(train_source, config.dataset_text_field)
+    eval_rows, eval_examples = ((None, None) if eval_source is None
+                                else _rows_or_examples(eval_source, config.dataset_text_field))
     if config.eval_split > 0 and eval_source is None:
         if train_rows is None:
             raise ThriftyError("eval_split needs rows or a file as train data, not pre-tokenized examples; "
@@ -91,13 +92,22 @@ def load_sft_data(config: SFTConfig, tokenizer: Tokenizer, train_dataset: Datase
     return SFTData(items, eval_examples or [], prompts, config.packing, tokenizer.pad_token_id)
 
 
-def _rows_or_examples(source: DatasetLike) -> tuple[Rows | None, list[TokenizedExample] | None]:
+def _rows_or_examples(source: DatasetLike, text_field: str = "text",
+                      ) -> tuple[Rows | None, list[TokenizedExample] | None]:
     if isinstance(source, (str, Path)):
-        return load_rows(source), None
+        return _text_from(load_rows(source), text_field), None
     items = list(source)
     if items and all(isinstance(e, TokenizedExample) for e in items):
         return None, items
-    return load_rows(items), None
+    return _text_from(load_rows(items), text_field), None
+
+
+def _text_from(rows: Rows, text_field: str) -> Rows:
+    """TRL's dataset_text_field: that column is the text format's `text`."""
+    if text_field == "text":
+        return rows
+    renamed = [{**row, "text": row[text_field]} if text_field in row and "text" not in row else row for row in rows]
+    return Rows(renamed, rows.locations, rows.source)
 
 
 def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
@@ -143,6 +153,8 @@ def _prompt_of(row: dict[str, Any], fmt: str) -> Prompt | None:
         return prompt if isinstance(prompt, (str, list)) and prompt else None
     if fmt == "alpaca":
         instruction, extra = row.get("instruction"), row.get("input")
+        if instruction is None:  # input + output rows: the input is the prompt
+            instruction, extra = extra, None
         if not isinstance(instruction, str):
             return None
         return f"{instruction}\n\n{extra}" if extra else instruction

@@ -27,7 +27,7 @@ Truncation = Literal["error", "truncate", "drop"]
 # ---------------------------------------------------------------- formats
 
 _NEEDS = {"text": "'text'", "prompt_completion": "'prompt' and 'completion'", "messages": "'messages'",
-          "alpaca": "'instruction' and 'output' (and optionally 'input')"}
+          "alpaca": "'instruction' and 'output' (and optionally 'input'), or 'input' and 'output'"}
 
 
 def detect_format(row: dict[str, Any], where: str = "row") -> Format:
@@ -38,13 +38,14 @@ def detect_format(row: dict[str, Any], where: str = "row") -> Format:
         return "messages"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
-    if {"instruction", "output"} <= keys:
+    if {"instruction", "output"} <= keys or {"input", "output"} <= keys:  # the second: Unsloth's style
         return "alpaca"
     if "text" in keys:
         return "text"
     raise ThriftyError(
         f"{where}: cannot tell the data format from the columns {sorted(keys)}. Provide 'text'; or 'prompt' + "
-        "'completion'; or 'messages' (a list of {role, content}); or Alpaca 'instruction' (+ 'input') + 'output'. "
+        "'completion'; or 'messages' (a list of {role, content}); or Alpaca 'instruction' (+ 'input') + 'output' "
+        "(or 'input' + 'output'). "
         "Rename the columns, or set format to one of " + ", ".join(FORMATS) + "."
     )
 
@@ -208,9 +209,12 @@ def _as_conversation(row: dict[str, Any], fmt: str, where: str) -> tuple[list[di
             raise ThriftyError(f"{where}: missing field 'messages' (the messages format needs {_NEEDS[fmt]}).")
         return _messages_field(row["messages"], "messages", where), 0
     if fmt == "alpaca":
-        instruction = _text_field(row, "instruction", fmt, where)
-        extra = _text_field(row, "input", fmt, where, optional=True)
-        user = f"{instruction}\n\n{extra}" if extra else instruction
+        if "instruction" in row:
+            instruction = _text_field(row, "instruction", fmt, where)
+            extra = _text_field(row, "input", fmt, where, optional=True)
+            user = f"{instruction}\n\n{extra}" if extra else instruction
+        else:  # input + output: the input is the whole user turn
+            user = _text_field(row, "input", fmt, where)
         output = _text_field(row, "output", fmt, where)
         return [{"role": "user", "content": user}, {"role": "assistant", "content": output}], 1
     pair = []

@@ -22,6 +22,12 @@ from thrifty.model.config import DTYPE_NAMES
 # and optimizer take bf16 or float32), and bf16 has float32's range, so use that instead.
 TRAINING_DTYPES = tuple(name for name, dtype in DTYPE_NAMES.items() if dtype != "float16")
 
+# transformers' `optim` names Thrifty answers: every one runs Thrifty's AdamW (float32
+# state and masters, see training/optim.py); the 8-bit and paged ones say so in the log.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
+              "paged_adamw_32bit")
+REPORT_TO = ("none", "tensorboard")
+
 
 @dataclass
 class TrainingConfig:
@@ -36,7 +42,9 @@ class TrainingConfig:
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int = 0  # wins over warmup_ratio when > 0
     warmup_ratio: float = 0.0
-    max_steps: int = -1  # > 0: train exactly this many steps (overrides epochs)
+    max_steps: int = -1  # > 0: train exactly this many optimizer steps (overrides epochs)
+    num_train_epochs: float = 3.0
+    optim: str = "adamw_torch"  # transformers' name; see OPTIMIZERS
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -52,6 +60,11 @@ class TrainingConfig:
     # attention forward as well.
     gradient_checkpointing_keep_attention: bool = False
     seed: int = 42
+    # transformers' precision switches, for code written for a GPU: fp16 (which Unsloth's
+    # notebooks set on any machine without bf16 CUDA) trains in bfloat16 here, with a notice;
+    # bf16 = fp16 = false trains in float32. None: dtype decides.
+    bf16: bool | None = None
+    fp16: bool | None = None
 
     # -- method: LoRA / QLoRA / full ----------------------------------------------------
     use_lora: bool = True  # False: full fine-tuning of every weight
@@ -77,6 +90,8 @@ class TrainingConfig:
     save_total_limit: int | None = 2  # keep only the newest N checkpoints; None keeps all
     resume_from_checkpoint: str | bool | None = None  # a checkpoint dir, or "latest" / true
     disable_tqdm: bool = False
+    report_to: str | list[str] = "none"  # "tensorboard" also writes event files to output_dir/runs
+    dataset_num_proc: int | None = None  # accepted for TRL code; tokenizing here is one process
 
     def check_shared_fields(self) -> None:
         """The checks of the shared fields (the subclasses' __post_init__ call it); turns a
@@ -106,12 +121,43 @@ class TrainingConfig:
         need(self.save_steps >= 0, "save_steps", "must be 0 (no checkpoints) or more")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
              "must be at least 1, or null to keep every checkpoint")
+        need(self.optim in OPTIMIZERS, "optim", f"use one of {', '.join(OPTIMIZERS)} (all run AdamW)")
+        for target in self.report_targets:
+            need(target in REPORT_TO, "report_to", f"{target!r} is not supported: Thrifty writes metrics.jsonl and "
+                 f"a plot itself; use one of {', '.join(REPORT_TO)}")
+        self._apply_precision_switches()
         if isinstance(self.lora_target_modules, str) and "," in self.lora_target_modules:
             self.lora_target_modules = [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
         if self.quantize is not None and not self.use_lora:
             raise ThriftyError(f"quantize = {self.quantize!r} needs use_lora: true. A quantized base model is "
                                "frozen, so only LoRA adapters can be trained on it (QLoRA). Set use_lora: true, "
                                "or quantize: null for full fine-tuning.")
+
+    def _apply_precision_switches(self) -> None:
+        wanted = ("bfloat16" if self.bf16 or self.fp16 else
+                  "float32" if self.bf16 is False and self.fp16 is False else None)
+        if wanted is None or wanted == self.dtype:
+            return
+        if self.dtype != "bfloat16":  # set by hand, and not what bf16/fp16 ask for
+            raise ThriftyError(f"dtype = {self.dtype!r} and bf16 = {self.bf16}, fp16 = {self.fp16} disagree; set "
+                               "one of them.")
+        self.dtype = wanted
+
+    @property
+    def report_targets(self) -> list[str]:
+        targets = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        return [t for t in targets if t != "none"]
+
+    def notices(self) -> list[str]:
+        """One line for each setting that runs differently from what its name says in TRL."""
+        out = []
+        if self.fp16:
+            out.append("fp16 = true: training runs in bfloat16 (no float16 kernels on a CPU; bfloat16 has "
+                       "float32's range, so no loss scaling is needed).")
+        if "8bit" in self.optim or "paged" in self.optim:
+            out.append(f"optim = {self.optim}: Thrifty's AdamW runs, with float32 state (no bitsandbytes "
+                       "8-bit or paged state here; with LoRA the state is a few MB).")
+        return out
 
 
 # Settings a checkpoint must have been trained with to be resumed exactly: the model, the

@@ -78,10 +78,10 @@ class ProgressBar:
                                  f"rss={rss_bytes() / 2**20:.0f}MB", refresh=False)
         self.bar.update(1)
 
-    def advance(self, postfix: str) -> None:
-        """One step done, with a free-form live status (e.g. GRPO's reward and timings)."""
+    def advance(self, postfix: str, steps: int = 1) -> None:
+        """Steps done, with a free-form live status (e.g. GRPO's reward and timings)."""
         self.bar.set_postfix_str(f"{postfix} rss={rss_bytes() / 2**20:.0f}MB", refresh=False)
-        self.bar.update(1)
+        self.bar.update(steps)
 
     def write(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)

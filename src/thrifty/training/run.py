@@ -42,6 +42,8 @@ class TrainingRun:
         self.log = log
         self.tokenizer = tokenizer
         self.must_match = tuple(must_match)
+        for notice in config.notices():
+            log(notice)
         set_seed(config.seed)  # before LoRA init, so adapters start the same in every run
         self.model = prepare_model(model, config)
         self.optimizer = MasterWeightAdamW(self.model.named_parameters(), lr=config.learning_rate,
@@ -126,9 +128,12 @@ class TrainingRun:
                                config_yaml=dump_yaml(self.config), base_model_name_or_path=self.base_model_name,
                                save_total_limit=self.config.save_total_limit)
 
-    def save_checkpoint_if_due(self, step: int, trainer_state: Callable[[], dict[str, Any]]) -> None:
-        """After step `step`: a checkpoint every save_steps steps."""
-        if self.config.save_steps and step % self.config.save_steps == 0:
+    def save_checkpoint_if_due(self, step: int, trainer_state: Callable[[], dict[str, Any]],
+                               since: int | None = None) -> None:
+        """After the optimizer steps (since, step] (default: step alone): a checkpoint if one
+        of them is a multiple of save_steps."""
+        every, since = self.config.save_steps, step - 1 if since is None else since
+        if every and step // every > since // every:
             self.save_checkpoint(step, trainer_state())
 
     def save_model(self) -> Path:
