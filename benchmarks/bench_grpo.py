@@ -65,7 +65,8 @@ def run_thrifty(generations: int, new_tokens: int, steps: int, checkpointing: bo
     model, tokenizer = load_model(None, dtype="bfloat16")
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
-            task="arithmetic", output_dir=out, per_device_train_batch_size=PROMPTS, num_generations=generations,
+            task="arithmetic", output_dir=out, per_device_train_batch_size=PROMPTS * generations,
+            gradient_accumulation_steps=1, num_generations=generations,
             max_completion_length=new_tokens, temperature=1.0, beta=0.0, loss_type="dapo",
             learning_rate=LEARNING_RATE, max_steps=steps, lora_r=RANK, lora_alpha=ALPHA,
             lora_target_modules="all-linear", num_eval_samples=0, eval_on_start=False, save_steps=0,
@@ -117,10 +118,8 @@ def run_trl(generations: int, new_tokens: int, steps: int, checkpointing: bool,
                             "tokens": current["tokens"]})
 
     with tempfile.TemporaryDirectory() as out:
-        # In TRL per_device_train_batch_size counts COMPLETIONS per micro-batch, and one
-        # generation batch is per_device_train_batch_size x steps_per_generation (default:
-        # gradient_accumulation_steps = 1). So 4 * G here is one rollout of 4 prompts x G
-        # completions and one optimizer update per step, as Thrifty's 4 prompts.
+        # The same batch fields as Thrifty's run (they mean the same in both): one generation
+        # of 4 prompts x G completions and one optimizer update per step.
         args = GRPOConfig(
             output_dir=out, per_device_train_batch_size=PROMPTS * generations, gradient_accumulation_steps=1,
             num_generations=generations, max_completion_length=new_tokens, temperature=1.0, top_p=1.0, top_k=0,

@@ -25,10 +25,19 @@ _EXPORTS = {
     "generate": "thrifty.generation.engine",
     "SFTConfig": "thrifty.sft.config",
     "load_sft_config": "thrifty.sft.config",
-    "SFTTrainer": "thrifty.sft.trainer",
     "GRPOConfig": "thrifty.grpo.config",
     "load_grpo_config": "thrifty.grpo.config",
-    "GRPOTrainer": "thrifty.grpo.trainer",
+    # the trainers take TRL's constructor as well as Thrifty's own (compat/trainers.py)
+    "SFTTrainer": "thrifty.compat.trainers",
+    "GRPOTrainer": "thrifty.compat.trainers",
+    # the names of Unsloth, PEFT and transformers (compat/)
+    "FastLanguageModel": "thrifty.compat.unsloth",
+    "is_bf16_supported": "thrifty.compat.unsloth",
+    "AutoModelForCausalLM": "thrifty.compat.auto",
+    "AutoTokenizer": "thrifty.compat.auto",
+    "BitsAndBytesConfig": "thrifty.compat.auto",
+    "LoraConfig": "thrifty.compat.lora",
+    "get_peft_model": "thrifty.compat.lora",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -47,15 +56,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from thrifty.compat.auto import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from thrifty.compat.lora import LoraConfig, get_peft_model
+    from thrifty.compat.trainers import GRPOTrainer, SFTTrainer
+    from thrifty.compat.unsloth import FastLanguageModel, is_bf16_supported
     from thrifty.errors import ThriftyError
     from thrifty.formats.gguf_export import export_gguf
     from thrifty.formats.hf_export import save_hf_model
     from thrifty.formats.loader import load_model
     from thrifty.generation.engine import Completion, generate
     from thrifty.grpo.config import GRPOConfig, load_grpo_config
-    from thrifty.grpo.trainer import GRPOTrainer
     from thrifty.model.config import ModelConfig
     from thrifty.model.decoder import CausalLM
     from thrifty.model.tokenizer import Tokenizer
     from thrifty.sft.config import SFTConfig, load_sft_config
-    from thrifty.sft.trainer import SFTTrainer

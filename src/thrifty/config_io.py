@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from pathlib import Path
@@ -50,6 +51,26 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         return cls(**values)
     except ThriftyError as e:
         raise ThriftyError(f"{source}: {e}") from e
+
+
+def refuse_unknown_fields(cls: type[C]) -> type[C]:
+    """Class decorator, after @dataclass: a keyword argument that is not a field raises a
+    ThriftyError naming it (and the closest field) instead of a TypeError, so code written
+    for TRL learns which of its settings Thrifty lacks."""
+    generated = cls.__init__
+    names = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+    @functools.wraps(generated)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise ThriftyError(f"{cls.__name__}: {unknown[0]!r} is not a setting Thrifty has"
+                               f"{_suggestion(unknown[0], names)}; remove it (every field: "
+                               f"thrifty.{cls.__name__}.__dataclass_fields__).")
+        generated(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
 
 
 def require(config: Any, ok: bool, name: str, what: str) -> None:

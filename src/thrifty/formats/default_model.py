@@ -37,11 +37,16 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(name_or_path: str | Path | None) -> Path:
-    """None or 'smollm2-135m-instruct' (any case) -> the default GGUF; otherwise an existing path."""
+    """None or 'smollm2-135m-instruct' (any case) -> the default GGUF; a hub id ("Org/Name")
+    -> its snapshot in the local Hugging Face cache; otherwise an existing path."""
+    from thrifty.formats.hub_cache import looks_like_hub_id, resolve_hub_id
+
     if name_or_path is None or str(name_or_path).strip().lower() == DEFAULT_MODEL_NAME:
         return default_model_path()
+    if isinstance(name_or_path, str) and looks_like_hub_id(name_or_path):
+        return resolve_hub_id(name_or_path) or default_model_path()
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise ThriftyError(f"{name_or_path}: no such file or directory. Pass a Hugging Face model directory, "
-                           f"a .gguf file, or '{DEFAULT_MODEL_NAME}'.")
+                           f"a .gguf file, a hub id cached locally (Org/Name), or '{DEFAULT_MODEL_NAME}'.")
     return path

@@ -44,6 +44,11 @@ def load_model(
     tune_malloc()  # every workload starts here; see malloc_tuning.py for why
     path = resolve_model_path(None if name_or_path is None else str(name_or_path))
     torch_dtype = parse_dtype(dtype)
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise ThriftyError(f"{path} is a LoRA adapter (adapter_config.json), not a model. Load its base model and "
+                           "the adapter on top: `thrifty generate --adapter DIR` / `thrifty chat --adapter DIR`, "
+                           "load_adapter(load_model(base)[0], DIR) in Python, or `thrifty merge DIR` for a "
+                           "standalone model.")
     if path.is_dir():
         config = load_hf_config(path)
         state = load_hf_state_dict(path, torch_dtype)

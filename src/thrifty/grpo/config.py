@@ -31,7 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from thrifty.config_io import load_config, require, resolve_next_to
+from thrifty.config_io import load_config, refuse_unknown_fields, require, resolve_next_to
 from thrifty.errors import ThriftyError
 from thrifty.training.config import RESUME_MUST_MATCH as SHARED_RESUME_MUST_MATCH
 from thrifty.training.config import TrainingConfig
@@ -40,6 +40,7 @@ LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")  # see grpo/lo
 SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
 
 
+@refuse_unknown_fields
 @dataclass
 class GRPOConfig(TrainingConfig):
     # -- data: a built-in task, or your own rows / file -----------------------------------
@@ -61,6 +62,7 @@ class GRPOConfig(TrainingConfig):
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     min_p: float = 0.0
+    use_vllm: bool = False  # TRL's; Thrifty's own engine generates (vLLM needs a GPU)
 
     # -- the GRPO objective ----------------------------------------------------------------
     beta: float = 0.0  # KL coefficient (k3, to the reference model); 0 as TRL >= 0.19
@@ -117,6 +119,8 @@ class GRPOConfig(TrainingConfig):
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(self.top_k >= 0, "top_k", "must be 0 (off) or more")
         need(0 <= self.min_p < 1, "min_p", "must be in [0, 1)")
+        need(not self.use_vllm, "use_vllm", "must be false: Thrifty generates with its own engine (vLLM needs a "
+             "GPU server); remove it")
         need(self.beta >= 0, "beta", "must be 0 or more")
         need(self.epsilon > 0, "epsilon", "must be positive")
         need(self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "must be positive, or null")

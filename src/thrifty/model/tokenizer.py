@@ -119,6 +119,11 @@ class Tokenizer:
                 f"{self.source}: this model has no chat template, so it cannot format chat messages. "
                 "Pass plain text instead (--no-chat on the command line), or use an instruct/chat model."
             )
+        for name in ("tokenize", "return_tensors", "return_dict"):
+            if name in kwargs:  # would reach the template unused, and the caller would get text back
+                raise ThriftyError(f"Tokenizer.apply_chat_template takes no {name}=: it returns the rendered text, "
+                                   "as transformers' tokenize=False. Encode it with tokenizer.encode(text), or use "
+                                   "thrifty.AutoTokenizer, whose apply_chat_template behaves as transformers'.")
         _check_messages(messages)
         template = _compile_template(self.chat_template)
         variables: dict[str, Any] = {

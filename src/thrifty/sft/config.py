@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal, Sequence
 
-from thrifty.config_io import load_config, require, resolve_next_to
+from thrifty.config_io import load_config, refuse_unknown_fields, require, resolve_next_to
 from thrifty.errors import ThriftyError
 from thrifty.training.config import RESUME_MUST_MATCH as SHARED_RESUME_MUST_MATCH
 from thrifty.training.config import TrainingConfig
@@ -22,6 +22,7 @@ from thrifty.training.config import TrainingConfig
 FORMATS = ("text", "prompt_completion", "messages", "alpaca")
 
 
+@refuse_unknown_fields
 @dataclass
 class SFTConfig(TrainingConfig):
     # -- data -------------------------------------------------------------------------

@@ -87,6 +87,7 @@ class TrainingConfig:
     eval_steps: int | None = None  # None: evaluate at the end only
     eval_on_start: bool = False  # also evaluate before the first step (to see the improvement)
     save_steps: int = 500  # 0: no intermediate checkpoints
+    save_strategy: Literal["steps", "no"] = "steps"  # transformers' name: "no" = no intermediate checkpoints
     save_total_limit: int | None = 2  # keep only the newest N checkpoints; None keeps all
     resume_from_checkpoint: str | bool | None = None  # a checkpoint dir, or "latest" / true
     disable_tqdm: bool = False
@@ -121,6 +122,9 @@ class TrainingConfig:
         need(self.save_steps >= 0, "save_steps", "must be 0 (no checkpoints) or more")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
              "must be at least 1, or null to keep every checkpoint")
+        need(self.save_strategy in ("steps", "no"), "save_strategy", "use 'steps' (every save_steps) or 'no'")
+        if self.save_strategy == "no":
+            self.save_steps = 0
         need(self.optim in OPTIMIZERS, "optim", f"use one of {', '.join(OPTIMIZERS)} (all run AdamW)")
         for target in self.report_targets:
             need(target in REPORT_TO, "report_to", f"{target!r} is not supported: Thrifty writes metrics.jsonl and "
