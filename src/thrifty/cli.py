@@ -16,30 +16,57 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
                     "set --temperature to sample.",
     )
     p.add_argument("prompts", nargs="+", help="one or more prompts")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    p.add_argument("-n", "--num-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--no-chat", action="store_true", help="raw completion, no chat template")
+    p.add_argument("--no-stream", action="store_true", help="print only when finished")
+    p.set_defaults(run=run_generate)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="Hugging Face model directory, .gguf file, or 'smollm2-135m-instruct' (default)")
+                   help="Hugging Face model directory, .gguf file, hub id in the local cache, or "
+                        "'smollm2-135m-instruct' (default; with --adapter: the adapter's base model)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to run on its base model")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) or float32")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("-n", "--num-samples", type=int, default=1, help="completions per prompt")
     p.add_argument("--system", default=None, help="system prompt (chat mode)")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--no-chat", action="store_true", help="raw completion, no chat template")
-    p.add_argument("--no-stream", action="store_true", help="print only when finished")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) or float32")
-    p.set_defaults(run=run_generate)
+
+
+def load_for_inference(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """--model, with --adapter's LoRA adapter on top (unmerged: the engine runs it live)."""
+    # Imported here so `thrifty --help` answers instantly, without loading torch.
+    from pathlib import Path
+
+    from thrifty.formats.loader import load_model
+    from thrifty.formats.peft_adapter import load_adapter, read_adapter_config
+
+    base = args.model
+    if args.adapter is not None:
+        if not Path(args.adapter).is_dir():
+            raise ThriftyError(f"--adapter {args.adapter}: adapter directory not found.")
+        base = base or read_adapter_config(Path(args.adapter))[1].get("base_model_name_or_path")
+    model, tokenizer = load_model(base, dtype=args.dtype)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)
+    return model, tokenizer
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    # Imported here so `thrifty --help` answers instantly, without loading torch.
-    from thrifty.formats.loader import load_model
     from thrifty.generation.engine import generate
     from thrifty.generation.streaming import TextStreamer
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_for_inference(args)
     stream = len(args.prompts) == 1 and args.num_samples == 1 and not args.no_stream
     streamer = TextStreamer(tokenizer, sys.stdout) if stream else None
     completions = generate(
@@ -57,6 +84,49 @@ def run_generate(args: argparse.Namespace) -> None:
             sample = f", sample {c.sample_index + 1}" if args.num_samples > 1 else ""
             print(f"=== prompt {c.prompt_index + 1}{sample} ({c.finish_reason}) ===")
         print(c.text)
+
+
+def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "chat", help="Talk with a model (or a fine-tune's adapter) in the terminal, turn by turn.",
+        description="A multi-turn chat in the terminal, streamed. Type a message and Enter; /reset starts a new "
+                    "conversation, /exit (or Ctrl-D) ends. Greedy by default; set --temperature to sample.",
+    )
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    from thrifty.generation.engine import generate
+    from thrifty.generation.streaming import TextStreamer
+
+    model, tokenizer = load_for_inference(args)
+    if tokenizer.chat_template is None:
+        raise ThriftyError("this model has no chat template, so it cannot chat; use `thrifty generate --no-chat`.")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: /reset starts over, /exit or Ctrl-D ends", file=sys.stderr)
+    messages: list[dict[str, str]] = []
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": text})
+        streamer = TextStreamer(tokenizer, sys.stdout)
+        (reply,) = generate(model, tokenizer, [messages], max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            seed=args.seed, system_prompt=args.system, on_step=streamer.on_step)
+        streamer.finish(reply.text)
+        messages.append({"role": "assistant", "content": reply.text})
 
 
 def add_config_command(subparsers: argparse._SubParsersAction, name: str, help: str, description: str,
@@ -89,8 +159,8 @@ def run_sft(args: argparse.Namespace) -> None:
     result = SFTTrainer(model, tokenizer, config).train()
     if result.output_path is not None and result.output_path.name == "adapter":
         merged = result.output_path.parent / "merged"
-        print(f"next: thrifty merge {result.output_path} --output {merged}\n"
-              f"      thrifty generate --model {merged} \"your prompt\"")
+        print(f"next: thrifty chat --adapter {result.output_path}\n"
+              f"      thrifty merge {result.output_path} --output {merged}")
     elif result.output_path is not None:
         print(f"next: thrifty generate --model {result.output_path} \"your prompt\"")
 
@@ -206,17 +276,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, help="built-in task: arithmetic, countdown, gsm")
     p.add_argument("--task-setting", action="append", default=[], metavar="key=value",
                    help="a task setting (repeatable), e.g. operand_digits=[1,1]")
-    p.add_argument("--model", default=None,
-                   help="Hugging Face model directory, .gguf file, or 'smollm2-135m-instruct' (default; with "
-                        "--adapter: the adapter's base model)")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to apply")
+    add_model_arguments(p)
     p.add_argument("--num-samples", type=int, default=100, help="held-out problems (default 100)")
     p.add_argument("--k", type=int, default=0, help="also report pass@k from sampled completions (0: off)")
     p.add_argument("--n", type=int, default=None, help="samples per problem for pass@k (default: k)")
     p.add_argument("--temperature", type=float, default=0.7, help="for pass@k sampling (default 0.7)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run_eval)
 
@@ -241,20 +307,9 @@ def run_eval(args: argparse.Namespace) -> None:
     from thrifty.grpo.tasks import get_task
 
     task = get_task(args.task, **settings)
-    from pathlib import Path
-
-    from thrifty.formats.loader import load_model
-    from thrifty.formats.peft_adapter import load_adapter, read_adapter_config
     from thrifty.grpo.evaluation import evaluate_task
 
-    base = args.model
-    if args.adapter is not None:
-        if not Path(args.adapter).is_dir():
-            raise ThriftyError(f"{args.adapter}: adapter directory not found.")
-        base = base or read_adapter_config(Path(args.adapter))[1].get("base_model_name_or_path")
-    model, tokenizer = load_model(base, dtype=args.dtype)
-    if args.adapter is not None:
-        load_adapter(model, args.adapter)
+    model, tokenizer = load_for_inference(args)
     result = evaluate_task(model, tokenizer, task, num_samples=args.num_samples, k=args.k,
                            num_samples_per_problem=args.n, temperature=args.temperature,
                            max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -274,8 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="thrifty", description="Fine-tune and run LLMs on the hardware you have."
     )
+    from thrifty import __version__
+
+    parser.add_argument("--version", action="version", version=f"thrifty {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)
+    add_chat_parser(subparsers)
     add_sft_parser(subparsers)
     add_merge_parser(subparsers)
     add_export_gguf_parser(subparsers)

@@ -71,6 +71,11 @@ class PreTrainedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 **kwargs: Any) -> CausalLMOutput:
+        """Logits, and with labels transformers' loss (shifted, float32, mean over labels that
+        are not -100). Positions count from 0 in every row, as in transformers' forward.
+        Where Thrifty differs: a padding query (left padding) attends to itself alone, where
+        transformers averages over every key; only the logits at padding positions differ,
+        and so does a loss whose labels include the token right after left padding."""
         reject_unknown("model(...)", {k: v for k, v in kwargs.items() if k not in ("return_dict", "use_cache")},
                        "input_ids, attention_mask, labels, position_ids")
         model = self.causal_lm

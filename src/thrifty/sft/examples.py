@@ -32,16 +32,16 @@ _NEEDS = {"text": "'text'", "prompt_completion": "'prompt' and 'completion'", "m
 
 def detect_format(row: dict[str, Any], where: str = "row") -> Format:
     """The format a row's columns imply; the first match of messages, prompt/completion,
-    Alpaca, text (so extra columns such as an 'answer' for rewards do no harm)."""
+    text, Alpaca (so extra columns such as an 'answer' for rewards do no harm)."""
     keys = set(row)
     if "messages" in keys:
         return "messages"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
+    if "text" in keys:  # before Alpaca, as TRL reads a `text` column made from other columns
+        return "text"
     if {"instruction", "output"} <= keys or {"input", "output"} <= keys:  # the second: Unsloth's style
         return "alpaca"
-    if "text" in keys:
-        return "text"
     raise ThriftyError(
         f"{where}: cannot tell the data format from the columns {sorted(keys)}. Provide 'text'; or 'prompt' + "
         "'completion'; or 'messages' (a list of {role, content}); or Alpaca 'instruction' (+ 'input') + 'output' "
