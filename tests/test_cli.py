@@ -1,4 +1,4 @@
-"""`thrifty generate` as a user runs it: a real subprocess on the default model."""
+"""The `thrifty` command line as a user runs it: real subprocesses on the default model."""
 
 from __future__ import annotations
 
@@ -44,3 +44,61 @@ def test_bad_sampling_option_is_a_clear_error() -> None:
     result = thrifty("generate", "hi", "--top-p", "1.5")
     assert result.returncode == 2
     assert "top_p" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_version() -> None:
+    from thrifty import __version__
+
+    result = thrifty("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"thrifty {__version__}"
+
+
+def test_chat_keeps_the_conversation_and_resets() -> None:
+    """Each reply is the model's greedy answer to the whole conversation so far; /reset
+    starts a new one."""
+    from thrifty.formats.loader import load_model
+    from thrifty.generation.engine import generate
+
+    turns = ["What is 2 + 2?", "And what is that times 3?", "/reset", "What is 2 + 2?"]
+    result = subprocess.run([sys.executable, "-m", "thrifty", "chat", "--max-new-tokens", "24"],
+                            input="\n".join(turns) + "\n", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = load_model()
+    messages: list[dict[str, str]] = []
+    expected = []
+    for turn in turns:
+        if turn == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": turn})
+        (reply,) = generate(model, tokenizer, [messages], max_new_tokens=24)
+        messages.append({"role": "assistant", "content": reply.text})
+        expected.append(reply.text)
+    assert result.stdout == "".join(f"{text}\n" for text in expected)
+    assert expected[0] == expected[2] and expected[1] != expected[0]
+
+
+def test_generate_with_an_adapter(tmp_path: Path) -> None:
+    import torch
+
+    from thrifty.formats.loader import load_model
+    from thrifty.formats.peft_adapter import save_adapter
+    from thrifty.generation.engine import generate
+    from thrifty.layers.lora import LoraConfig, apply_lora
+
+    model, tokenizer = load_model()
+    base_answer = generate(model, tokenizer, "Name a colour.", max_new_tokens=12)[0].text
+    torch.manual_seed(0)
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_adapter(model, tmp_path / "adapter", "smollm2-135m-instruct")
+    tuned_answer = generate(model, tokenizer, "Name a colour.", max_new_tokens=12)[0].text
+    assert tuned_answer != base_answer
+    result = thrifty("generate", "Name a colour.", "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tuned_answer + "\n"
+    wrong = thrifty("generate", "hi", "--model", str(tmp_path / "adapter"))
+    assert wrong.returncode == 2 and "is a LoRA adapter" in wrong.stderr and "--adapter" in wrong.stderr

@@ -32,6 +32,7 @@ tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
 
 config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, bias="none",
                     task_type="CAUSAL_LM")
+torch.manual_seed(0)  # reproducible adapter initialisation
 model = get_peft_model(model, config)
 model.print_trainable_parameters()
 
