@@ -12,12 +12,11 @@ import pytest
 import torch
 import transformers
 import trl
+from tiny_tokenizer import save_tiny_model_dir
 
 from thrifty import GRPOConfig, GRPOTrainer, LoraConfig, SFTConfig, SFTTrainer
 from thrifty.errors import ThriftyError
 from thrifty.formats.loader import load_model
-
-from tiny_tokenizer import save_tiny_model_dir
 
 PROMPTS = [f"say {w}" for w in ("red", "blue", "green", "one", "two", "sun", "moon", "stone")]
 # steps_per_generation 4 = 2 optimizer steps of 2 micro-batches, each pass twice: a generation
@@ -140,3 +139,18 @@ def test_precision_switches_follow_transformers() -> None:
     assert SFTConfig(bf16=True).dtype == "bfloat16" and SFTConfig(save_strategy="no").save_steps == 0
     assert "float32 state" in SFTConfig(optim="paged_adamw_8bit").notices()[0]
     assert SFTConfig(max_seq_length=77).max_length == 77
+
+
+def test_report_to_tensorboard_writes_the_logged_metrics(tiny_dir: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
+    rows = [{"text": f"what is {i} + 1 = {i + 1}"} for i in range(8)]
+    SFTTrainer(model, tokenizer, SFTConfig(output_dir=str(tmp_path), dtype="float32", max_steps=3, logging_steps=1,
+                                           per_device_train_batch_size=4, report_to="tensorboard", disable_tqdm=True),
+               rows, log=lambda _: None).train()
+    events = EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    logged = [(r["step"], r["loss"]) for r in records(tmp_path) if "loss" in r]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, pytest.approx(v)) for s, v in logged]
+    assert len(logged) == 3 and "lr" in events.Tags()["scalars"]

@@ -87,7 +87,7 @@ def test_resolve_model_path(default_gguf_path, tmp_path):
     assert resolve_model_path(DEFAULT_MODEL_NAME.upper()) == default_gguf_path
     assert default_gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and default_gguf_path.is_file()
     assert resolve_model_path(str(tmp_path)) == tmp_path
-    with pytest.raises(ThriftyError, match=r"no such file or directory.*\.gguf file, or 'smollm2-135m-instruct'"):
+    with pytest.raises(ThriftyError, match=r"no such file or directory.*\.gguf file, a hub id cached locally.*'smollm2-135m-instruct'"):
         resolve_model_path(str(tmp_path / "nope"))
 
 

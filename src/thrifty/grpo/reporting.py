@@ -3,17 +3,30 @@ held-out answers before and after; one metrics line per logging window."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from thrifty.grpo.evaluation import EvalResult
 from thrifty.layers.lora import trainable_parameters
 from thrifty.layers.quant import weight_memory_bytes
 
-if TYPE_CHECKING:
-    from thrifty.grpo.trainer import GRPOResult, GRPOTrainer
+
+@dataclass
+class GRPOResult:
+    global_step: int
+    initial_eval: EvalResult | None
+    final_eval: EvalResult | None
+    output_path: Path | None
+    mean_reward_first: float | None  # of the first logged step
+    mean_reward_last: float | None
+    seconds: dict[str, float] = field(default_factory=dict)  # total generation / scoring / training
+    peak_rss_mb: float = 0.0
 
 
-def describe_run(trainer: GRPOTrainer) -> str:
+
+def describe_run(trainer: Any) -> str:
+    """The plan of a run, from a GRPOTrainer."""
     cfg = trainer.config
     source = f"task {cfg.task!r}" if trainer.task is not None else "prompts"
     return (f"GRPO ({trainer.run.method}) of {trainer.run.base_model_name} [{cfg.dtype}, base weights "

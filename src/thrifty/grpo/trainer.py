@@ -36,7 +36,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ from thrifty.generation.sampling import SamplingParams
 from thrifty.grpo.batches import MicroBatch, completion_log_probs, pack_groups
 from thrifty.grpo.config import RESUME_MUST_MATCH, GRPOConfig
 from thrifty.grpo.evaluation import EvalResult, evaluate_rows
-from thrifty.grpo.reporting import average_records, before_and_after, describe_run, nan_to_none, postfix, summary
 from thrifty.grpo.loss import (
     collect_informative_groups,
     combine_rewards,
@@ -57,12 +56,27 @@ from thrifty.grpo.loss import (
     grpo_loss,
     reward_metrics,
 )
+from thrifty.grpo.reporting import (
+    GRPOResult,
+    average_records,
+    before_and_after,
+    describe_run,
+    nan_to_none,
+    postfix,
+    summary,
+)
 from thrifty.grpo.rewards import RewardFunc, call_reward_function, reward_function_name
 from thrifty.grpo.tasks import Task, get_task
 from thrifty.layers.lora import disable_lora
 from thrifty.model.decoder import CausalLM
 from thrifty.model.tokenizer import Tokenizer
-from thrifty.training.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
+from thrifty.training.metrics import (
+    MetricsLog,
+    ProgressBar,
+    peak_rss_bytes,
+    plot_metrics,
+    rss_bytes,
+)
 from thrifty.training.rows import DataOrder, load_rows
 from thrifty.training.run import TrainingRun
 from thrifty.training.schedule import lr_factor, warmup_steps_for
@@ -87,18 +101,6 @@ class Group:
     truncated: list[bool]
     rewards: torch.Tensor  # [num_reward_funcs, G], NaN where a function returned None
     correct: list[bool] | None  # the task's checker, when there is a task
-
-
-@dataclass
-class GRPOResult:
-    global_step: int
-    initial_eval: EvalResult | None
-    final_eval: EvalResult | None
-    output_path: Path | None
-    mean_reward_first: float | None  # of the first logged step
-    mean_reward_last: float | None
-    seconds: dict[str, float] = field(default_factory=dict)  # total generation / scoring / training
-    peak_rss_mb: float = 0.0
 
 
 class GRPOTrainer:
@@ -149,7 +151,7 @@ class GRPOTrainer:
         self.total_steps = self._total_steps()
         self.warmup_steps = warmup_steps_for(self.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
         self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
-        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.run.tensorboard_dir)
         self.completions_log = MetricsLog(self.output_dir / "completions.jsonl")
         self.step = 0  # optimizer steps, as TRL's global_step
         self.generations = 0

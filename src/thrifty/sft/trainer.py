@@ -132,7 +132,7 @@ class SFTTrainer:
         self.warmup_steps = warmup_steps_for(self.total_steps, self.config.warmup_steps, self.config.warmup_ratio)
         self.step = 0
         self.window = LogWindow()
-        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.run.tensorboard_dir)
 
     # ------------------------------------------------------------------ the loop
 

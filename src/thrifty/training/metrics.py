@@ -34,10 +34,22 @@ def peak_rss_bytes() -> int:
 
 
 class MetricsLog:
-    """Appends records to a JSONL file, flushing each line so a crash loses nothing."""
+    """Appends records to a JSONL file, flushing each line so a crash loses nothing; with
+    `tensorboard_dir` (report_to: tensorboard) also to TensorBoard event files there."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
         self.path = Path(path)
+        self.tensorboard_dir = tensorboard_dir
+        self._writer: Any = None
+        self._purge_step: int | None = None
+        if tensorboard_dir is not None:
+            from thrifty.errors import ThriftyError
+
+            try:
+                import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)
+            except ImportError as err:
+                raise ThriftyError("report_to = tensorboard needs the tensorboard package: pip install tensorboard "
+                                   "(or report_to: none).") from err
 
     def start_fresh(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,10 +61,24 @@ class MetricsLog:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, self.path)
+        self._purge_step = step + 1  # TensorBoard drops the events after the checkpoint too
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard_dir is not None:
+            self._write_tensorboard(record)
+
+    def _write_tensorboard(self, record: dict[str, Any]) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
+        step = int(record.get("step", 0))
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, step)
+        self._writer.flush()
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -52,6 +52,11 @@ class TrainingRun:
         self.output_dir = Path(config.output_dir)
 
     @property
+    def tensorboard_dir(self) -> Path | None:
+        """Where TensorBoard event files go, if report_to asks for them."""
+        return self.output_dir / "runs" if "tensorboard" in self.config.report_targets else None
+
+    @property
     def base_model_name(self) -> str:
         return self.config.model_name_or_path or DEFAULT_MODEL_NAME
 
