@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "thrifty"
 # of one rank are siblings and do not import each other. errors and config_io are
 # torch-free helpers every layer may use.
 LAYERS = {"errors": -2, "config_io": -1, "kernels": 0, "layers": 1, "model": 2, "formats": 3,
-          "generation": 4, "training": 4, "sft": 5, "grpo": 5, "compat": 6, "cli": 6, "__main__": 7}
+          "generation": 4, "training": 4, "sft": 5, "grpo": 5, "compat": 6, "recipes": 6, "cli": 7, "__main__": 8}
 
 
 def module_name(path: Path) -> str:

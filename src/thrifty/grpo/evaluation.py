@@ -43,11 +43,14 @@ class EvalResult:
     k: int = 0
     num_samples_per_problem: int = 0
     pass_at_k: float | None = None
+    format_rate: float | None = None  # greedy completions in the task's format, where it has one
     seconds: float = 0.0
     examples: list[dict[str, Any]] = field(default_factory=list)  # a few (prompt, completion, correct)
 
     def summary(self) -> str:
         text = f"accuracy {self.accuracy:.1%} (greedy, {self.num_problems} problems)"
+        if self.format_rate is not None:
+            text += f", format {self.format_rate:.0%}"
         if self.pass_at_k is not None:
             text += f", pass@{self.k} {self.pass_at_k:.1%} ({self.num_samples_per_problem} samples each)"
         return text + f", mean length {self.mean_length:.1f} tokens, {self.seconds:.1f}s"
@@ -84,6 +87,9 @@ def evaluate_rows(model: CausalLM, tokenizer: Tokenizer, task: Task, rows: Seque
     correct = [task.check(text, row) for (text, _), row in zip(greedy, rows)]
     result = EvalResult(num_problems=len(rows), accuracy=sum(correct) / max(len(rows), 1),
                         mean_length=sum(len(ids) for _, ids in greedy) / max(len(rows), 1))
+    follows_format = getattr(task, "follows_format", None)
+    if follows_format is not None:
+        result.format_rate = sum(follows_format(text) for text, _ in greedy) / max(len(rows), 1)
     result.examples = [{"prompt": p, "completion": text, "correct": ok}
                        for p, (text, _), ok in zip(prompts[:num_examples], greedy, correct)]
     if k > 0:

@@ -77,6 +77,9 @@ class TrainingConfig:
     use_rslora: bool = False
     use_dora: bool = False
     quantize: Literal["nf4", "int8"] | None = None  # quantized frozen base (nf4 + LoRA = QLoRA)
+    # A LoRA adapter (PEFT directory) to continue training, e.g. GRPO after an SFT cold start;
+    # it brings its own rank and targets (the lora_* fields are then unused).
+    adapter: str | None = None
 
     # -- logging, evaluation, checkpoints ---------------------------------------------------
     output_dir: str = "output/run"
@@ -166,5 +169,5 @@ class TrainingConfig:
 
 # Settings a checkpoint must have been trained with to be resumed exactly: the model, the
 # method, and what orders and batches the data (the run configs add their own).
-RESUME_MUST_MATCH = ("model_name_or_path", "dtype", "use_lora", "lora_r", "lora_alpha", "lora_target_modules",
+RESUME_MUST_MATCH = ("model_name_or_path", "adapter", "dtype", "use_lora", "lora_r", "lora_alpha", "lora_target_modules",
                      "use_rslora", "use_dora", "quantize", "per_device_train_batch_size", "seed")

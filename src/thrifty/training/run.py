@@ -23,6 +23,7 @@ from thrifty.config_io import dump_yaml
 from thrifty.errors import ThriftyError
 from thrifty.formats.atomic import remove_stale_temporaries
 from thrifty.formats.default_model import DEFAULT_MODEL_NAME
+from thrifty.layers.quant import quantize_model
 from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.training.checkpoint import (
     find_latest_checkpoint, list_checkpoints, resume_from, save_checkpoint, save_trained_model,
@@ -30,7 +31,7 @@ from thrifty.training.checkpoint import (
 )
 from thrifty.training.config import TrainingConfig
 from thrifty.training.optim import MasterWeightAdamW, NonFiniteGradients
-from thrifty.training.setup import method_name, prepare_model, set_seed
+from thrifty.training.setup import has_lora, method_name, prepare_model, set_seed
 
 LOCK_NAME = ".thrifty-run.lock"
 
@@ -45,6 +46,10 @@ class TrainingRun:
         for notice in config.notices():
             log(notice)
         set_seed(config.seed)  # before LoRA init, so adapters start the same in every run
+        if config.adapter is not None:
+            if config.quantize is not None:  # QLoRA: the adapter wraps the quantized layers
+                quantize_model(model, config.quantize)
+            start_from_adapter(model, config.adapter, self.base_model_name, log)
         self.model = prepare_model(model, config)
         self.optimizer = MasterWeightAdamW(self.model.named_parameters(), lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
@@ -156,6 +161,33 @@ class TrainingRun:
             self.log(f"resuming {checkpoint.path} with changed settings, which apply from here on: {'; '.join(changed)}")
         restore(checkpoint.trainer_state, checkpoint.path)
         return True
+
+
+def start_from_adapter(model: nn.Module, adapter: str, base_model_name: str, log: Callable[[str], None]) -> None:
+    """Load `adapter` onto `model` to train it further, after checking it was trained on
+    this base model (the same name, or names of the same files)."""
+    from thrifty.formats.default_model import resolve_model_path
+    from thrifty.formats.peft_adapter import load_adapter, read_adapter_config
+
+    directory = Path(adapter)
+    if not (directory / "adapter_config.json").is_file():
+        raise ThriftyError(f"adapter = {adapter}: no adapter_config.json there; give a LoRA adapter directory "
+                           "(e.g. out/sft/adapter).")
+    if has_lora(model):
+        raise ThriftyError(f"adapter = {adapter}, but the model already has LoRA adapters; pass a plain base model.")
+    trained_on = read_adapter_config(directory)[1].get("base_model_name_or_path") or base_model_name
+
+    def same_model(a: str, b: str) -> bool:
+        try:
+            return a == b or resolve_model_path(a).resolve() == resolve_model_path(b).resolve()
+        except ThriftyError:
+            return False
+
+    if not same_model(trained_on, base_model_name):
+        raise ThriftyError(f"adapter = {adapter} was trained on {trained_on}, but this run's model is "
+                           f"{base_model_name}; set model_name_or_path: {trained_on}.")
+    load_adapter(model, directory)
+    log(f"continuing from the adapter {adapter} (its rank and targets; the lora_* settings are unused)")
 
 
 def _make_output_dir(path: Path) -> Path:

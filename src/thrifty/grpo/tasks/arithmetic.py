@@ -11,15 +11,18 @@ format reward is a small extra push towards the tag.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from thrifty.errors import ThriftyError
-from thrifty.grpo.rewards import RewardFunc, completion_text, regex_reward
+from thrifty.grpo.rewards import RewardFunc, completion_text, format_reward, regex_reward
 from thrifty.grpo.tasks.common import CheckerReward, Row, Split, chat_prompt, numeric_check, safe_eval, sample_rows
 
 SYSTEM_PROMPT = "Reply with the answer in the form <answer>NUMBER</answer>."
+REASONING_SYSTEM_PROMPT = ("Think step by step inside <think></think>, then give the final number inside "
+                           "<answer></answer>.")
 _OPERATIONS = ("+", "-", "*", "/")
 # The whole completion is the tag around an integer: what the format reward asks for.
 ANSWER_ONLY_PATTERN = r"\s*<answer>\s*-?\d+\s*</answer>\s*"
@@ -30,7 +33,10 @@ class ArithmeticTask:
     """operand_digits: digits of each operand, in order; its length is the number of operands
     ((2, 1): "37 + 8"). operations: drawn uniformly per operator. Subtraction never goes
     below zero unless allow_negative; division is always exact (the dividend is built as a
-    product). strict: the checker also wants the answer inside <answer> tags."""
+    product). strict: the checker also wants the answer inside <answer> tags.
+    reasoning: the R1 format: the prompt asks for <think>...</think><answer>...</answer>, the
+    checker wants the answer tag, the format reward is the strict think-then-answer one, and
+    `trace(row)` writes a worked solution in that format (column addition or subtraction)."""
 
     name: ClassVar[str] = "arithmetic"
     operand_digits: tuple[int, ...] = (2, 1)
@@ -41,6 +47,7 @@ class ArithmeticTask:
     eval_fraction: float = 0.2
     system_prompt: str = SYSTEM_PROMPT
     format_weight: float = 0.25
+    reasoning: bool = False
 
     def __post_init__(self) -> None:
         # YAML gives lists (and maybe an int for digits); keep the dataclass hashable.
@@ -49,6 +56,8 @@ class ArithmeticTask:
         object.__setattr__(self, "operations", (self.operations,) if isinstance(self.operations, str) else tuple(self.operations))
         if len(self.operand_digits) < 2 or not all(1 <= d <= 9 for d in self.operand_digits):
             raise ThriftyError(f"arithmetic: operand_digits must list 2+ digit counts between 1 and 9; got {self.operand_digits}.")
+        if self.reasoning and self.system_prompt == SYSTEM_PROMPT:
+            object.__setattr__(self, "system_prompt", REASONING_SYSTEM_PROMPT)
         bad = [op for op in self.operations if op not in _OPERATIONS]
         if bad or not self.operations:
             raise ThriftyError(f"arithmetic: operations must be some of {' '.join(_OPERATIONS)}; got {self.operations}.")
@@ -57,14 +66,33 @@ class ArithmeticTask:
         return sample_rows(self.name, split, n, seed, self.eval_fraction, self._make)
 
     def check(self, completion: Any, row: Mapping[str, Any]) -> bool:
-        if self.strict:
+        if self.strict or self.reasoning:
             text = completion_text(completion)
             if "<answer>" not in text:
                 return False
         return numeric_check(completion, row)
 
     def reward_funcs(self) -> list[RewardFunc]:
+        if self.reasoning:
+            return [CheckerReward(self.check, "arithmetic_correct"), format_reward]
         return [CheckerReward(self.check, "arithmetic_correct"), regex_reward(ANSWER_ONLY_PATTERN, name="answer_format")]
+
+    def follows_format(self, completion: Any) -> bool:
+        """The completion has the form the prompt asks for (for format compliance)."""
+        if self.reasoning:
+            return format_reward([None], [completion])[0] == 1.0
+        return re.fullmatch(ANSWER_ONLY_PATTERN, completion_text(completion), re.DOTALL) is not None
+
+    def trace(self, row: Mapping[str, Any]) -> str:
+        """A worked solution of the row's problem in the reasoning format: the column method,
+        digit by digit with the carries (or borrows), then the answer."""
+        question = row["prompt"][-1]["content"]
+        match = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", question)
+        if match is None:
+            raise ThriftyError(f"arithmetic: traces are written for two operands with + or -; got {question!r}.")
+        a, op, b = int(match[1]), match[2], int(match[3])
+        steps = _column_steps(a, b, op)
+        return f"<think>\n{a} {op} {b}, column by column from the right:\n{steps}\n</think>\n<answer>{row['answer']}</answer>"
 
     def reward_weights(self) -> list[float]:
         return [1.0, self.format_weight]
@@ -86,6 +114,39 @@ class ArithmeticTask:
             answer = int(result.value)
             row = {"prompt": chat_prompt(self.system_prompt, f"What is {expression}?"), "answer": str(answer)}
             return expression.replace(" ", ""), row
+
+
+_PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions")
+
+
+def _column_steps(a: int, b: int, op: str) -> str:
+    """One line per column: the digits, the carry or borrow, the digit written."""
+    lines, carry, digits = [], 0, []
+    width = max(len(str(a)), len(str(b)))
+    for i in range(width):
+        x, y = a // 10**i % 10, b // 10**i % 10
+        place = _PLACES[i] if i < len(_PLACES) else f"10^{i}"
+        if op == "+":
+            total = x + y + carry
+            extra = f" + {carry}" if carry else ""
+            written, carry = total % 10, total // 10
+            note = f", write {written} carry {carry}" if carry else f", write {written}"
+            lines.append(f"{place}: {x} + {y}{extra} = {total}{note}")
+        else:
+            need = x - carry
+            borrow = 1 if need < y else 0
+            top = need + 10 * borrow
+            extra = f" - {carry}" if carry else ""
+            written, carry = top - y, borrow
+            note = f", borrow 1: {top} - {y} = {written}" if borrow else f" = {written}"
+            lines.append(f"{place}: {x}{extra} - {y}{note}")
+        digits.append(written)
+    if op == "+" and carry:
+        digits.append(carry)
+        lines.append(f"carry {carry} becomes the next digit")
+    value = int("".join(map(str, reversed(digits))))
+    lines.append(f"so the result is {value}.")
+    return "\n".join(lines)
 
 
 def _number(rng: random.Random, digits: int) -> int:

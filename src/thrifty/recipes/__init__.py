@@ -1,0 +1,1 @@
+"""Recipes: whole pipelines of Thrifty's trainers, run by one command (`thrifty recipe NAME`)."""

@@ -1,0 +1,174 @@
+"""Teach the default model to reason in DeepSeek-R1's format: a supervised cold start on
+worked solutions, then GRPO with a correctness and a format reward.
+
+    thrifty recipe reasoning                      # ~8 min on 2 cores
+    thrifty recipe reasoning sft_steps=30 grpo_steps=10 num_eval_samples=20   # a quick look
+
+1. cold start data: num_cold_start problems of the task's train split, each answered by
+   the task's programmatic trace (`<think>` the column method `</think><answer>N</answer>`),
+   written to OUTPUT/cold_start.jsonl; the held-out problems come from the other split;
+2. SFT (LoRA) on it -> OUTPUT/sft/adapter;
+3. GRPO starting from that adapter (the `adapter` config field) with the task's strict
+   correctness reward and the think-then-answer format reward -> OUTPUT/grpo/adapter;
+4. held-out accuracy and format compliance of the base model, after SFT and after GRPO,
+   with the same greedy decoding and checker: OUTPUT/results.md / results.json, the
+   curves of both stages in OUTPUT/recipe.png, and answers before and after in
+   OUTPUT/samples.md.
+
+Why a cold start: the base model never writes the tags (0% format, 0% accuracy under the
+strict checker), so GRPO alone sees no reward to reinforce; a few hundred traces teach the
+format and the method, and GRPO then sharpens what SFT leaves approximate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thrifty.config_io import load_config, refuse_unknown_fields
+from thrifty.formats.loader import load_model
+from thrifty.grpo.config import GRPOConfig
+from thrifty.grpo.evaluation import EvalResult, evaluate_rows
+from thrifty.grpo.tasks import get_task
+from thrifty.grpo.trainer import GRPOTrainer
+from thrifty.sft.config import SFTConfig
+from thrifty.sft.trainer import SFTTrainer
+from thrifty.training.metrics import MetricsLog
+
+
+@refuse_unknown_fields
+@dataclass
+class ReasoningRecipe:
+    output_dir: str = "output/reasoning"
+    model_name_or_path: str | None = None  # None: the built-in SmolLM2-135M-Instruct
+    task_settings: dict[str, Any] = field(default_factory=lambda: {"operand_digits": [3, 3]})  # arithmetic's
+    num_eval_samples: int = 100  # held-out problems, greedy
+    max_completion_length: int = 160
+    seed: int = 42
+    # -- cold start (SFT, LoRA)
+    num_cold_start: int = 400
+    sft_steps: int = 60
+    sft_learning_rate: float = 3e-4
+    sft_batch_size: int = 8
+    lora_r: int = 16
+    lora_alpha: float = 32
+    # -- GRPO from the SFT adapter
+    grpo_steps: int = 40
+    grpo_learning_rate: float = 5e-5
+    grpo_temperature: float = 1.0
+    prompts_per_step: int = 4
+    num_generations: int = 8
+    disable_tqdm: bool = False
+
+
+@dataclass
+class RecipeResult:
+    stages: dict[str, EvalResult]  # "base", "sft", "grpo"
+    seconds: dict[str, float]
+    output_dir: Path
+
+
+def run_reasoning_recipe(recipe: ReasoningRecipe, log: Callable[[str], None] = print) -> RecipeResult:
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {**recipe.task_settings, "reasoning": True}
+    task = get_task("arithmetic", **settings)
+    held_out = task.rows("eval", recipe.num_eval_samples, seed=0)
+    seconds: dict[str, float] = {}
+    stages: dict[str, EvalResult] = {}
+
+    def evaluate(name: str, model: Any, tokenizer: Any) -> None:
+        started = time.perf_counter()
+        stages[name] = evaluate_rows(model, tokenizer, task, held_out, max_new_tokens=recipe.max_completion_length,
+                                     num_examples=len(held_out))
+        seconds[f"eval {name}"] = time.perf_counter() - started
+        log(f"{name}: {stages[name].summary()}")
+
+    model, tokenizer = load_model(recipe.model_name_or_path)
+    evaluate("base", model, tokenizer)
+
+    started = time.perf_counter()
+    cold_start = out / "cold_start.jsonl"
+    rows = task.rows("train", recipe.num_cold_start, seed=recipe.seed)
+    with cold_start.open("w", encoding="utf-8") as f:
+        for row in rows:
+            messages = [*row["prompt"], {"role": "assistant", "content": task.trace(row)}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    sft = SFTConfig(model_name_or_path=recipe.model_name_or_path, train_file=str(cold_start),
+                    output_dir=str(out / "sft"), overwrite_output_dir=True, max_steps=recipe.sft_steps,
+                    learning_rate=recipe.sft_learning_rate, per_device_train_batch_size=recipe.sft_batch_size,
+                    lr_scheduler_type="cosine", warmup_ratio=0.05, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+                    max_length=512, logging_steps=5, save_steps=0, num_sample_prompts=0, seed=recipe.seed,
+                    disable_tqdm=recipe.disable_tqdm)
+    trained = SFTTrainer(model, tokenizer, sft, log=log).train()
+    seconds["sft"] = time.perf_counter() - started
+    evaluate("sft", model, tokenizer)
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(recipe.model_name_or_path)
+    grpo = GRPOConfig(model_name_or_path=recipe.model_name_or_path, adapter=str(trained.output_path),
+                      task="arithmetic", task_settings=settings, output_dir=str(out / "grpo"),
+                      overwrite_output_dir=True, per_device_train_batch_size=recipe.prompts_per_step *
+                      recipe.num_generations, num_generations=recipe.num_generations,
+                      max_completion_length=recipe.max_completion_length, learning_rate=recipe.grpo_learning_rate,
+                      temperature=recipe.grpo_temperature,
+                      max_steps=recipe.grpo_steps, num_eval_samples=0, eval_on_start=False, save_steps=0,
+                      seed=recipe.seed, disable_tqdm=recipe.disable_tqdm)
+    GRPOTrainer(model, tokenizer, config=grpo, log=log).train()
+    seconds["grpo"] = time.perf_counter() - started
+    evaluate("grpo", model, tokenizer)
+
+    _write_report(out, recipe, stages, seconds)
+    return RecipeResult(stages, seconds, out)
+
+
+def _write_report(out: Path, recipe: ReasoningRecipe, stages: dict[str, EvalResult], seconds: dict[str, float]) -> None:
+    table = ["| stage | held-out accuracy (greedy) | format compliance | mean length (tokens) |", "|---|---|---|---|"]
+    for name, label in (("base", "base model"), ("sft", "after SFT cold start"), ("grpo", "after GRPO")):
+        r = stages[name]
+        table.append(f"| {label} | {r.accuracy:.0%} | {r.format_rate:.0%} | {r.mean_length:.0f} |")
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+    (out / "results.md").write_text("\n".join(table) + f"\n\n{len(stages['base'].examples)} held-out problems; "
+                                    f"{timing}; total {sum(seconds.values()) / 60:.1f} min.\n")
+    (out / "results.json").write_text(json.dumps({
+        "recipe": {k: v for k, v in vars(recipe).items()}, "seconds": seconds,
+        "stages": {k: {"accuracy": r.accuracy, "format": r.format_rate, "mean_length": r.mean_length}
+                   for k, r in stages.items()}}, indent=2) + "\n")
+    samples = []
+    for i in range(min(3, len(stages["base"].examples))):
+        question = stages["base"].examples[i]["prompt"][-1]["content"]
+        samples.append(f"## {question}\n")
+        for name in ("base", "sft", "grpo"):
+            example = stages[name].examples[i]
+            samples.append(f"**{name}** ({'right' if example['correct'] else 'wrong'}):\n\n```\n"
+                           f"{example['completion'].strip()}\n```\n")
+    (out / "samples.md").write_text("\n".join(samples))
+    _plot(out)
+
+
+def _plot(out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sft = [r for r in MetricsLog(out / "sft" / "metrics.jsonl").read() if "loss" in r]
+    grpo = [r for r in MetricsLog(out / "grpo" / "metrics.jsonl").read() if "reward" in r]
+    figure = Figure(figsize=(11, 4))
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    left.plot([r["step"] for r in sft], [r["loss"] for r in sft], marker=".")
+    left.set(title="1. SFT cold start on worked solutions", xlabel="step", ylabel="loss")
+    steps = [r["step"] for r in grpo]
+    for key, label in (("accuracy", "accuracy (sampled)"), ("rewards/format_reward/mean", "format (sampled)")):
+        right.plot(steps, [r.get(key) for r in grpo], marker=".", label=label)
+    right.set(title="2. GRPO from the SFT adapter", xlabel="step", ylim=(-0.02, 1.02))
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(out / "recipe.png", dpi=110)
+
+
+def load_recipe(overrides: Sequence[str] = ()) -> ReasoningRecipe:
+    return load_config(ReasoningRecipe, None, overrides)

@@ -1,0 +1,113 @@
+"""The reasoning recipe: traces the task's own checker and format reward accept, disjoint
+from the held-out problems; GRPO from a saved SFT adapter continues exactly as in one
+process; and a short run of the whole recipe on the default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from thrifty.errors import ThriftyError
+from thrifty.formats.loader import load_model
+from thrifty.grpo.config import GRPOConfig
+from thrifty.grpo.rewards import format_reward
+from thrifty.grpo.tasks import get_task
+from thrifty.grpo.trainer import TIMING_KEYS, GRPOTrainer
+from thrifty.layers.lora import lora_state_dict
+from thrifty.recipes.reasoning import ReasoningRecipe, run_reasoning_recipe
+from thrifty.sft.config import SFTConfig
+from thrifty.sft.trainer import SFTTrainer
+
+from tiny_tokenizer import save_tiny_model_dir
+
+
+@pytest.mark.parametrize("settings", [{"operand_digits": [3, 3]}, {"operand_digits": [4, 2]},
+                                      {"operand_digits": [3, 2], "operations": ["-"]},
+                                      {"operand_digits": [1, 1], "operations": ["+", "-"]}])
+def test_traces_pass_the_checker_and_the_format_reward(settings: dict) -> None:
+    task = get_task("arithmetic", reasoning=True, **settings)
+    rows = task.rows("train", 300, seed=3)
+    traces = [task.trace(row) for row in rows]
+    assert all(task.check(trace, row) for trace, row in zip(traces, rows))
+    assert format_reward(None, traces) == [1.0] * len(traces)
+    # A wrong final answer in the same format is caught.
+    wrong = [t.replace(f"<answer>{r['answer']}</answer>", f"<answer>{int(r['answer']) + 1}</answer>")
+             for t, r in zip(traces, rows)]
+    assert not any(task.check(w, r) for w, r in zip(wrong, rows))
+    held_out = {row["prompt"][-1]["content"] for row in task.rows("eval", 200, seed=0)}
+    assert held_out and not held_out & {row["prompt"][-1]["content"] for row in rows}
+
+
+def test_traces_refuse_problems_they_cannot_solve() -> None:
+    task = get_task("arithmetic", reasoning=True, operand_digits=[2, 2], operations=["*"])
+    with pytest.raises(ThriftyError, match="traces are written for two operands with \\+ or -"):
+        task.trace(task.rows("train", 1)[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-recipe")
+    save_tiny_model_dir("llama", directory)
+    return directory
+
+
+def vowels(completions, **kwargs) -> list[float]:  # type: ignore[no-untyped-def]
+    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def test_grpo_from_a_saved_adapter_continues_as_in_one_process(tiny_dir: Path, tmp_path: Path) -> None:
+    rows = [{"prompt": f"say {w}", "completion": f"{w} {w}"} for w in ("red", "blue", "sun", "moon") * 4]
+    model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
+    sft = SFTTrainer(model, tokenizer, SFTConfig(model_name_or_path=str(tiny_dir), dtype="float32", max_steps=3,
+                                                 output_dir=str(tmp_path / "sft"), lora_r=4, lora_alpha=8,
+                                                 learning_rate=1e-2, disable_tqdm=True), rows, log=lambda _: None)
+    adapter = sft.train().output_path
+    grpo_fields = dict(model_name_or_path=str(tiny_dir), dtype="float32", max_steps=2, num_generations=4,
+                       per_device_train_batch_size=8, max_completion_length=6, learning_rate=1e-2, disable_tqdm=True)
+    prompts = [{"prompt": r["prompt"]} for r in rows]
+    in_process = GRPOTrainer(sft.model, tokenizer, [vowels], prompts,
+                             GRPOConfig(output_dir=str(tmp_path / "one"), **grpo_fields), log=lambda _: None)
+    start = {k: v.clone() for k, v in lora_state_dict(in_process.model).items()}
+    fresh, _ = load_model(tiny_dir, dtype="float32", device="cpu")
+    from_file = GRPOTrainer(fresh, tokenizer, [vowels], prompts,
+                            GRPOConfig(output_dir=str(tmp_path / "two"), adapter=str(adapter), **grpo_fields),
+                            log=lambda _: None)
+    loaded = lora_state_dict(from_file.model)
+    assert loaded.keys() == start.keys() and all(torch.equal(loaded[k], start[k]) for k in start)
+    in_process.train()
+    from_file.train()
+
+    def metrics(path: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+                for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert metrics(tmp_path / "one") == metrics(tmp_path / "two")
+
+
+def test_an_adapter_of_another_base_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "smollm2-135m-instruct", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+         "peft_type": "LORA"}))
+    model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
+    config = GRPOConfig(model_name_or_path=str(tiny_dir), dtype="float32", adapter=str(tmp_path / "adapter"),
+                        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_generations=4)
+    with pytest.raises(ThriftyError, match=r"was trained on smollm2-135m-instruct.*set model_name_or_path"):
+        GRPOTrainer(model, tokenizer, [vowels], [{"prompt": "hi"}], config, log=lambda _: None)
+
+
+def test_the_recipe_end_to_end_briefly(tmp_path: Path) -> None:
+    recipe = ReasoningRecipe(output_dir=str(tmp_path), num_eval_samples=4, max_completion_length=48,
+                             num_cold_start=32, sft_steps=4, grpo_steps=1, prompts_per_step=2, num_generations=2,
+                             disable_tqdm=True)
+    result = run_reasoning_recipe(recipe, log=lambda _: None)
+    assert set(result.stages) == {"base", "sft", "grpo"}
+    assert result.stages["base"].format_rate == 0.0  # the base model never writes the tags
+    for name in ("results.md", "results.json", "samples.md", "recipe.png", "cold_start.jsonl",
+                 "sft/adapter/adapter_config.json", "grpo/adapter/adapter_config.json"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["stages"]["sft"]["accuracy"] == result.stages["sft"].accuracy
