@@ -102,7 +102,7 @@ def test_forward_loss_and_logits_equal_transformers(ours, theirs, side: str) -> 
 
 
 def test_generate_greedy_equals_transformers(ours, theirs) -> None:  # type: ignore[no-untyped-def]
-    (model, _), (ref, ref_tok) = ours, theirs
+    (model, tok), (ref, ref_tok) = ours, theirs
     ref_tok.padding_side = tok.padding_side = "left"
     prompts = [ref_tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ("What is the capital of France?", "Name a colour.", "Say hi")]

@@ -147,18 +147,20 @@ def _write_report(out: Path, recipe: ReasoningRecipe, stages: dict[str, EvalResu
             samples.append(f"**{name}** ({'right' if example['correct'] else 'wrong'}):\n\n```\n"
                            f"{example['completion'].strip()}\n```\n")
     (out / "samples.md").write_text("\n".join(samples))
-    _plot(out)
+    plot_recipe(out, {name: (r.accuracy, r.format_rate or 0.0) for name, r in stages.items()})
 
 
-def _plot(out: Path) -> None:
+def plot_recipe(out: Path, held_out: dict[str, tuple[float, float]]) -> None:
+    """recipe.png: the SFT loss, GRPO's sampled accuracy and format, and the held-out
+    (accuracy, format) of each stage."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     sft = [r for r in MetricsLog(out / "sft" / "metrics.jsonl").read() if "loss" in r]
     grpo = [r for r in MetricsLog(out / "grpo" / "metrics.jsonl").read() if "reward" in r]
-    figure = Figure(figsize=(11, 4))
+    figure = Figure(figsize=(15, 4))
     FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2)
+    left, right, stages = figure.subplots(1, 3)
     left.plot([r["step"] for r in sft], [r["loss"] for r in sft], marker=".")
     left.set(title="1. SFT cold start on worked solutions", xlabel="step", ylabel="loss")
     steps = [r["step"] for r in grpo]
@@ -166,6 +168,13 @@ def _plot(out: Path) -> None:
         right.plot(steps, [r.get(key) for r in grpo], marker=".", label=label)
     right.set(title="2. GRPO from the SFT adapter", xlabel="step", ylim=(-0.02, 1.02))
     right.legend()
+    names = list(held_out)
+    positions = range(len(names))
+    stages.bar([i - 0.2 for i in positions], [held_out[n][0] for n in names], width=0.4, label="accuracy")
+    stages.bar([i + 0.2 for i in positions], [held_out[n][1] for n in names], width=0.4, label="format")
+    stages.set_xticks(list(positions), names)
+    stages.set(title="3. held-out, greedy: each stage", ylim=(0, 1.05))
+    stages.legend()
     figure.tight_layout()
     figure.savefig(out / "recipe.png", dpi=110)
 
