@@ -267,7 +267,9 @@ def test_collect_informative_groups_stops_at_max_draws():
 
 @pytest.fixture(scope="module")
 def trl_grpo():
-    return pytest.importorskip("trl.trainer.grpo_trainer")
+    import trl.trainer.grpo_trainer  # a declared test dependency: a failed import must fail the test
+
+    return trl.trainer.grpo_trainer
 
 
 def trl_compute_loss(trl_grpo, logp, old, ref, adv, mask, *, loss_type, beta, epsilon, epsilon_high,

@@ -212,6 +212,7 @@ def test_resume_equals_uninterrupted(tiny_dir: Path, tmp_path: Path) -> None:
     tiny_trainer(tiny_dir, tiny_config(straight, tiny_dir, **options)).train()
     tiny_trainer(tiny_dir, tiny_config(resumed, tiny_dir, **options)).train()
     expected, expected_completions = records(resumed), records(resumed, "completions.jsonl")
+    (resumed / "adapter" / "adapter_model.safetensors").unlink()  # the resumed run must write it again
     tiny_trainer(tiny_dir, tiny_config(resumed, tiny_dir, resume_from_checkpoint=str(resumed / "checkpoint-2"),
                                        **options)).train()
     assert records(resumed) == expected == records(straight)
@@ -285,3 +286,28 @@ def test_grpo_cli_runs_the_demo_config_end_to_end(tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     steps = [r for r in records(out) if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
+
+
+def test_dynamic_sampling_drops_uninformative_groups_and_refills(tiny_dir: Path, tmp_path: Path) -> None:
+    """Prompts about red or blue score every completion 1.0 (no signal): their groups are
+    dropped, more prompts are drawn to refill the batch, and only informative groups reach
+    the update; the metrics count exactly what happened."""
+    draws: list[list[tuple[str, float]]] = []  # per reward call: (prompt, group reward std)
+
+    def some_prompts_tie(prompts, completions, **kwargs):  # type: ignore[no-untyped-def]
+        rewards = [1.0 if ("red" in p or "blue" in p) else r for p, r in zip(prompts, vowel_share(completions))]
+        groups = [(prompts[i], float(torch.tensor(rewards[i:i + 4]).std())) for i in range(0, len(prompts), 4)]
+        draws.append(groups)
+        return rewards
+
+    config = tiny_config(tmp_path, tiny_dir, dynamic_sampling=True, max_dynamic_sampling_draws=4, max_steps=3,
+                         per_device_train_batch_size=8, gradient_accumulation_steps=1, log_completions=8)
+    tiny_trainer(tiny_dir, config, reward_funcs=[some_prompts_tie]).train()
+    logged = records(tmp_path)
+    assert sum(r["dynamic_sampling/draws"] for r in logged) == len(draws)
+    tied = [g for batch in draws for g in batch if g[1] == 0.0]
+    assert any("red" in p or "blue" in p for p, _ in tied)
+    assert sum(r["dynamic_sampling/discarded_groups"] for r in logged) == len(tied)
+    assert all(r["dynamic_sampling/kept_groups"] == 2 for r in logged)  # refilled to 2 prompts each time
+    trained = {c["prompt"] for c in records(tmp_path, "completions.jsonl")}
+    assert trained and not any("red" in p or "blue" in p for p in trained)

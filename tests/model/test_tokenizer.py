@@ -31,7 +31,8 @@ def ours(default_gguf_path: Path) -> Tokenizer:
 @pytest.fixture(scope="session")
 def hf_gguf_tokenizer(default_gguf_path: Path):
     """transformers' own tokenizer rebuilt from the same GGUF (slow: ~8 s, so once)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return transformers.AutoTokenizer.from_pretrained(default_gguf_path.parent, gguf_file=default_gguf_path.name)
 
 

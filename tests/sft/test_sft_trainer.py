@@ -130,6 +130,7 @@ def test_resume_gives_identical_metrics(tiny_dir: Path, tmp_path: Path, method: 
     expected_bytes = final_weights.read_bytes()
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
 
+    final_weights.unlink()  # the resumed run must write it again, the same
     resumed = tiny_config(out, resume_from_checkpoint=str(out / "checkpoint-2"), **options)
     tiny_trainer(tiny_dir, resumed, dtype, eval_rows=held_out).train()
     assert training_records(out) == uninterrupted
