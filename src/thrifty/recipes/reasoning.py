@@ -60,6 +60,7 @@ class ReasoningRecipe:
     grpo_steps: int = 40
     grpo_learning_rate: float = 5e-5
     grpo_temperature: float = 1.0
+    grpo_dynamic_sampling: bool = False  # DAPO: replace groups whose completions all score the same
     prompts_per_step: int = 4
     num_generations: int = 8
     disable_tqdm: bool = False
@@ -115,7 +116,7 @@ def run_reasoning_recipe(recipe: ReasoningRecipe, log: Callable[[str], None] = p
                       overwrite_output_dir=True, per_device_train_batch_size=recipe.prompts_per_step *
                       recipe.num_generations, num_generations=recipe.num_generations,
                       max_completion_length=recipe.max_completion_length, learning_rate=recipe.grpo_learning_rate,
-                      temperature=recipe.grpo_temperature,
+                      temperature=recipe.grpo_temperature, dynamic_sampling=recipe.grpo_dynamic_sampling,
                       max_steps=recipe.grpo_steps, num_eval_samples=0, eval_on_start=False, save_steps=0,
                       seed=recipe.seed, disable_tqdm=recipe.disable_tqdm)
     GRPOTrainer(model, tokenizer, config=grpo, log=log).train()
