@@ -171,3 +171,13 @@ def test_save_pretrained_merged_and_gguf(hf_dir: Path, tmp_path: Path) -> None:
         assert torch.equal(back(ids).argmax(-1), logits.argmax(-1))
     with pytest.raises(ThriftyError, match="merged_4bit_forced.*q4_k_m"):
         model.save_pretrained_merged(tmp_path / "x", save_method="merged_4bit_forced")
+
+
+def test_generate_streams_to_a_transformers_streamer(ours, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """Unsloth's notebooks pass transformers' TextStreamer: it prints the reply as it comes."""
+    model, tok = ours
+    inputs = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt")
+    capsys.readouterr()
+    out = model.generate(**inputs, streamer=transformers.TextStreamer(tok, skip_prompt=True), max_new_tokens=12)
+    reply = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
+    assert capsys.readouterr().out.strip() == reply.strip() and reply.strip()

@@ -195,6 +195,17 @@ def test_alpaca_renders_instruction_and_input_as_the_user_turn(tokenizer: Tokeni
                                                                              skip_special_tokens=False)
 
 
+def test_input_output_rows_and_a_text_column(tokenizer: Tokenizer) -> None:
+    """Unsloth-style input/output rows: the input is the user turn. A `text` column made
+    from other columns wins over them, as TRL reads it."""
+    example = tokenize_example({"input": "Add 2 and 3.", "output": "5"}, tokenizer, max_length=128)
+    assert _labelled_runs(example, tokenizer) == ["5<|im_end|>"]
+    assert "<|im_start|>user\nAdd 2 and 3.<|im_end|>" in tokenizer.decode(example.input_ids,
+                                                                         skip_special_tokens=False)
+    text = tokenize_example({**ALPACA_ROW, "text": "plain text"}, tokenizer, max_length=128)
+    assert tokenizer.decode(text.input_ids, skip_special_tokens=True).strip() == "plain text"
+
+
 def test_multi_turn_chat_loss_on_every_assistant_turn(tmp_path: Path, tokenizer: Tokenizer) -> None:
     # Through a CSV too, where the messages column is a JSON string.
     path = _write(tmp_path / "chat.csv", [{"messages": json.dumps(CHAT)}])

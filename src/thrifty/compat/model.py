@@ -125,12 +125,14 @@ class PreTrainedModel(nn.Module):
         stops = ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)) if eos_token_id is not None \
             else self.tokenizer.stop_token_ids
         pad = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-        on_step = None
+        on_step: Any = None
         if streamer is not None:
             if len(prompts) * num_return_sequences != 1:
                 raise ThriftyError("a streamer works on one row at a time, as in transformers; pass one prompt.")
             streamer.put(input_ids)
-            on_step = lambda rows, tokens: streamer.put(torch.tensor(tokens))  # noqa: E731
+
+            def on_step(rows: list[int], tokens: list[int]) -> None:
+                streamer.put(torch.tensor(tokens))
         was_training = self.causal_lm.training
         self.causal_lm.eval()
         try:

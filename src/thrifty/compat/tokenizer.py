@@ -123,10 +123,13 @@ class PreTrainedTokenizer:
         return BatchEncoding(out)
 
     # ------------------------------------------------------------ decoding
-    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False, **kwargs: Any) -> str:
+    def decode(self, ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = False,
+               **kwargs: Any) -> str:
         reject_unknown("tokenizer.decode", {k: v for k, v in kwargs.items() if k != "clean_up_tokenization_spaces"})
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
+        if isinstance(ids, int):  # one token id, as transformers takes it
+            ids = [ids]
         return self.thrifty.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False,

@@ -25,7 +25,7 @@ from thrifty.errors import ThriftyError
 from thrifty.formats.loader import load_model
 from thrifty.grpo.config import GRPOConfig
 from thrifty.grpo.trainer import GRPOTrainer as ThriftyGRPOTrainer
-from thrifty.layers.quant import is_quantized
+from thrifty.layers.quant import NF4Linear, is_quantized
 from thrifty.sft.config import SFTConfig
 from thrifty.sft.trainer import SFTTrainer as ThriftySFTTrainer
 from thrifty.training.config import TrainingConfig
@@ -66,7 +66,7 @@ def _resolve(model: Any, tokenizer: Any, config: TrainingConfig, peft_config: Lo
     if has_lora(causal_lm) and config.quantize is None:
         quantized = [m for m in causal_lm.modules() if is_quantized(m)]
         if quantized:  # for the log's method name (QLoRA) and the checkpoint's settings
-            changes["quantize"] = "nf4" if type(quantized[0]).__name__ == "NF4Linear" else "int8"
+            changes["quantize"] = "nf4" if isinstance(quantized[0], NF4Linear) else "int8"
     return causal_lm, thrifty_tokenizer(tokenizer), dataclasses.replace(config, **changes) if changes else config
 
 
