@@ -15,6 +15,8 @@ from thrifty.errors import ThriftyError
 from thrifty.formats.hf_export import save_hf_model
 from thrifty.formats.loader import load_model
 
+from tiny_models import randomise_adapters
+
 TEXTS = ["The capital of France is", "Two plus two equals four, and three plus three"]
 CHAT = [{"role": "user", "content": "What is 12 + 30?"}]
 
@@ -129,10 +131,7 @@ def test_lora_model_matches_peft(hf_dir: Path, tmp_path: Path, capsys: pytest.Ca
     reference.print_trainable_parameters()
     mine, theirs = capsys.readouterr().out.strip().splitlines()
     assert mine == theirs
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) * 0.05)
+    randomise_adapters(model.causal_lm)  # PEFT starts lora_B at zero: nothing to compare
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
     logits = model(ids).logits.detach()
     model.save_pretrained(tmp_path / "adapter")
@@ -153,10 +152,7 @@ def test_save_pretrained_merged_and_gguf(hf_dir: Path, tmp_path: Path) -> None:
     GGUF: Thrifty reads the file back with the same greedy answer; 4-bit checkpoints are refused."""
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) * 0.02)
+    randomise_adapters(model.causal_lm)  # PEFT starts lora_B at zero: nothing to compare
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
     logits = model(ids).logits.detach()
     model.save_pretrained_merged(tmp_path / "merged", save_method="merged_16bit")

@@ -66,19 +66,18 @@ def training_dtype(dtype: Any) -> torch.dtype:
 def load_pretrained(name: str | Path | None, dtype: Any, quantization: str | None = None, *,
                     double_quant: bool = True, max_seq_length: int | None = None,
                     ) -> tuple[PreTrainedModel, PreTrainedTokenizer]:
-    model, tokenizer = load_model(name, dtype=training_dtype(dtype))
+    path = resolve_model_path(None if name is None else str(name))
+    model, tokenizer = load_model(path, dtype=training_dtype(dtype))
     if quantization is not None:
         quantize_model(model, quantization, double_quant=double_quant)
     wrapped = PreTrainedModel(model, tokenizer, None if name is None else str(name), max_seq_length)
-    return wrapped, wrap_tokenizer(tokenizer, name, max_seq_length)
+    return wrapped, wrap_tokenizer(tokenizer, path, max_seq_length)
 
 
-def wrap_tokenizer(tokenizer: Tokenizer, name: str | Path | None, max_seq_length: int | None = None,
-                   ) -> PreTrainedTokenizer:
+def wrap_tokenizer(tokenizer: Tokenizer, path: Path, max_seq_length: int | None = None) -> PreTrainedTokenizer:
     """transformers' tokenizer over Thrifty's, with the padding side and length limit of the
-    model directory's tokenizer_config.json where it has them."""
+    model directory's tokenizer_config.json (at `path`, resolved) where it has them."""
     settings: dict[str, Any] = {}
-    path = resolve_model_path(None if name is None else str(name))
     if (path / "tokenizer_config.json").is_file():
         settings = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
     limit = settings.get("model_max_length")
@@ -114,7 +113,7 @@ class AutoTokenizer:
             tokenizer = Tokenizer.from_hf_dir(path)
         else:  # a GGUF file: its tokenizer comes with the weights
             _, tokenizer = load_model(path, dtype="float32", device="cpu")
-        wrapped = wrap_tokenizer(tokenizer, pretrained_model_name_or_path)
+        wrapped = wrap_tokenizer(tokenizer, path)
         wrapped.padding_side = kwargs.get("padding_side", wrapped.padding_side)
         wrapped.model_max_length = kwargs.get("model_max_length", wrapped.model_max_length)
         return wrapped

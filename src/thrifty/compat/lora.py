@@ -17,7 +17,6 @@ from thrifty.compat.model import PreTrainedModel
 from thrifty.errors import ThriftyError
 from thrifty.layers.lora import LoraConfig as ThriftyLoraConfig
 from thrifty.layers.lora import apply_lora
-from thrifty.training.setup import has_lora
 
 # PEFT's default target modules for the families Thrifty loads (peft's
 # TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
@@ -82,8 +81,7 @@ def get_peft_model(model: PreTrainedModel, peft_config: LoraConfig, **kwargs: An
 
 
 def add_adapters(model: PreTrainedModel, config: ThriftyLoraConfig, seed: int | None = None) -> None:
-    if has_lora(model.causal_lm):
-        raise ThriftyError("the model already has LoRA adapters; load a fresh model to add new ones.")
+    """apply_lora on the wrapped model (it refuses a model that has adapters already)."""
     if seed is not None:
         torch.manual_seed(seed)
     apply_lora(model.causal_lm, config)

@@ -17,6 +17,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from thrifty.errors import ThriftyError
+
 
 def rss_bytes() -> int:
     """Current resident memory of this process (Linux /proc; else the peak)."""
@@ -43,8 +45,6 @@ class MetricsLog:
         self._writer: Any = None
         self._purge_step: int | None = None
         if tensorboard_dir is not None:
-            from thrifty.errors import ThriftyError
-
             try:
                 import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)
             except ImportError as err:

@@ -31,7 +31,7 @@ from thrifty.training.checkpoint import (
 )
 from thrifty.training.config import TrainingConfig
 from thrifty.training.optim import MasterWeightAdamW, NonFiniteGradients
-from thrifty.training.setup import has_lora, method_name, prepare_model, set_seed
+from thrifty.training.setup import method_name, prepare_model, set_seed
 
 LOCK_NAME = ".thrifty-run.lock"
 
@@ -173,8 +173,6 @@ def start_from_adapter(model: nn.Module, adapter: str, base_model_name: str, log
     if not (directory / "adapter_config.json").is_file():
         raise ThriftyError(f"adapter = {adapter}: no adapter_config.json there; give a LoRA adapter directory "
                            "(e.g. out/sft/adapter).")
-    if has_lora(model):
-        raise ThriftyError(f"adapter = {adapter}, but the model already has LoRA adapters; pass a plain base model.")
     trained_on = read_adapter_config(directory)[1].get("base_model_name_or_path") or base_model_name
 
     def same_model(a: str, b: str) -> bool:
