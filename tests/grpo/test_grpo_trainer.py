@@ -140,7 +140,7 @@ def test_reference_log_probs_are_the_adapter_free_model(tiny_dir: Path, tmp_path
             layer.lora_B.weight.normal_(0, 0.3)  # so policy and reference differ
     groups = trainer.rollout([0, 1, 2])
     advantages = torch.zeros(len(groups) * trainer.config.num_generations)
-    batches = trainer.micro_batches(groups, advantages)
+    batches = [piece.batch for piece in trainer.micro_batches(groups, advantages)]
     plain, _ = load_model(tiny_dir, dtype="float32", device="cpu")
     for batch in batches:
         ref = trainer.reference_log_probs(batch)
@@ -162,7 +162,7 @@ def test_full_fine_tuning_reference_is_a_frozen_copy(tiny_dir: Path, tmp_path: P
     config = tiny_config(tmp_path, tiny_dir, beta=0.1, use_lora=False, learning_rate=1e-3, max_steps=2)
     trainer = tiny_trainer(tiny_dir, config)
     trainer.train()
-    batch = trainer.micro_batches(trainer.rollout([0]), torch.zeros(4))[0]
+    batch = trainer.micro_batches(trainer.rollout([0]), torch.zeros(4))[0].batch
     plain, _ = load_model(tiny_dir, dtype="float32", device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(trainer.reference_log_probs(batch), trainer.log_probs(batch, plain))

@@ -314,7 +314,8 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_dir: Path, tmp_path: Pa
                              gradient_accumulation_steps=accumulation)
         trainer = tiny_trainer(tiny_dir, config)
         trainer.model.train()
-        batches = [trainer.data.train_batch(trainer.order.next_batch()) for _ in range(accumulation)]
+        batches = trainer.micro_batches(trainer.order.next_batch())
+        assert len(batches) == accumulation
         labels = [b.num_labels for b in batches]
         loss = trainer.accumulate_gradients(batches) / sum(labels)
         results.append((loss, _grads(trainer.model), labels))

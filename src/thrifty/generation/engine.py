@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from thrifty.errors import ThriftyError
-from thrifty.generation.sampling import SamplingParams, sample_next_tokens
+from thrifty.generation.sampling import RowGenerators, SamplingParams, sample_next_tokens
 from thrifty.model.decoder import CausalLM, causal_mask
 from thrifty.model.decoding_step import DecodingStep
 from thrifty.model.fused_linear import weights_frozen
@@ -148,10 +148,12 @@ def generate_tokens(
     stop_checker: Callable[[list[int]], bool] | None = None,
     on_step: StepCallback | None = None,
     min_new_tokens: int = 0,
+    row_seeds: Sequence[int] | None = None,
 ) -> tuple[list[list[int]], list[FinishReason]]:
     """The engine on token ids. Returns, per output row (prompt-major), the generated ids
     and why each row finished. Before min_new_tokens tokens, the stop tokens get no
-    probability (transformers' min_new_tokens)."""
+    probability (transformers' min_new_tokens). row_seeds (one per output row, instead of
+    `seed`) give each row its own random stream (RowGenerators)."""
     if max_new_tokens < 1:
         raise ThriftyError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     if not 0 <= min_new_tokens <= max_new_tokens:
@@ -164,6 +166,10 @@ def generate_tokens(
     device = model.device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+    num_rows = len(prompt_ids) * num_return_sequences
+    if row_seeds is not None and len(row_seeds) != num_rows:
+        raise ValueError(f"{len(row_seeds)} row_seeds for {num_rows} output rows.")
+    row_generators = RowGenerators(list(row_seeds), device) if row_seeds is not None else None
 
     prompt_len = max(len(p) for p in prompt_ids)
     total_len = prompt_len + max_new_tokens
@@ -196,7 +202,6 @@ def generate_tokens(
         cache.select_rows(rows)
         logits = logits[rows]
         key_positions = key_positions[rows]
-    num_rows = len(prompt_ids) * num_return_sequences
     active = list(range(num_rows))  # output row of each batch row
     generated: list[list[int]] = [[] for _ in range(num_rows)]
     reasons: list[FinishReason] = ["length"] * num_rows
@@ -207,7 +212,8 @@ def generate_tokens(
     for step in range(max_new_tokens):
         if step < min_new_tokens and len(stop_ids):
             logits = logits.index_fill(1, stop_ids, float("-inf"))
-        next_tokens = sample_next_tokens(logits, sampling, generator)
+        uniform = None if row_generators is None or sampling.greedy else row_generators.uniform(active)
+        next_tokens = sample_next_tokens(logits, sampling, generator, uniform)
         # NaN propagates through amax, so one reduction per step catches a broken model or
         # kernel instead of sampling token 0 forever (~0.1 ms at 16 x 49k).
         finite = torch.isfinite(logits.amax(dim=-1))

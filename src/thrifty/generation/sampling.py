@@ -40,9 +40,13 @@ TOP_P_CANDIDATES = 256
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one token per row of `logits` [batch, vocab]; returns [batch] token ids.
+
+    Each row's choice uses one uniform number in [0, 1): `uniform` [batch] if given (see
+    RowGenerators), else drawn from `generator`.
 
     Filters run in Hugging Face's order (temperature, top-k, top-p, min-p) so the same
     settings mean the same distribution. Everything after top-k/top-p works on a short,
@@ -51,9 +55,10 @@ def sample_next_tokens(
     """
     if params.greedy:
         return logits.argmax(dim=-1)
+    if uniform is None:
+        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
     native = _native_whole_vocabulary_sampler(logits, params)
     if native is not None:
-        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
         return native.sample_tokens(logits, uniform, params.temperature)
     # A full pass over [batch, vocab]: skipped when it would change nothing.
     logits = logits.float() / params.temperature if params.temperature != 1.0 else logits.float()
@@ -74,7 +79,7 @@ def sample_next_tokens(
     if params.min_p > 0.0:
         floor = params.min_p * probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < floor, 0.0)
-    chosen = sample_from_weights(probs, generator)
+    chosen = sample_from_weights(probs, uniform)
     if candidates is not None:
         chosen = candidates.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
     return chosen
@@ -104,13 +109,26 @@ def nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor,
     return top_probs, candidates
 
 
-def sample_from_weights(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One index per row, drawn with probability proportional to `weights` [batch, n].
-
-    Inverse-CDF with one uniform number per row: cheaper than torch.multinomial, which
-    spends ~15 ms per step over a 49k vocabulary at batch 16 on our CPU.
-    """
+def sample_from_weights(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One index per row, drawn with probability proportional to `weights` [batch, n],
+    by inverse CDF at the row's `uniform` [batch] number: cheaper than torch.multinomial,
+    which spends ~15 ms per step over a 49k vocabulary at batch 16 on our CPU."""
     cdf = weights.cumsum(dim=-1)
-    u = torch.rand(weights.shape[0], 1, generator=generator, device=weights.device)
+    u = uniform.to(cdf.dtype).unsqueeze(-1)
     chosen = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
     return chosen.clamp_(max=weights.shape[-1] - 1)
+
+
+class RowGenerators:
+    """A random stream per output row, seeded by the caller: a row's tokens then depend on
+    its own seed alone, not on which other rows share its batch or when they finish. GRPO
+    seeds each completion by (seed, generation, prompt position, sample), so a torchrun
+    rank sampling part of a batch draws what one process sampling all of it draws."""
+
+    def __init__(self, seeds: list[int], device: torch.device) -> None:
+        self.device = device
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def uniform(self, rows: list[int]) -> torch.Tensor:
+        """The next number of each of `rows`' streams, [len(rows)]."""
+        return torch.cat([torch.rand(1, generator=self.generators[r], device=self.device) for r in rows])

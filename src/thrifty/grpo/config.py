@@ -7,7 +7,8 @@ count what they count in TRL:
 * gradient_accumulation_steps: micro-batches per optimizer step;
 * generation_batch_size / steps_per_generation (set one; default steps_per_generation =
   gradient_accumulation_steps): one generation samples generation_batch_size =
-  per_device_train_batch_size x steps_per_generation completions, num_generations for
+  per_device_train_batch_size x processes x steps_per_generation completions (processes:
+  torchrun's world size, 1 without it), num_generations for
   each of generation_batch_size / num_generations prompts, and feeds
   steps_per_generation micro-batches, i.e. steps_per_generation /
   gradient_accumulation_steps optimizer steps, num_iterations times over;
@@ -34,7 +35,7 @@ from typing import Any, Literal, Sequence
 from thrifty.config_io import load_config, refuse_unknown_fields, require, resolve_next_to
 from thrifty.errors import ThriftyError
 from thrifty.training.config import RESUME_MUST_MATCH as SHARED_RESUME_MUST_MATCH
-from thrifty.training.config import TrainingConfig
+from thrifty.training.config import TrainingConfig, launched_world_size
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")  # see grpo/loss.py
 SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
@@ -136,35 +137,46 @@ class GRPOConfig(TrainingConfig):
 
     def _check_batch_fields(self) -> None:
         need = partial(require, self)
-        bs, accumulation = self.per_device_train_batch_size, self.gradient_accumulation_steps
+        accumulation = self.gradient_accumulation_steps
+        bs = self.per_device_train_batch_size * self.world_size  # completions per micro-batch, all ranks
+        per = "per_device_train_batch_size" + (f" x {self.world_size} processes" if self.world_size > 1 else "")
         if self.steps_per_generation is not None:
             need(self.steps_per_generation >= 1, "steps_per_generation", "must be at least 1, or null")
             need(self.generation_batch_size in (None, bs * self.steps_per_generation), "generation_batch_size",
-                 "and steps_per_generation are both set and disagree; set one (as in TRL)")
+                 f"and steps_per_generation are both set and disagree ({per} x steps_per_generation = "
+                 f"{bs * self.steps_per_generation}); set one (as in TRL)")
         if self.generation_batch_size is not None:
             need(self.generation_batch_size >= 1 and self.generation_batch_size % bs == 0, "generation_batch_size",
-                 f"must be a multiple of per_device_train_batch_size = {bs}")
+                 f"must be a multiple of {per} = {bs}")
         need(self.micro_batches_per_generation % accumulation == 0, "steps_per_generation",
              f"(= {self.micro_batches_per_generation} micro-batches per generation) must be a multiple of "
              f"gradient_accumulation_steps = {accumulation}: Thrifty never spans an optimizer step across two "
              "generations")
         need(self.completions_per_generation % self.num_generations == 0, "generation_batch_size",
-             f"(= {self.completions_per_generation} completions per generation: per_device_train_batch_size x "
+             f"(= {self.completions_per_generation} completions per generation: {per} x "
              f"steps_per_generation) must be a multiple of num_generations = {self.num_generations}, so every "
              "prompt gets its whole group")
         need(self.max_steps > 0 or self.num_train_epochs > 0, "num_train_epochs", "must be positive (or set max_steps)")
 
     @property
+    def world_size(self) -> int:
+        """Processes launched by torchrun (1 without it): as in TRL, a generation holds
+        per_device_train_batch_size x world_size x steps_per_generation completions."""
+        return launched_world_size()
+
+    @property
     def micro_batches_per_generation(self) -> int:
+        """steps_per_generation: micro-batches per generation on each rank."""
         if self.steps_per_generation is not None:
             return self.steps_per_generation
         if self.generation_batch_size is not None:
-            return max(self.generation_batch_size // self.per_device_train_batch_size, 1)
+            return max(self.generation_batch_size // (self.per_device_train_batch_size * self.world_size), 1)
         return self.gradient_accumulation_steps
 
     @property
     def completions_per_generation(self) -> int:
-        return self.per_device_train_batch_size * self.micro_batches_per_generation
+        """generation_batch_size: completions per generation, all ranks together."""
+        return self.per_device_train_batch_size * self.world_size * self.micro_batches_per_generation
 
     @property
     def prompts_per_generation(self) -> int:
@@ -176,8 +188,7 @@ class GRPOConfig(TrainingConfig):
         return self.micro_batches_per_generation // self.gradient_accumulation_steps * self.num_iterations
 
 
-RESUME_MUST_MATCH = (*SHARED_RESUME_MUST_MATCH, "gradient_accumulation_steps", "steps_per_generation",
-                     "generation_batch_size", "num_iterations", "task", "task_settings", "num_train_prompts", "train_file",
+RESUME_MUST_MATCH = (*SHARED_RESUME_MUST_MATCH, "num_iterations", "task", "task_settings", "num_train_prompts", "train_file",
                      "num_generations", "dynamic_sampling")
 
 

@@ -107,6 +107,27 @@ def evaluate_rows(model: CausalLM, tokenizer: Tokenizer, task: Task, rows: Seque
     return result
 
 
+def merge_eval_results(parts: Sequence[EvalResult]) -> EvalResult:
+    """One result from results on disjoint shares of the problems (torchrun's ranks, in
+    order): rates weighted by each share's problems, the slowest share's time."""
+    n = sum(p.num_problems for p in parts)
+    if len(parts) == 1:
+        return parts[0]
+
+    def mean(values: list[float | None]) -> float | None:
+        if any(v is None for v in values):
+            return None
+        return sum(v * p.num_problems for v, p in zip(values, parts)) / max(n, 1)  # type: ignore[operator]
+
+    first = parts[0]
+    return EvalResult(num_problems=n, accuracy=mean([p.accuracy for p in parts]) or 0.0,
+                      mean_length=mean([p.mean_length for p in parts]) or 0.0, k=first.k,
+                      num_samples_per_problem=first.num_samples_per_problem,
+                      pass_at_k=mean([p.pass_at_k for p in parts]), format_rate=mean([p.format_rate for p in parts]),
+                      seconds=max(p.seconds for p in parts),
+                      examples=[e for p in parts for e in p.examples][:len(first.examples)])
+
+
 def evaluate_task(model: CausalLM, tokenizer: Tokenizer, task: Task, *, num_samples: int = 100,
                   data_seed: int = 0, **kwargs: Any) -> EvalResult:
     """evaluate_rows on the first `num_samples` problems of the task's held-out split."""

@@ -140,6 +140,8 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
     gradient_accumulation_steps: int = 1,
+    num_sequences: int | None = None,
+    num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-surrogate GRPO loss of one micro-batch, ready for `.backward()`, and its metrics.
 
@@ -162,6 +164,11 @@ def grpo_loss(
     step (all micro-batches), averaged over ranks (TRL: tokens of all ranks / world size,
     since DDP then averages gradients), which makes the step's gradient the true per-token
     mean. It defaults to this micro-batch's token count (right for one micro-batch, one rank).
+
+    Under torchrun a rank holds a slice of the micro-batch: num_sequences (grpo, dr_grpo)
+    and num_tokens (bnpo) are then the whole micro-batch's completions and loss tokens,
+    all ranks together, so the ranks' losses add up to the loss of the whole micro-batch
+    (defaults: this slice's own, right for one rank).
 
     Metrics (this micro-batch; the trainer averages across steps/ranks): policy_loss (before
     the accumulation division), kl (masked mean; only when beta != 0), clip_ratio/low_mean,
@@ -196,12 +203,14 @@ def grpo_loss(
         per_token = per_token + beta * per_token_kl
 
     masked = per_token * mask
+    sequences = logp.shape[0] if num_sequences is None else num_sequences
     if loss_type == "grpo":
-        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / sequences
     elif loss_type == "bnpo":
-        loss = masked.sum() / mask.sum().clamp(min=1.0)
+        tokens = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logp.dtype)
+        loss = masked.sum() / tokens.clamp(min=1.0)
     elif loss_type == "dr_grpo":
-        loss = masked.sum() / (logp.shape[0] * max_completion_length)  # type: ignore[operator]
+        loss = masked.sum() / (sequences * max_completion_length)  # type: ignore[operator]
     else:  # dapo
         items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=logp.dtype)
         loss = masked.sum() / items.clamp(min=1.0)

@@ -21,9 +21,17 @@ Each generation (see `_generation`; the batch fields count as in TRL, see grpo/c
      generation feeds more than one optimizer step, reference log-probs (adapters off,
      or a frozen copy for full fine-tuning) only when beta > 0.
 
-Generation seeds are a function of (seed, generation, draw), so a resumed run samples the
-same completions as an uninterrupted one: exact resume needs only the weights, optimizer,
-data order and RNG state in the checkpoint (saved between generations).
+Each completion is sampled from its own random stream, seeded by (seed, generation, draw,
+prompt position, sample): a resumed run samples the same completions as an uninterrupted
+one (exact resume needs only the weights, optimizer, data order and RNG state in the
+checkpoint, saved between generations), and so does any number of processes.
+
+Under torchrun (thrifty.training.distributed) each rank rolls out and scores a contiguous
+share of a generation's prompts (whole groups), the scored groups are gathered so every
+rank holds the whole generation (advantages, dynamic sampling and the logged metrics see
+all of it), and each micro-batch of per_device_train_batch_size x world_size completions
+is split among the ranks, normalised over the whole micro-batch, its gradients averaged
+by DDP: N processes compute what one process computes with the same global batch.
 
 What a run leaves in output_dir: metrics.jsonl, completions.jsonl (a few completions per
 step with their rewards), rewards.png, checkpoint-{step}/, and adapter/ (PEFT format)
@@ -40,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from thrifty.errors import ThriftyError
@@ -47,7 +56,7 @@ from thrifty.generation.engine import generate_tokens, render_prompt
 from thrifty.generation.sampling import SamplingParams
 from thrifty.grpo.batches import MicroBatch, completion_log_probs, pack_groups
 from thrifty.grpo.config import RESUME_MUST_MATCH, GRPOConfig
-from thrifty.grpo.evaluation import EvalResult, evaluate_rows
+from thrifty.grpo.evaluation import EvalResult, evaluate_rows, merge_eval_results
 from thrifty.grpo.loss import (
     collect_informative_groups,
     combine_rewards,
@@ -141,6 +150,7 @@ class GRPOTrainer:
             if self.task is not None and cfg.num_eval_samples > 0 else [])
         self.chat = tokenizer.chat_template is not None
         self.run = TrainingRun(model, tokenizer, cfg, RESUME_MUST_MATCH, self.log)
+        self.log, self.dist = self.run.log, self.run.dist
         self.model, self.optimizer, self.output_dir = self.run.model, self.run.optimizer, self.run.output_dir
         # The KL reference: with LoRA the same model with adapters off (no copy); for full
         # fine-tuning a frozen copy of the starting weights.
@@ -151,8 +161,8 @@ class GRPOTrainer:
         self.total_steps = self._total_steps()
         self.warmup_steps = warmup_steps_for(self.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
         self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
-        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.run.tensorboard_dir)
-        self.completions_log = MetricsLog(self.output_dir / "completions.jsonl")
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.run.tensorboard_dir, self.dist.is_main)
+        self.completions_log = MetricsLog(self.output_dir / "completions.jsonl", writes=self.dist.is_main)
         self.step = 0  # optimizer steps, as TRL's global_step
         self.generations = 0
         self.seconds = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
@@ -201,12 +211,20 @@ class GRPOTrainer:
         generations_per_epoch = math.ceil(len(self.rows) / cfg.prompts_per_generation)
         return max(math.ceil(cfg.num_train_epochs * generations_per_epoch) * cfg.updates_per_generation, 1)
 
-    def _generation_seed(self, draw: int) -> int:
-        # A pure function of (seed, generation, draw): resumed runs sample the same completions.
-        return (self.config.seed * 1_000_003 + self.generations * 1009 + draw) % (2**62)
+    def _sample_seed(self, draw: int, position: int, sample: int) -> int:
+        # A pure function of the run's seed and where the completion is in the run, not of
+        # which process samples it or with which others.
+        key = [self.config.seed, self.generations, draw, position, sample]
+        return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
 
     def rollout(self, indices: list[int], draw: int = 0) -> list[Group]:
-        """Sample num_generations completions for each prompt and score them."""
+        """Sample num_generations completions for each prompt and score them: under
+        torchrun this rank's share of the prompts, then every rank's groups gathered."""
+        mine = self.dist.shard(list(enumerate(indices)))
+        groups = self._rollout_here([i for _, i in mine], [p for p, _ in mine], draw) if mine else []
+        return [group for part in self.dist.gather(groups) for group in part]
+
+    def _rollout_here(self, indices: list[int], positions: list[int], draw: int) -> list[Group]:
         cfg, G = self.config, self.config.num_generations
         rows = [self.rows[i] for i in indices]
         prompt_ids = [self._prompt_ids(i) for i in indices]
@@ -214,7 +232,7 @@ class GRPOTrainer:
         self.model.eval()  # no dropout while sampling; generate_tokens runs under inference_mode
         tokens, reasons = generate_tokens(self.model, prompt_ids, max_new_tokens=cfg.max_completion_length,
                                           sampling=self.sampling, num_return_sequences=G,
-                                          seed=self._generation_seed(draw),
+                                          row_seeds=[self._sample_seed(draw, p, j) for p in positions for j in range(G)],
                                           stop_token_ids=self.tokenizer.stop_token_ids,
                                           pad_token_id=self.tokenizer.pad_token_id,
                                           min_new_tokens=cfg.min_completion_length)
@@ -275,13 +293,26 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ log-probs and update
 
-    def micro_batches(self, groups: list[Group], advantages: torch.Tensor) -> list[MicroBatch]:
+    def micro_batches(self, groups: list[Group], advantages: torch.Tensor) -> list[RankSlice]:
+        """The generation's completions, in order, in steps_per_generation micro-batches,
+        each split among the ranks: this rank's slices."""
+        cfg = self.config
         prompts = [g.prompt_ids for g in groups for _ in g.completion_ids]
         completions = [c for g in groups for c in g.completion_ids]
         truncated = torch.tensor([t for g in groups for t in g.truncated])
-        chunks = torch.arange(len(completions)).tensor_split(self.config.micro_batches_per_generation)
-        return [self._micro_batch([prompts[i] for i in idx], [completions[i] for i in idx], truncated[idx],
-                                  advantages[idx]) for idx in chunks if len(idx)]
+        lengths = torch.tensor([len(c) for c in completions])
+        loss_tokens = completion_mask(lengths, int(lengths.max()), truncated, cfg.mask_truncated_completions).sum(1)
+        slices = []
+        for chunk in torch.arange(len(completions)).tensor_split(cfg.micro_batches_per_generation):
+            if not len(chunk):
+                continue
+            mine = torch.tensor(self.dist.shard(chunk.tolist()), dtype=torch.long)
+            # A rank with no share still takes part in DDP's reduction, with zero weight.
+            idx = mine if len(mine) else chunk[:1]
+            batch = self._micro_batch([prompts[i] for i in idx], [completions[i] for i in idx], truncated[idx],
+                                      advantages[idx])
+            slices.append(RankSlice(batch, float(len(mine) > 0), len(chunk), float(loss_tokens[chunk].sum())))
+        return slices
 
     def _micro_batch(self, prompts: list[list[int]], completions: list[list[int]], truncated: torch.Tensor,
                      advantages: torch.Tensor) -> MicroBatch:
@@ -302,11 +333,12 @@ class GRPOTrainer:
         with disable_lora(self.model):
             return self.log_probs(batch)
 
-    def update(self, batches: list[MicroBatch]) -> dict[str, float]:
+    def update(self, slices: list[RankSlice]) -> dict[str, float]:
         """The optimizer steps one generation feeds: every gradient_accumulation_steps
         micro-batches make one, num_iterations times over (stopping at the run's last
         step); their metrics."""
-        cfg = self.config
+        cfg, world = self.config, self.dist.world_size
+        batches = [s.batch for s in slices]
         # Old log-probs matter only when the weights move before a micro-batch's last use:
         # for a single optimizer step they equal the current ones (grpo_loss then uses logp.detach()).
         with torch.no_grad():
@@ -318,9 +350,8 @@ class GRPOTrainer:
                    for start in range(0, len(batches), accumulation)]
         # dapo: the loss tokens of the whole generation, per optimizer step (as TRL scales
         # num_items_in_batch by gradient_accumulation_steps / steps_per_generation).
-        items = sum(float(b.completion_mask.sum()) for b in batches) / len(windows)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        items = sum(s.tokens for s in slices) / len(windows)
+        micro_batch_metrics: list[dict[str, float] | None] = []
         grad_norm, lr = 0.0, cfg.learning_rate
         for window in [w for _ in range(cfg.num_iterations) for w in windows]:
             if self.step >= self.total_steps:
@@ -328,20 +359,19 @@ class GRPOTrainer:
             lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.lr_scheduler_type)
             self.optimizer.set_lr(lr)
             for i in window:
-                logp = self.log_probs(batches[i])
+                logp = self.run.forward(completion_log_probs, batches[i], cfg.temperature, sync=i == window[-1])
                 loss, metrics = grpo_loss(
                     logp, old[i], ref[i], batches[i].advantages, batches[i].completion_mask, loss_type=cfg.loss_type,
                     beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                     max_completion_length=cfg.max_completion_length, num_items_in_batch=items,
-                    gradient_accumulation_steps=len(window))
-                loss.backward()
-                for key, value in metrics.items():
-                    if value == value and key != "num_tokens":  # skip NaN extremes
-                        sums[key] = sums.get(key, 0.0) + value
-                        counts[key] = counts.get(key, 0) + 1
+                    gradient_accumulation_steps=len(window), num_sequences=slices[i].sequences,
+                    num_tokens=slices[i].tokens)
+                # DDP averages the ranks' gradients; each rank's loss is its part of the sum.
+                (loss * (world * slices[i].weight)).backward()
+                micro_batch_metrics.append(metrics if slices[i].weight else None)
             grad_norm = self.run.optimizer_step(self.step + 1)
             self.step += 1
-        out = {k: sums[k] / counts[k] for k in sums}
+        out = average_micro_batch_metrics(self.dist.gather(micro_batch_metrics))
         out["loss"] = out.pop("policy_loss", 0.0)
         out.update(grad_norm=float(grad_norm), lr=lr)
         return out
@@ -364,7 +394,7 @@ class GRPOTrainer:
                         self.metrics.write({"step": 0, "eval_accuracy": initial_eval.accuracy})
                         self.log(f"held-out before training: {initial_eval.summary()}")
             with (self.run.checkpointed_layers(),
-                  ProgressBar(self.total_steps, self.step, cfg.disable_tqdm, desc="grpo") as progress):
+                  ProgressBar(self.total_steps, self.step, cfg.disable_tqdm or not self.dist.is_main, desc="grpo") as progress):
                 while self.step < self.total_steps:
                     before = self.step
                     record = self._generation()
@@ -373,9 +403,10 @@ class GRPOTrainer:
                         progress.write(f"step {self.step}: held-out accuracy {record['eval_accuracy']:.1%}")
                     self.run.save_checkpoint_if_due(self.step, self._trainer_state, since=before)
             model.eval()
-            records = self.metrics.read()
-            plot_metrics(records, self.output_dir / "rewards.png", ["reward", "accuracy", "eval_accuracy"],
-                         title=f"GRPO: {self.run.method}", ylabel="reward / accuracy")
+            records = self.dist.broadcast(self.metrics.read())
+            if self.dist.is_main:
+                plot_metrics(records, self.output_dir / "rewards.png", ["reward", "accuracy", "eval_accuracy"],
+                             title=f"GRPO: {self.run.method}", ylabel="reward / accuracy")
             output = self.run.save_model()
             final_eval = self._last_eval
             rewards = [r["reward"] for r in records if "reward" in r]
@@ -465,9 +496,11 @@ class GRPOTrainer:
         """Greedy held-out accuracy with the task's checker (None without a task or eval rows)."""
         if self.task is None or not self.eval_rows:
             return None
-        result = evaluate_rows(self.model, self.tokenizer, self.task, self.eval_rows,
-                               max_new_tokens=self.config.max_completion_length, seed=self.config.seed,
-                               system_prompt=self.config.system_prompt)
+        rows = self.dist.shard(self.eval_rows)  # under torchrun each rank scores its share
+        mine = evaluate_rows(self.model, self.tokenizer, self.task, rows,
+                             max_new_tokens=self.config.max_completion_length, seed=self.config.seed,
+                             system_prompt=self.config.system_prompt) if rows else None
+        result = merge_eval_results([r for r in self.dist.gather(mine) if r is not None])
         self.model.train()
         self._last_eval = result
         return result
@@ -477,10 +510,25 @@ class GRPOTrainer:
     def _trainer_state(self) -> dict[str, Any]:
         """What a checkpoint keeps of this trainer, for an exact resume."""
         return {"step": self.step, "generations": self.generations, "max_steps": self.total_steps,
-                "data_order": self.order.state_dict(), "unlogged": self._unlogged}
+                "data_order": self.order.state_dict(), "unlogged": self._unlogged,
+                "completions_per_step": self._completions_per_step}
+
+    @property
+    def _completions_per_step(self) -> int:
+        cfg = self.config
+        return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.dist.world_size
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
         """This trainer's part of resuming from the checkpoint at `path`."""
+        cfg = self.config
+        saved = (state["data_order"]["batch_size"] * cfg.num_generations, state["completions_per_step"])
+        if saved != (cfg.completions_per_generation, self._completions_per_step):
+            raise ThriftyError(
+                f"{path} was trained with {saved[0]} completions per generation and {saved[1]} per optimizer step; "
+                f"this run has {cfg.completions_per_generation} and {self._completions_per_step} "
+                f"(per_device_train_batch_size x gradient_accumulation_steps x {self.dist.world_size} processes). "
+                "Keep both the same to resume: e.g. with half the processes, double per_device_train_batch_size "
+                "or gradient_accumulation_steps (and steps_per_generation).")
         self.order.load_state_dict(state["data_order"])
         self.step, self.generations = int(state["step"]), int(state["generations"])
         if self.step > self.total_steps:
@@ -495,6 +543,45 @@ class GRPOTrainer:
 
     def _describe_run(self) -> str:
         return describe_run(self)
+
+
+@dataclass
+class RankSlice:
+    """This rank's part of one micro-batch (all of it in a world of one)."""
+
+    batch: MicroBatch  # this rank's completions (a stand-in if it has none: weight 0)
+    weight: float  # 1, or 0 for the stand-in
+    sequences: int  # completions in the whole micro-batch, all ranks
+    tokens: float  # loss tokens in the whole micro-batch, all ranks
+
+
+def average_micro_batch_metrics(per_rank: list[list[dict[str, float] | None]]) -> dict[str, float]:
+    """grpo_loss's metrics over the ranks (rank lists of micro-batch dicts, None for a
+    stand-in), then averaged over micro-batches as TRL logs them: per micro-batch,
+    policy_loss adds up over the ranks (each normalised by the whole micro-batch), means
+    are weighted by the ranks' tokens, extremes are the ranks' extremes."""
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for parts in zip(*per_rank):
+        parts = [m for m in parts if m is not None]
+        tokens = sum(m["num_tokens"] for m in parts)
+        combined: dict[str, float] = {}
+        for key in parts[0]:
+            values = [m[key] for m in parts if m[key] == m[key]]  # NaN: no sequence to take an extreme of
+            if key == "num_tokens" or not values:
+                continue
+            if key == "policy_loss":
+                combined[key] = sum(values)
+            elif key.endswith("_min"):
+                combined[key] = min(values)
+            elif key.endswith("_max"):
+                combined[key] = max(values)
+            else:
+                combined[key] = sum(m[key] * m["num_tokens"] for m in parts) / max(tokens, 1.0)
+        for key, value in combined.items():
+            totals[key] = totals.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+    return {key: totals[key] / counts[key] for key in totals}
 
 
 def _crossed(before: int, after: int, every: int | None) -> bool:

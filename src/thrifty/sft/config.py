@@ -67,7 +67,7 @@ class SFTConfig(TrainingConfig):
                                "file, or a fraction of train_file held out.")
 
 
-RESUME_MUST_MATCH = (*SHARED_RESUME_MUST_MATCH, "gradient_accumulation_steps", "packing", "max_length", "format",
+RESUME_MUST_MATCH = (*SHARED_RESUME_MUST_MATCH, "packing", "max_length", "format",
                      "completion_only_loss", "eval_split")
 
 

@@ -11,6 +11,13 @@ every micro-batch's summed loss by the labelled-token count of the whole step: t
 result, and the gradient, are exactly those of one big batch. Then: clip, AdamW,
 learning-rate schedule, logging, evaluation, checkpoint.
 
+Under torchrun (thrifty.training.distributed) an optimizer step takes
+per_device_train_batch_size x gradient_accumulation_steps x world_size items from the
+one global order; each micro-batch of per_device_train_batch_size x world_size is split
+among the ranks, the labelled-token count is summed over all of them, and DDP averages
+the gradients once per step: N processes compute what one process computes with
+N times the batch.
+
 What a run leaves in output_dir: metrics.jsonl, loss.png, checkpoint-{step}/ (see
 thrifty.training.checkpoint), samples.json (generations before/after) and the result:
 adapter/ (PEFT format) for LoRA, model/ (a Hugging Face directory) for full training.
@@ -36,6 +43,7 @@ from thrifty.model.tokenizer import Tokenizer
 from thrifty.sft.config import RESUME_MUST_MATCH, SFTConfig
 from thrifty.sft.data import Batch, DatasetLike, SFTData, load_sft_data
 from thrifty.training.losses import chunked_cross_entropy
+from thrifty.training.distributed import split_evenly
 from thrifty.training.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
 from thrifty.training.rows import DataOrder
 from thrifty.training.run import TrainingRun
@@ -120,11 +128,13 @@ class SFTTrainer:
         self.tokenizer = tokenizer
         self.log = log or _print_now
         self.run = TrainingRun(model, tokenizer, self.config, RESUME_MUST_MATCH, self.log)
+        self.log, self.dist = self.run.log, self.run.dist
         self.model, self.optimizer, self.output_dir = self.run.model, self.run.optimizer, self.run.output_dir
         self.data: SFTData = load_sft_data(self.config, tokenizer, train_dataset, eval_dataset,
                                            model.config.sliding_window)
-        self.order = DataOrder(len(self.data.train_items), self.config.per_device_train_batch_size,
-                               seed=self.config.seed)
+        cfg = self.config
+        self.order = DataOrder(len(self.data.train_items), cfg.per_device_train_batch_size *
+                               cfg.gradient_accumulation_steps * self.dist.world_size, seed=cfg.seed)
         self.total_steps = self._total_steps()
         if self.config.max_steps == 0:
             self.log(f"max_steps = 0 sets no step limit (as in transformers): {self.config.num_train_epochs:g} "
@@ -132,7 +142,7 @@ class SFTTrainer:
         self.warmup_steps = warmup_steps_for(self.total_steps, self.config.warmup_steps, self.config.warmup_ratio)
         self.step = 0
         self.window = LogWindow()
-        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.run.tensorboard_dir)
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.run.tensorboard_dir, self.dist.is_main)
 
     # ------------------------------------------------------------------ the loop
 
@@ -154,17 +164,18 @@ class SFTTrainer:
             model.train()
             last_loss = eval_loss = None
             train_tokens, train_seconds = 0, 0.0
-            with self.run.checkpointed_layers(), ProgressBar(self.total_steps, self.step, cfg.disable_tqdm, desc="sft") as progress:
+            with self.run.checkpointed_layers(), ProgressBar(self.total_steps, self.step, cfg.disable_tqdm or not self.dist.is_main, desc="sft") as progress:
                 while self.step < self.total_steps:
                     started = time.perf_counter()
                     lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps,
                                                        cfg.lr_scheduler_type)
                     self.optimizer.set_lr(lr)
-                    batches = [self.data.train_batch(self.order.next_batch())
-                               for _ in range(cfg.gradient_accumulation_steps)]
+                    batches = self.micro_batches(self.order.next_batch())
                     loss_sum, grad_norm = self.training_step(batches)
                     self.step += 1
-                    labels, tokens = sum(b.num_labels for b in batches), sum(b.num_tokens for b in batches)
+                    loss_sum, labels, tokens = self.dist.sum(  # all ranks' (the same numbers in a world of one)
+                        [loss_sum, sum(b.num_labels for b in batches if b), sum(b.num_tokens for b in batches if b)])
+                    labels, tokens = int(labels), int(tokens)
                     seconds = time.perf_counter() - started
                     train_tokens, train_seconds = train_tokens + tokens, train_seconds + seconds
                     progress.update(loss_sum / max(labels, 1), tokens / seconds, lr)
@@ -177,8 +188,9 @@ class SFTTrainer:
                         progress.write(f"step {self.step}: eval loss {record['eval_loss']:.4f}")
                     self.run.save_checkpoint_if_due(self.step, self._trainer_state)
             model.eval()
-            plot_metrics(self.metrics.read(), self.output_dir / "loss.png", ["loss", "eval_loss"],
-                         title=f"SFT: {self.run.method}", ylabel="cross-entropy (nats/token)")
+            if self.dist.is_main:
+                plot_metrics(self.metrics.read(), self.output_dir / "loss.png", ["loss", "eval_loss"],
+                             title=f"SFT: {self.run.method}", ylabel="cross-entropy (nats/token)")
             output = self.run.save_model()
             after = self._sample("after training")
             self._save_samples(before, after)
@@ -203,26 +215,42 @@ class SFTTrainer:
             self.metrics.write({"step": self.step, "epoch": round(self.epoch, 4), **record})
         return record
 
-    def training_step(self, batches: list[Batch]) -> tuple[float, float]:
-        """One optimizer step over the micro-batches; returns (summed loss, grad norm)."""
+    def micro_batches(self, items: list[int]) -> list[Batch | None]:
+        """This rank's micro-batches of an optimizer step's items: the items split into
+        gradient_accumulation_steps micro-batches, each split among the ranks. None where
+        this rank's share is empty (the last, short step of an epoch)."""
+        chunks = [chunk for chunk in split_evenly(items, self.config.gradient_accumulation_steps) if chunk]
+        return [self.data.train_batch(mine) if (mine := self.dist.shard(chunk)) else None for chunk in chunks]
+
+    def training_step(self, batches: list[Batch | None]) -> tuple[float, float]:
+        """One optimizer step over the micro-batches; returns (this rank's summed loss, grad norm)."""
         loss_sum = self.accumulate_gradients(batches)
         grad_norm = self.run.optimizer_step(self.step + 1)
         return loss_sum, grad_norm
 
-    def accumulate_gradients(self, batches: list[Batch]) -> float:
-        """Forward and backward over the micro-batches of one step; returns the summed loss.
+    def accumulate_gradients(self, batches: list[Batch | None]) -> float:
+        """Forward and backward over the micro-batches of one step; returns this rank's
+        summed loss.
 
-        Dividing each micro-batch's loss *sum* by the token count of the whole step
-        (not by its own count) weights every token equally, however the tokens fall
-        into micro-batches: the same loss and gradient as one batch of them all.
+        Dividing each micro-batch's loss *sum* by the token count of the whole step, all
+        ranks together (not by its own count), weights every token equally, however the
+        tokens fall into micro-batches and ranks: the same loss and gradient as one batch of
+        them all. DDP averages the ranks' gradients, hence the factor world_size.
         """
-        total_labels = max(sum(b.num_labels for b in batches), 1)
+        world = self.dist.world_size
+        total_labels = max(self.dist.sum([sum(b.num_labels for b in batches if b)])[0], 1)
         loss_sum = 0.0
-        for batch in batches:
-            loss, _ = sft_loss(self.model, batch.tensors)
-            (loss / total_labels).backward()
-            loss_sum += loss.item()
+        for i, batch in enumerate(batches):
+            # A rank with no share of a micro-batch still takes part in DDP's reduction,
+            # with zero weight on some real batch (all the ranks must run each backward).
+            tensors = batch.tensors if batch else self._any_batch().tensors
+            loss, _ = self.run.forward(sft_loss, tensors, sync=i == len(batches) - 1)
+            (loss * (world / total_labels if batch else 0.0)).backward()
+            loss_sum += loss.item() if batch else 0.0
         return loss_sum
+
+    def _any_batch(self) -> Batch:
+        return self.data.train_batch([0])
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -230,10 +258,12 @@ class SFTTrainer:
         was_training = self.model.training
         self.model.eval()
         loss_sum, labels = 0.0, 0
-        for batch in self.data.eval_batches(self.config.per_device_eval_batch_size):
-            loss, count = sft_loss(self.model, batch.tensors)
-            loss_sum, labels = loss_sum + loss.item(), labels + int(count)
+        for i, batch in enumerate(self.data.eval_batches(self.config.per_device_eval_batch_size)):
+            if i % self.dist.world_size == self.dist.rank:  # under torchrun each rank takes every N-th
+                loss, count = sft_loss(self.model, batch.tensors)
+                loss_sum, labels = loss_sum + loss.item(), labels + int(count)
         self.model.train(was_training)
+        loss_sum, labels = self.dist.sum([loss_sum, labels])
         return loss_sum / max(labels, 1)
 
     @property
@@ -244,8 +274,7 @@ class SFTTrainer:
         cfg = self.config
         if cfg.max_steps > 0:
             return cfg.max_steps
-        micro_batches = cfg.num_train_epochs * self.order.batches_per_epoch
-        return max(1, math.ceil(micro_batches / cfg.gradient_accumulation_steps))
+        return max(1, math.ceil(cfg.num_train_epochs * self.order.batches_per_epoch))
 
     # ------------------------------------------------------------------ saving
 
@@ -259,6 +288,14 @@ class SFTTrainer:
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
         """This trainer's part of resuming from the checkpoint at `path`."""
+        cfg, saved = self.config, state["data_order"]["batch_size"]
+        if saved != self.order.batch_size:
+            raise ThriftyError(
+                f"{path} was trained with {saved} examples per optimizer step; this run takes "
+                f"{self.order.batch_size} (per_device_train_batch_size {cfg.per_device_train_batch_size} x "
+                f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} x {self.dist.world_size} processes). "
+                "Keep the product the same to resume: e.g. with half the processes, double "
+                "gradient_accumulation_steps.")
         self.order.load_state_dict(state["data_order"])
         self.window.load_state_dict(state["log_window"])
         self.step = int(state["step"])
@@ -277,13 +314,14 @@ class SFTTrainer:
                 f"{weight_memory_bytes(self.model) / 2**20:.0f} MB]: {trainable_parameters(self.model)}\n"
                 f"  {len(self.data.train_items)} train {items}, {len(self.data.eval_examples)} eval examples; "
                 f"{self.total_steps} steps of {cfg.per_device_train_batch_size} x "
-                f"{cfg.gradient_accumulation_steps} (batch x accumulation), lr {cfg.learning_rate:g} "
+                f"{cfg.gradient_accumulation_steps} (batch x accumulation)"
+                + (f" x {self.dist.world_size} processes" if self.dist.enabled else "") + f", lr {cfg.learning_rate:g} "
                 f"{cfg.lr_scheduler_type}; output in {self.output_dir}")
 
     def _sample(self, when: str) -> list[str]:
-        """Greedy generations on the held-out prompts, printed."""
+        """Greedy generations on the held-out prompts, printed (by rank 0 alone)."""
         prompts = self.data.held_out_prompts
-        if not prompts or self.tokenizer is None:
+        if not prompts or self.tokenizer is None or not self.dist.is_main:
             return []
         was_training = self.model.training
         self.model.eval()

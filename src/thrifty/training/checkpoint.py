@@ -6,7 +6,8 @@ it had never stopped:
     adapter_config.json + adapter_model.safetensors   LoRA: the adapter, in PEFT's format
     or config.json + model.safetensors + tokenizer     full: a Hugging Face model directory
     optimizer.pt        AdamW moments and step counts (and fp32 master weights)
-    rng_state.pt        Python, NumPy and torch generator states
+    rng_state.pt        Python, NumPy and torch generator states (rank 0's; under torchrun
+                        rng_state_{rank}.pt for the other ranks)
     trainer_state.json  step, data order position, partial logging window, schedule
     config.yaml         the run's config, to check a resume uses compatible settings
 
@@ -67,6 +68,10 @@ def find_latest_checkpoint(output_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def rng_state_file(rank: int) -> str:
+    return "rng_state.pt" if rank == 0 else f"rng_state_{rank}.pt"
+
+
 def rng_state() -> dict[str, Any]:
     """Generator states as plain lists and tensors (loadable with weights_only=True)."""
     version, mt_state, gauss = random.getstate()
@@ -94,8 +99,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(output_dir: Path, step: int, *, model: nn.Module, tokenizer: Any, optimizer_state: dict,
                     trainer_state: dict[str, Any], config_yaml: str, base_model_name_or_path: str,
-                    save_total_limit: int | None) -> Path:
-    """Write checkpoint-{step} atomically, then delete the oldest beyond save_total_limit."""
+                    save_total_limit: int | None, rng_states: Sequence[dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint-{step} atomically, then delete the oldest beyond save_total_limit.
+    rng_states: every rank's generator states, rank 0 first (default: this process's)."""
     final = checkpoint_dir(output_dir, step)
     with atomic_directory(final) as tmp:
         if has_lora(model):
@@ -103,7 +109,8 @@ def save_checkpoint(output_dir: Path, step: int, *, model: nn.Module, tokenizer:
         else:
             write_hf_files(model, tokenizer, tmp)
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng_state.pt")
+        for rank, state in enumerate(rng_states or [rng_state()]):
+            torch.save(state, tmp / rng_state_file(rank))
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         # Written last (and checked by list_checkpoints) as a second guard of completeness.
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
@@ -161,9 +168,10 @@ def settings_must_match(config: Any, keys: tuple[str, ...]) -> Callable[[str, Pa
     return check
 
 
-def load_checkpoint(path: Path, model: nn.Module,
-                    check_config: Callable[[str, Path], None] | None = None) -> LoadedCheckpoint:
-    """Copy the checkpoint's trainable weights into `model` and return the rest.
+def load_checkpoint(path: Path, model: nn.Module, check_config: Callable[[str, Path], None] | None = None,
+                    rank: int = 0) -> LoadedCheckpoint:
+    """Copy the checkpoint's trainable weights into `model` and return the rest, with
+    rank `rank`'s RNG state (rank 0's if the checkpoint was saved by fewer ranks).
     check_config(config_yaml, path) runs first, to refuse an incompatible run before
     anything is touched."""
     path = Path(path)
@@ -176,7 +184,9 @@ def load_checkpoint(path: Path, model: nn.Module,
             check_config(config_yaml, path)
         _load_weights(path, model)
         optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        rng = torch.load(path / "rng_state.pt", map_location="cpu", weights_only=True)
+        rng_file = path / rng_state_file(rank)
+        rng = torch.load(rng_file if rng_file.is_file() else path / rng_state_file(0), map_location="cpu",
+                         weights_only=True)
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, RuntimeError, json.JSONDecodeError) as e:
         raise ThriftyError(f"{path}: the checkpoint is damaged ({e}); resume from an older checkpoint-<step>.") from e
@@ -184,7 +194,7 @@ def load_checkpoint(path: Path, model: nn.Module,
 
 
 def resume_from(setting: Any, output_dir: Path, model: nn.Module, optimizer: Any,
-                check_config: Callable[[str, Path], None]) -> LoadedCheckpoint | None:
+                check_config: Callable[[str, Path], None], rank: int = 0) -> LoadedCheckpoint | None:
     """Apply a `resume_from_checkpoint` setting: None/false/"" start fresh (returns None);
     "latest"/true take the newest checkpoint in output_dir; anything else is a checkpoint
     directory. Restores the weights, the optimizer and the RNG state; the trainer restores
@@ -202,7 +212,7 @@ def resume_from(setting: Any, output_dir: Path, model: nn.Module, optimizer: Any
         if not path.is_dir():
             raise ThriftyError(f"resume_from_checkpoint: {path} is not a directory. Give a checkpoint-<step> "
                                "directory, or 'latest'.")
-    checkpoint = load_checkpoint(path, model, check_config=check_config)
+    checkpoint = load_checkpoint(path, model, check_config=check_config, rank=rank)
     try:
         optimizer.load_state_dict(checkpoint.optimizer_state)
     except (ValueError, KeyError) as e:

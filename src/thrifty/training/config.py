@@ -10,6 +10,7 @@ so a YAML file is checked before any model code loads.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -27,6 +28,12 @@ TRAINING_DTYPES = tuple(name for name, dtype in DTYPE_NAMES.items() if dtype != 
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
               "paged_adamw_32bit")
 REPORT_TO = ("none", "tensorboard")
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun launched (its WORLD_SIZE; 1 without torchrun).
+    Batch sizes per device multiply by it, as in TRL and transformers."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
@@ -169,5 +176,7 @@ class TrainingConfig:
 
 # Settings a checkpoint must have been trained with to be resumed exactly: the model, the
 # method, and what orders and batches the data (the run configs add their own).
+# The batch fields are not here: a resumed run may split the same global batch differently
+# (another number of processes, or of micro-batches); the trainers check the global batch.
 RESUME_MUST_MATCH = ("model_name_or_path", "adapter", "dtype", "use_lora", "lora_r", "lora_alpha", "lora_target_modules",
-                     "use_rslora", "use_dora", "quantize", "per_device_train_batch_size", "seed")
+                     "use_rslora", "use_dora", "quantize", "seed")

@@ -37,11 +37,13 @@ def peak_rss_bytes() -> int:
 
 class MetricsLog:
     """Appends records to a JSONL file, flushing each line so a crash loses nothing; with
-    `tensorboard_dir` (report_to: tensorboard) also to TensorBoard event files there."""
+    `tensorboard_dir` (report_to: tensorboard) also to TensorBoard event files there.
+    With `writes=False` (every rank but 0 under torchrun) it only reads."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, writes: bool = True) -> None:
         self.path = Path(path)
-        self.tensorboard_dir = tensorboard_dir
+        self.writes = writes
+        self.tensorboard_dir = tensorboard_dir if writes else None
         self._writer: Any = None
         self._purge_step: int | None = None
         if tensorboard_dir is not None:
@@ -52,11 +54,15 @@ class MetricsLog:
                                    "(or report_to: none).") from err
 
     def start_fresh(self) -> None:
+        if not self.writes:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
 
     def keep_until(self, step: int) -> None:
         """Drop records after `step` (those of a run that went on past its last checkpoint)."""
+        if not self.writes:
+            return
         records = [r for r in self.read() if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -64,6 +70,8 @@ class MetricsLog:
         self._purge_step = step + 1  # TensorBoard drops the events after the checkpoint too
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard_dir is not None:

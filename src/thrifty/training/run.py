@@ -3,8 +3,9 @@
 The model prepared as the config says (full, LoRA or QLoRA, seeded first so adapters
 start the same in every run), its optimizer, the output directory held by one run at a
 time, checkpoints saved and resumed, activation checkpointing switched on for the loop,
-and optimizer steps that refuse to apply NaN or infinite gradients. The trainers own
-their loops and their own state; this object owns the rest.
+and optimizer steps that refuse to apply NaN or infinite gradients; under torchrun, the
+process group (`dist`), with rank 0 alone printing and writing. The trainers own their
+loops and their own state; this object owns the rest.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from thrifty.formats.default_model import DEFAULT_MODEL_NAME
 from thrifty.layers.quant import quantize_model
 from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.training.checkpoint import (
-    find_latest_checkpoint, list_checkpoints, resume_from, save_checkpoint, save_trained_model,
+    checkpoint_dir, find_latest_checkpoint, list_checkpoints, resume_from, rng_state, save_checkpoint,
+    save_trained_model,
     setting_differences, settings_must_match,
 )
 from thrifty.training.config import TrainingConfig
+from thrifty.training.distributed import Distributed
 from thrifty.training.optim import MasterWeightAdamW, NonFiniteGradients
 from thrifty.training.setup import method_name, prepare_model, set_seed
 
@@ -40,7 +43,9 @@ class TrainingRun:
     def __init__(self, model: nn.Module, tokenizer: Any, config: TrainingConfig, must_match: Sequence[str],
                  log: Callable[[str], None]) -> None:
         self.config = config
-        self.log = log
+        self.dist = Distributed.from_env()
+        self.log = log if self.dist.is_main else _quiet
+        log = self.log
         self.tokenizer = tokenizer
         self.must_match = tuple(must_match)
         for notice in config.notices():
@@ -75,12 +80,18 @@ class TrainingRun:
     @contextlib.contextmanager
     def holding_output_dir(self) -> Iterator[None]:
         """output_dir created and held for the block: a second run into it stops at once, and
-        a fresh run will not start over another run's checkpoints unless overwrite_output_dir."""
+        a fresh run will not start over another run's checkpoints unless overwrite_output_dir.
+        Under torchrun rank 0 holds it, and the other ranks start once it has."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            yield
+            return
         lock = _lock_directory(_make_output_dir(self.output_dir))
         try:
             remove_stale_temporaries(self.output_dir)
             if not self.config.resume_from_checkpoint:
                 self._clear_for_a_fresh_run()
+            self.dist.barrier()
             yield
         finally:
             lock.close()  # closing the file releases the lock (so does the process dying)
@@ -113,6 +124,12 @@ class TrainingRun:
             if config.gradient_checkpointing:
                 disable_activation_checkpointing(self.model)
 
+    def forward(self, fn: Callable[..., Any], *args: Any, sync: bool = True) -> Any:
+        """fn(model, *args) for a loss to backpropagate: under torchrun through DDP, which
+        averages the gradients over the ranks in the backward when `sync` (pass False for
+        every micro-batch of an optimizer step but the last)."""
+        return self.dist.ddp_forward(self.model, fn, *args, sync=sync)
+
     def optimizer_step(self, step: int) -> float:
         """Clip and apply the accumulated gradients of optimizer step `step` (1-based);
         returns the gradient norm. Stops the run, updating nothing, when the gradients are
@@ -133,10 +150,17 @@ class TrainingRun:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, step: int, trainer_state: dict[str, Any]) -> Path:
-        return save_checkpoint(self.output_dir, step, model=self.model, tokenizer=self.tokenizer,
-                               optimizer_state=self.optimizer.state_dict(), trainer_state=trainer_state,
-                               config_yaml=dump_yaml(self.config), base_model_name_or_path=self.base_model_name,
-                               save_total_limit=self.config.save_total_limit)
+        """Rank 0 writes it, with every rank's RNG state (the weights and optimizer state
+        are the same on every rank after a step)."""
+        rng_states = self.dist.gather(rng_state())
+        path = checkpoint_dir(self.output_dir, step)
+        if self.dist.is_main:
+            save_checkpoint(self.output_dir, step, model=self.model, tokenizer=self.tokenizer,
+                            optimizer_state=self.optimizer.state_dict(),
+                            trainer_state={**trainer_state, "world_size": self.dist.world_size},
+                            config_yaml=dump_yaml(self.config), base_model_name_or_path=self.base_model_name,
+                            save_total_limit=self.config.save_total_limit, rng_states=rng_states)
+        return path
 
     def save_checkpoint_if_due(self, step: int, trainer_state: Callable[[], dict[str, Any]],
                                since: int | None = None) -> None:
@@ -147,13 +171,17 @@ class TrainingRun:
             self.save_checkpoint(step, trainer_state())
 
     def save_model(self) -> Path:
-        return save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name)
+        """Rank 0 saves the result; every rank returns its path once it is there."""
+        path = None
+        if self.dist.is_main:
+            path = save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name)
+        return self.dist.broadcast(path)
 
     def resume(self, restore: Callable[[dict[str, Any], Path], None]) -> bool:
         """Load the checkpoint resume_from_checkpoint names into the model and optimizer and
         hand its trainer_state and path to `restore`; False for a fresh run."""
         checkpoint = resume_from(self.config.resume_from_checkpoint, self.output_dir, self.model, self.optimizer,
-                                 settings_must_match(self.config, self.must_match))
+                                 settings_must_match(self.config, self.must_match), rank=self.dist.rank)
         if checkpoint is None:
             return False
         changed = setting_differences(checkpoint.config_yaml, self.config)
@@ -161,6 +189,10 @@ class TrainingRun:
             self.log(f"resuming {checkpoint.path} with changed settings, which apply from here on: {'; '.join(changed)}")
         restore(checkpoint.trainer_state, checkpoint.path)
         return True
+
+
+def _quiet(text: str) -> None:
+    """The log of every rank but 0."""
 
 
 def start_from_adapter(model: nn.Module, adapter: str, base_model_name: str, log: Callable[[str], None]) -> None:

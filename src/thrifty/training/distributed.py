@@ -1,0 +1,167 @@
+"""More than one process: torchrun, torch.distributed and DDP, as the trainers use them.
+
+    torchrun --nproc-per-node 2 -m thrifty sft CONFIG
+
+torchrun starts one process per rank and tells each its RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE and the rendezvous address in the environment. `Distributed.from_env()`
+reads them, joins the process group (gloo on CPU, nccl on CUDA) and gives each process
+its share of the machine's cores; without torchrun it is a world of one and every method
+below is the identity, so the trainers have one code path.
+
+What the trainers do with it (see sft/trainer.py and grpo/trainer.py):
+* every rank holds the same data and draws the same global order from the seed; each
+  micro-batch of the global step is split in world_size contiguous slices (`shard`), so N
+  ranks x batch B compute what 1 process x batch N*B computes;
+* gradients are averaged by DistributedDataParallel (`ddp_forward`), once per optimizer
+  step (no_sync on the other micro-batches); the losses are scaled by world_size so that
+  average is the sum of per-rank losses normalised over the whole global step;
+* sums and per-rank results are exchanged with all_reduce / all_gather_object;
+* rank 0 alone writes files and prints; every rank raises its own errors, and torchrun
+  stops the other ranks when one exits with an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from thrifty.errors import ThriftyError
+from thrifty.training.config import launched_world_size
+
+T = TypeVar("T")
+
+
+def split_evenly(items: Sequence[T], parts: int) -> list[list[T]]:
+    """`items` in `parts` contiguous pieces, as torch.tensor_split (the first len % parts
+    pieces one longer)."""
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [list(items[bounds[i]:bounds[i + 1]]) for i in range(parts)]
+
+
+class _ModelCall(nn.Module):
+    """Wraps the model so DDP sees a forward: `call(fn, *args)` runs fn(model, *args), so a
+    trainer's loss function (which reads hidden states and the head's weight directly)
+    runs inside DDP's forward and its backward reduces the gradients."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.model, *args)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    _ddp: DistributedDataParallel | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        """The world torchrun launched this process into (a world of one without it);
+        joins the process group on first use."""
+        world_size = launched_world_size()
+        if world_size == 1:
+            return cls()
+        try:
+            rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+            local_world_size = int(os.environ["LOCAL_WORLD_SIZE"])
+        except KeyError as missing:
+            raise ThriftyError(f"WORLD_SIZE={world_size} is set but {missing} is not: launch with torchrun "
+                               "(e.g. torchrun --nproc-per-node 2 -m thrifty sft CONFIG), which sets them all.") from None
+        if not dist.is_initialized():
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+            # Each rank's share of the cores: N processes each using every core would fight
+            # over them (the native kernels read the same setting, at::get_num_threads).
+            cores = len(os.sched_getaffinity(0))
+            torch.set_num_threads(max(1, cores // local_world_size))
+        return cls(rank, world_size, local_rank, local_world_size)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints, writes files and saves."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ data
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's contiguous piece of `items` (split_evenly); a world of one keeps them all."""
+        return split_evenly(items, self.world_size)[self.rank]
+
+    # ------------------------------------------------------------------ collectives
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sums over the ranks (float64, so counts stay exact)."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self._device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's `value` (any picklable object), in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's `value` on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    @property
+    def _device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    # ------------------------------------------------------------------ gradients
+
+    def ddp_forward(self, model: nn.Module, fn: Callable[..., T], *args: Any, sync: bool) -> T:
+        """fn(model, *args), through DistributedDataParallel when there are several ranks:
+        the backward of the result then averages the gradients over the ranks if `sync`
+        (the last micro-batch of an optimizer step) and only accumulates them otherwise."""
+        if not self.enabled:
+            return fn(model, *args)
+        if self._ddp is None or self._ddp.module.model is not model:
+            # forward_sync_buffers=False: no buffer changes in training (RoPE tables, quantized
+            # weights), so re-sending them every forward would be pure traffic.
+            self._ddp = DistributedDataParallel(_ModelCall(model), forward_sync_buffers=False)
+        context = contextlib.nullcontext() if sync else self._ddp.no_sync()
+        with context:
+            return self._ddp(fn, *args)
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. creating output_dir), then the others."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()

@@ -1,0 +1,56 @@
+"""A training script as a user writes one, run by the distributed tests both as a plain
+process (`python distributed_script.py SPEC`) and under `torchrun`: the Python API is the
+same in both. SPEC is JSON: {"kind": "sft" | "grpo", "model": DIR, "config": {...},
+"fail_on_rank": R (optional: that rank's reward function raises at its second call)}.
+The tiny rows and the reward are defined here so both launches use the same ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from thrifty import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, load_model
+from thrifty.errors import ThriftyError
+
+WORDS = ["red", "blue", "green", "one", "two", "three", "sun", "moon", "stone", "river"]
+
+
+def sft_rows(n: int = 40) -> list[dict]:
+    rows = []
+    for i in range(n):
+        prompt = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(1 + i % 4))
+        completion = " ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(1 + (i * 7) % 5))
+        rows.append({"prompt": f"say {prompt}", "completion": completion})
+    return rows
+
+
+def grpo_rows() -> list[dict]:
+    return [{"prompt": f"say {w}", "answer": w} for w in WORDS]
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    model, tokenizer = load_model(spec["model"], dtype="float32", device="cpu")
+    values = dict(model_name_or_path=spec["model"], dtype="float32", disable_tqdm=True, **spec["config"])
+    if spec["kind"] == "sft":
+        SFTTrainer(model, tokenizer, SFTConfig(**values), train_dataset=sft_rows()).train()
+        return
+    calls = {"n": 0}
+
+    def vowel_share(completions: list[str], **kwargs: object) -> list[float]:
+        calls["n"] += 1
+        if spec.get("fail_on_rank") == int(os.environ.get("RANK", "0")) and calls["n"] == 2:
+            raise ThriftyError("vowel_share failed on purpose")
+        return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+
+    GRPOTrainer(model, tokenizer, reward_funcs=[vowel_share], train_dataset=grpo_rows(),
+                config=GRPOConfig(**values)).train()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ThriftyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
