@@ -1,7 +1,9 @@
 """A training script as a user writes one, run by the distributed tests both as a plain
 process (`python distributed_script.py SPEC`) and under `torchrun`: the Python API is the
 same in both. SPEC is JSON: {"kind": "sft" | "grpo", "model": DIR, "config": {...},
-"fail_on_rank": R (optional: that rank's reward function raises at its second call)}.
+"fail_on_rank": R (optional: that rank's reward function raises at its second call),
+"report": true (optional: each rank writes rank{R}.json into output_dir with the bytes of
+the parameters and optimizer state it holds)}.
 The tiny rows and the reward are defined here so both launches use the same ones."""
 
 from __future__ import annotations
@@ -9,6 +11,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
 
 from thrifty import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, load_model
 from thrifty.errors import ThriftyError
@@ -29,12 +35,30 @@ def grpo_rows() -> list[dict]:
     return [{"prompt": f"say {w}", "answer": w} for w in WORDS]
 
 
+def local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of `tensor` held by this process (its shard, for a DTensor)."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
+
+
+def write_memory_report(trainer: SFTTrainer, output_dir: str) -> None:
+    optimizer = trainer.optimizer
+    state = [t for s in optimizer.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    masters = [m for m, p in zip(optimizer.masters, optimizer.params) if m is not p]
+    report = {"parameters": sum(local_bytes(p) for p in trainer.model.parameters()),
+              "optimizer": sum(local_bytes(t) for t in state + masters)}
+    Path(output_dir, f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report))
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     model, tokenizer = load_model(spec["model"], dtype="float32", device="cpu")
     values = dict(model_name_or_path=spec["model"], dtype="float32", disable_tqdm=True, **spec["config"])
     if spec["kind"] == "sft":
-        SFTTrainer(model, tokenizer, SFTConfig(**values), train_dataset=sft_rows()).train()
+        trainer = SFTTrainer(model, tokenizer, SFTConfig(**values), train_dataset=sft_rows())
+        trainer.train()
+        if spec.get("report"):
+            write_memory_report(trainer, values["output_dir"])
         return
     calls = {"n": 0}
 

@@ -111,6 +111,33 @@ def test_sft_two_processes_equal_one(tiny_dir: Path, tmp_path: Path, method: str
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
+def test_fsdp2_shards_full_fine_tuning_and_computes_what_one_process_does(tiny_dir: Path, tmp_path: Path) -> None:
+    """fsdp: full_shard under torchrun: the same run as one process, each rank holding
+    about half of the parameters and AdamW state, and its checkpoint (whole files)
+    resumed by one process continues the same run."""
+    settings = dict(SFT, use_lora=False, learning_rate=1e-3)
+    one_process("sft", tiny_dir, **settings, per_device_train_batch_size=4, output_dir=str(tmp_path / "one"))
+    run(torchrun("--standalone", "--nproc-per-node", "2", str(SCRIPT), json.dumps(
+        {"kind": "sft", "model": str(tiny_dir), "report": True,
+         "config": dict(settings, per_device_train_batch_size=2, fsdp="full_shard", output_dir=str(tmp_path / "two"))})))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    run([sys.executable, str(SCRIPT), json.dumps({"kind": "sft", "model": str(tiny_dir), "report": True, "config": dict(
+        settings, per_device_train_batch_size=4, max_steps=1, output_dir=str(tmp_path / "unsharded"))})])
+    whole = json.loads((tmp_path / "unsharded" / "rank0.json").read_text())
+    for rank in (0, 1):
+        held = json.loads((tmp_path / "two" / f"rank{rank}.json").read_text())
+        for kind in ("parameters", "optimizer"):  # dim-0 shards: up to one row each more than half
+            assert 0.45 < held[kind] / whole[kind] < 0.55, (rank, kind, held[kind], whole[kind])
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed / "checkpoint-2")
+    one_process("sft", tiny_dir, **settings, per_device_train_batch_size=4, output_dir=str(resumed),
+                resume_from_checkpoint="latest")
+    final, expected = weights(resumed), weights(tmp_path / "one")
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
 GRPO = dict(max_steps=4, num_generations=4, gradient_accumulation_steps=2, max_completion_length=8,
             learning_rate=1e-2, lora_r=4, lora_alpha=8, save_steps=0, seed=5)
 

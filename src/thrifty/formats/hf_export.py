@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from thrifty.errors import ThriftyError
 from thrifty.formats.atomic import atomic_directory, require_finite
@@ -35,7 +36,9 @@ def hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
         if is_quantized(module):
             raise ThriftyError(f"save_hf_model: {name} is quantized ({type(module).__name__}); a Hugging Face "
                                "directory needs full-precision weights. Load the base model unquantized.")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # Weights sharded by FSDP2 (DTensors) are gathered whole: under torchrun every rank calls this.
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().to("cpu").contiguous()
+             for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
@@ -59,14 +62,16 @@ def generation_config_dict(model: CausalLM, tokenizer: Tokenizer) -> dict[str, A
     }
 
 
-def save_hf_model(model: CausalLM, tokenizer: Tokenizer, directory: str | Path) -> Path:
+def save_hf_model(model: CausalLM, tokenizer: Tokenizer, directory: str | Path,
+                  state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` and `tokenizer` as a Hugging Face model directory (replacing it
     atomically if it exists) and return its path. The model must be plain: merge LoRA
-    adapters first; quantized layers cannot be exported."""
+    adapters first; quantized layers cannot be exported. `state`: hf_state_dict(model),
+    if the caller has it already."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ThriftyError(f"{directory} exists and is not a directory; choose another output path.")
-    state = hf_state_dict(model)  # checks before creating anything
+    state = hf_state_dict(model) if state is None else state  # checks before creating anything
     with atomic_directory(directory) as tmp:
         write_hf_files(model, tokenizer, tmp, state)
     return directory

@@ -394,7 +394,7 @@ class GRPOTrainer:
                         self.metrics.write({"step": 0, "eval_accuracy": initial_eval.accuracy})
                         self.log(f"held-out before training: {initial_eval.summary()}")
             with (self.run.checkpointed_layers(),
-                  ProgressBar(self.total_steps, self.step, cfg.disable_tqdm or not self.dist.is_main, desc="grpo") as progress):
+                  ProgressBar(self.total_steps, self.step, cfg.disable_tqdm, desc="grpo", shown=self.dist.is_main) as progress):
                 while self.step < self.total_steps:
                     before = self.step
                     record = self._generation()

@@ -20,6 +20,7 @@ from thrifty.training.config import TrainingConfig
 
 # The data formats SFT reads (see sft/examples.py); None in the config: detect per file.
 FORMATS = ("text", "prompt_completion", "messages", "alpaca")
+FSDP_OPTIONS = ("", "full_shard", "full_shard auto_wrap")
 
 
 @refuse_unknown_fields
@@ -39,6 +40,10 @@ class SFTConfig(TrainingConfig):
 
     # -- optimisation (the rest: TrainingConfig) ---------------------------------------------
     per_device_eval_batch_size: int = 8
+    # transformers' `fsdp`: "full_shard" (or "full_shard auto_wrap") shards the weights,
+    # gradients and optimizer state over the torchrun processes with PyTorch's FSDP2, one
+    # unit per decoder layer. Full fine-tuning only (LoRA's adapters are too small to gain).
+    fsdp: str = ""
 
     # -- logging ------------------------------------------------------------------------
     output_dir: str = "output/sft"
@@ -61,6 +66,10 @@ class SFTConfig(TrainingConfig):
         need(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs",
              "must be positive (or set max_steps)")
         need(self.num_sample_prompts >= 0, "num_sample_prompts", "must be 0 or more")
+        need(self.fsdp in FSDP_OPTIONS, "fsdp", f"use one of {', '.join(repr(o) for o in FSDP_OPTIONS)} "
+             "(Thrifty shards every decoder layer: full_shard with auto_wrap by layer)")
+        need(not self.fsdp or not self.use_lora, "fsdp", "shards full fine-tuning: set use_lora: false, or "
+             "remove fsdp (LoRA runs under torchrun with DDP)")
         need(self.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
         if self.eval_file is not None and self.eval_split > 0:
             raise ThriftyError(f"eval_file and eval_split = {self.eval_split} are both set; use one: an eval "

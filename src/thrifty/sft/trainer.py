@@ -164,7 +164,7 @@ class SFTTrainer:
             model.train()
             last_loss = eval_loss = None
             train_tokens, train_seconds = 0, 0.0
-            with self.run.checkpointed_layers(), ProgressBar(self.total_steps, self.step, cfg.disable_tqdm or not self.dist.is_main, desc="sft") as progress:
+            with self.run.checkpointed_layers(), ProgressBar(self.total_steps, self.step, cfg.disable_tqdm, desc="sft", shown=self.dist.is_main) as progress:
                 while self.step < self.total_steps:
                     started = time.perf_counter()
                     lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps,
@@ -258,9 +258,14 @@ class SFTTrainer:
         was_training = self.model.training
         self.model.eval()
         loss_sum, labels = 0.0, 0
-        for i, batch in enumerate(self.data.eval_batches(self.config.per_device_eval_batch_size)):
-            if i % self.dist.world_size == self.dist.rank:  # under torchrun each rank takes every N-th
-                loss, count = sft_loss(self.model, batch.tensors)
+        batches = list(self.data.eval_batches(self.config.per_device_eval_batch_size))
+        world = self.dist.world_size
+        # Under torchrun each rank takes every N-th batch; sharded (FSDP2), every rank must
+        # run as many forwards as the others, so the short ones repeat a batch unweighted.
+        end = -(-len(batches) // world) * world if self.dist.sharded else len(batches)
+        for i in range(self.dist.rank, end, world):
+            loss, count = sft_loss(self.model, batches[min(i, len(batches) - 1)].tensors)
+            if i < len(batches):
                 loss_sum, labels = loss_sum + loss.item(), labels + int(count)
         self.model.train(was_training)
         loss_sum, labels = self.dist.sum([loss_sum, labels])
@@ -321,7 +326,8 @@ class SFTTrainer:
     def _sample(self, when: str) -> list[str]:
         """Greedy generations on the held-out prompts, printed (by rank 0 alone)."""
         prompts = self.data.held_out_prompts
-        if not prompts or self.tokenizer is None or not self.dist.is_main:
+        # Under FSDP2 every forward is a collective of all ranks: no rank-0-only generation.
+        if not prompts or self.tokenizer is None or not self.dist.is_main or self.dist.sharded:
             return []
         was_training = self.model.training
         self.model.eval()

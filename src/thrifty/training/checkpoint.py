@@ -39,6 +39,7 @@ from thrifty.formats.atomic import atomic_directory
 from thrifty.formats.hf_export import save_hf_model, write_hf_files
 from thrifty.formats.peft_adapter import KEY_PREFIX, save_adapter
 from thrifty.formats.peft_adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from thrifty.training.distributed import shard_like
 from thrifty.training.setup import has_lora
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -99,15 +100,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(output_dir: Path, step: int, *, model: nn.Module, tokenizer: Any, optimizer_state: dict,
                     trainer_state: dict[str, Any], config_yaml: str, base_model_name_or_path: str,
-                    save_total_limit: int | None, rng_states: Sequence[dict[str, Any]] | None = None) -> Path:
+                    save_total_limit: int | None, rng_states: Sequence[dict[str, Any]] | None = None,
+                    model_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint-{step} atomically, then delete the oldest beyond save_total_limit.
-    rng_states: every rank's generator states, rank 0 first (default: this process's)."""
+    rng_states: every rank's generator states, rank 0 first (default: this process's);
+    model_state: hf_state_dict(model) for full fine-tuning, if the caller has it."""
     final = checkpoint_dir(output_dir, step)
     with atomic_directory(final) as tmp:
         if has_lora(model):
             save_adapter(model, tmp, base_model_name_or_path)
         else:
-            write_hf_files(model, tokenizer, tmp)
+            write_hf_files(model, tokenizer, tmp, model_state)
         torch.save(optimizer_state, tmp / "optimizer.pt")
         for rank, state in enumerate(rng_states or [rng_state()]):
             torch.save(state, tmp / rng_state_file(rank))
@@ -129,14 +132,16 @@ class LoadedCheckpoint:
     config_yaml: str
 
 
-def save_trained_model(model: nn.Module, tokenizer: Any, output_dir: Path, base_model_name_or_path: str) -> Path:
-    """A run's result: output_dir/adapter (LoRA, PEFT format) or output_dir/model (full, HF format)."""
+def save_trained_model(model: nn.Module, tokenizer: Any, output_dir: Path, base_model_name_or_path: str,
+                       model_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """A run's result: output_dir/adapter (LoRA, PEFT format) or output_dir/model (full, HF
+    format; model_state: hf_state_dict(model), if the caller has it)."""
     if has_lora(model):
         path = output_dir / "adapter"
         with atomic_directory(path) as tmp:
             save_adapter(model, tmp, base_model_name_or_path)
         return path
-    return save_hf_model(model, tokenizer, output_dir / "model")
+    return save_hf_model(model, tokenizer, output_dir / "model", model_state)
 
 
 # Settings that only say where and how a run reports or resumes: never worth a notice.
@@ -247,4 +252,4 @@ def _load_weights(path: Path, model: nn.Module) -> None:
     with torch.no_grad():
         for name, tensor in tensors.items():
             if name in params:
-                params[name].copy_(tensor)
+                params[name].copy_(shard_like(tensor, params[name]))  # FSDP2: this rank's piece

@@ -18,6 +18,13 @@ What the trainers do with it (see sft/trainer.py and grpo/trainer.py):
 * sums and per-rank results are exchanged with all_reduce / all_gather_object;
 * rank 0 alone writes files and prints; every rank raises its own errors, and torchrun
   stops the other ranks when one exits with an error.
+
+With `shard_model` (SFT's fsdp: full_shard) FSDP2 replaces DDP: every decoder layer and
+the rest of the model hold 1/N of their weights, gradients and AdamW state per rank as
+DTensors, gathered layer by layer for each forward and backward. Checkpoints and the
+result stay ordinary full files: `full_tensor` gathers a sharded tensor (every rank
+calls it, rank 0 writes) and `shard_like` cuts a loaded full tensor back into this
+rank's piece, so a sharded run resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from thrifty.errors import ThriftyError
@@ -67,6 +76,7 @@ class Distributed:
     local_rank: int = 0
     local_world_size: int = 1
     _ddp: DistributedDataParallel | None = field(default=None, repr=False)
+    _sharded: bool = field(default=False, repr=False)
 
     @classmethod
     def from_env(cls) -> Distributed:
@@ -91,6 +101,20 @@ class Distributed:
             cores = len(os.sched_getaffinity(0))
             torch.set_num_threads(max(1, cores // local_world_size))
         return cls(rank, world_size, local_rank, local_world_size)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded with FSDP2 (shard_model) rather than replicated."""
+        return self._sharded
+
+    def shard_model(self, model: nn.Module) -> None:
+        """FSDP2 on `model` (a CausalLM): one unit per decoder layer, then the rest
+        (embeddings, final norm, a tied head). hidden_states is the trainers' forward."""
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        register_fsdp_forward_method(model, "hidden_states")
+        self._sharded = True
 
     @property
     def enabled(self) -> bool:
@@ -147,7 +171,7 @@ class Distributed:
         """fn(model, *args), through DistributedDataParallel when there are several ranks:
         the backward of the result then averages the gradients over the ranks if `sync`
         (the last micro-batch of an optimizer step) and only accumulates them otherwise."""
-        if not self.enabled:
+        if not self.enabled or self._sharded:  # FSDP2 reduce-scatters the gradients itself
             return fn(model, *args)
         if self._ddp is None or self._ddp.module.model is not model:
             # forward_sync_buffers=False: no buffer changes in training (RoPE tables, quantized
@@ -165,3 +189,17 @@ class Distributed:
         yield
         if self.is_main:
             self.barrier()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded (DTensor) tensor, gathered: every rank must call it. A plain
+    tensor is returned as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` cut as `like` is sharded (this rank's piece, no communication); as it is
+    when `like` is a plain tensor."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)

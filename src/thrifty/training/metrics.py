@@ -103,8 +103,10 @@ class MetricsLog:
 class ProgressBar:
     """tqdm over optimizer steps, with the live loss, throughput, lr and memory."""
 
-    def __init__(self, total: int, initial: int, disable: bool, desc: str = "train") -> None:
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable,
+    def __init__(self, total: int, initial: int, disable: bool, desc: str = "train", shown: bool = True) -> None:
+        """shown=False (every torchrun rank but 0): no bar and no lines at all."""
+        self.shown = shown
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable or not shown,
                         dynamic_ncols=True, file=sys.stderr)
 
     def update(self, loss: float, tokens_per_sec: float, lr: float) -> None:
@@ -118,7 +120,8 @@ class ProgressBar:
         self.bar.update(steps)
 
     def write(self, text: str) -> None:
-        self.bar.write(text, file=sys.stderr)
+        if self.shown:
+            self.bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from thrifty.errors import ThriftyError
+from thrifty.training.distributed import full_tensor, shard_like
 
 
 class NonFiniteGradients(ThriftyError):
@@ -80,7 +81,7 @@ class MasterWeightAdamW:
         if not grads:
             return 0.0
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        norm_value = float(norm)
+        norm_value = float(full_tensor(norm))  # FSDP2: the ranks' shards' norms combined
         if not math.isfinite(norm_value):
             raise NonFiniteGradients(norm_value)
         if max_grad_norm > 0:
@@ -100,16 +101,29 @@ class MasterWeightAdamW:
             m.grad = None
 
     def state_dict(self) -> dict[str, Any]:
-        masters = {name: m.detach().clone() for name, m, p in zip(self.names, self.masters, self.params)
+        """Whole tensors, also when FSDP2 shards them (every rank must call it then)."""
+        masters = {name: full_tensor(m.detach()).clone() for name, m, p in zip(self.names, self.masters, self.params)
                    if m is not p}
-        return {"optimizer": self.optimizer.state_dict(), "masters": masters, "names": list(self.names)}
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {index: {key: full_tensor(value) if isinstance(value, torch.Tensor) and value.dim()
+                                      else value for key, value in state.items()}
+                              for index, state in optimizer["state"].items()}
+        return {"optimizer": optimizer, "masters": masters, "names": list(self.names)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["names"] != self.names:
             raise ValueError("the checkpoint's optimizer was built for different trainable parameters.")
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = dict(state["optimizer"])
+        # Under FSDP2, each rank keeps its piece of the (whole) saved moments. (torch numbers
+        # the parameters group by group.)
+        numbered = [m for group in self.optimizer.param_groups for m in group["params"]]
+        optimizer["state"] = {index: {key: shard_like(value, numbered[int(index)])
+                                      if isinstance(value, torch.Tensor) and value.dim() else value
+                                      for key, value in saved.items()}
+                              for index, saved in optimizer["state"].items()}
+        self.optimizer.load_state_dict(optimizer)
         for name, m, p in zip(self.names, self.masters, self.params):
             if m is not p:
-                m.copy_(state["masters"][name])
+                m.copy_(shard_like(state["masters"][name], m))
                 p.copy_(m)

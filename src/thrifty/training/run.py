@@ -24,6 +24,7 @@ from thrifty.config_io import dump_yaml
 from thrifty.errors import ThriftyError
 from thrifty.formats.atomic import remove_stale_temporaries
 from thrifty.formats.default_model import DEFAULT_MODEL_NAME
+from thrifty.formats.hf_export import hf_state_dict
 from thrifty.layers.quant import quantize_model
 from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.training.checkpoint import (
@@ -56,6 +57,11 @@ class TrainingRun:
                 quantize_model(model, config.quantize)
             start_from_adapter(model, config.adapter, self.base_model_name, log)
         self.model = prepare_model(model, config)
+        if getattr(config, "fsdp", ""):
+            if self.dist.enabled:
+                self.dist.shard_model(self.model)
+            else:
+                log("fsdp: one process, nothing to shard (launch with torchrun --nproc-per-node N)")
         self.optimizer = MasterWeightAdamW(self.model.named_parameters(), lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                                            weight_decay=config.weight_decay)
@@ -154,12 +160,17 @@ class TrainingRun:
         are the same on every rank after a step)."""
         rng_states = self.dist.gather(rng_state())
         path = checkpoint_dir(self.output_dir, step)
+        # Sharded (FSDP2) state is gathered whole by every rank together; rank 0 writes it.
+        sharded = self.dist.sharded
+        optimizer_state = self.optimizer.state_dict() if sharded or self.dist.is_main else None
+        model_state = hf_state_dict(self.model) if sharded else None
         if self.dist.is_main:
             save_checkpoint(self.output_dir, step, model=self.model, tokenizer=self.tokenizer,
-                            optimizer_state=self.optimizer.state_dict(),
+                            optimizer_state=optimizer_state,
                             trainer_state={**trainer_state, "world_size": self.dist.world_size},
                             config_yaml=dump_yaml(self.config), base_model_name_or_path=self.base_model_name,
-                            save_total_limit=self.config.save_total_limit, rng_states=rng_states)
+                            save_total_limit=self.config.save_total_limit, rng_states=rng_states,
+                            model_state=model_state)
         return path
 
     def save_checkpoint_if_due(self, step: int, trainer_state: Callable[[], dict[str, Any]],
@@ -173,8 +184,9 @@ class TrainingRun:
     def save_model(self) -> Path:
         """Rank 0 saves the result; every rank returns its path once it is there."""
         path = None
+        model_state = hf_state_dict(self.model) if self.dist.sharded else None  # every rank gathers
         if self.dist.is_main:
-            path = save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name)
+            path = save_trained_model(self.model, self.tokenizer, self.output_dir, self.base_model_name, model_state)
         return self.dist.broadcast(path)
 
     def resume(self, restore: Callable[[dict[str, Any], Path], None]) -> bool:
