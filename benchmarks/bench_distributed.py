@@ -49,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     model, tokenizer = load_model()
     config = SFTConfig(output_dir=args.output_dir, per_device_train_batch_size=GLOBAL_BATCH // world,
-                       max_length=LENGTH, max_steps=args.steps, logging_steps=1, save_steps=0, lora_r=RANK,
+                       max_length=LENGTH, truncation="truncate", max_steps=args.steps, logging_steps=1, save_steps=0, lora_r=RANK,
                        lora_alpha=2 * RANK, lora_dropout=0.0, lora_target_modules=TARGETS, num_sample_prompts=0,
                        disable_tqdm=True, overwrite_output_dir=True)
     trainer = SFTTrainer(model, tokenizer, config, train_dataset=texts(GLOBAL_BATCH * args.steps, LENGTH),

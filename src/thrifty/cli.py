@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -371,7 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except ThriftyError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Under torchrun every rank reports its own error, so say which rank speaks.
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"error{rank}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
