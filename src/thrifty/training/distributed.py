@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -71,6 +71,9 @@ class _ModelCall(nn.Module):
 
 @dataclass
 class Distributed:
+    """This process's place in the torchrun world, and the few collective operations the
+    trainers need (see the module docstring); in a world of one each is the identity."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -180,15 +183,6 @@ class Distributed:
         context = contextlib.nullcontext() if sync else self._ddp.no_sync()
         with context:
             return self._ddp(fn, *args)
-
-    @contextlib.contextmanager
-    def main_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first (e.g. creating output_dir), then the others."""
-        if not self.is_main:
-            self.barrier()
-        yield
-        if self.is_main:
-            self.barrier()
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
