@@ -35,7 +35,7 @@ def describe_run(trainer: Any) -> str:
             f"optimizer steps; each generation {cfg.prompts_per_generation} prompts x {cfg.num_generations} "
             f"completions (<= {cfg.max_completion_length} tokens) in {cfg.micro_batches_per_generation} "
             f"micro-batches of {cfg.per_device_train_batch_size}"
-            + (f" x {cfg.world_size} processes" if cfg.world_size > 1 else "") + ", feeding {cfg.updates_per_generation} optimizer "
+            + (f" x {cfg.world_size} processes" if cfg.world_size > 1 else "") + f", feeding {cfg.updates_per_generation} optimizer "
             f"step(s); rewards: {', '.join(trainer.reward_names)}; lr {cfg.learning_rate:g}, beta {cfg.beta:g}, "
             f"loss {cfg.loss_type}; output in {trainer.output_dir}")
 
