@@ -102,3 +102,27 @@ def test_generate_with_an_adapter(tmp_path: Path) -> None:
     assert result.stdout == tuned_answer + "\n"
     wrong = thrifty("generate", "hi", "--model", str(tmp_path / "adapter"))
     assert wrong.returncode == 2 and "is a LoRA adapter" in wrong.stderr and "--adapter" in wrong.stderr
+
+
+def generated_text(capsys, *args: str) -> str:
+    """`thrifty generate ...` in this process (the model loads each time, as in a new
+    command); its answer text without the header lines."""
+    from thrifty.cli import main
+
+    assert main(["generate", *args, "--max-new-tokens", "24", "--no-stream"]) == 0
+    out = capsys.readouterr().out
+    return "\n".join(line for line in out.splitlines() if not line.startswith("=== "))
+
+
+def test_generate_options_change_the_output_as_documented(capsys) -> None:
+    """--seed makes sampling repeatable and a different seed samples differently,
+    --temperature 0 is greedy whatever the seed, --system reaches the model, --stop cuts."""
+    prompt = "Write one sentence about the sea."
+    greedy = generated_text(capsys, prompt)
+    assert generated_text(capsys, prompt, "--seed", "7") == greedy  # seeds do not touch greedy decoding
+    sampled = [generated_text(capsys, prompt, "--temperature", "1.0", "--seed", str(seed)) for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2] and greedy not in sampled[:1] + sampled[2:]
+    pirate = generated_text(capsys, prompt, "--system", "You are a pirate. Always say Arr.")
+    assert pirate != greedy
+    first_word = greedy.split()[2]
+    assert first_word not in generated_text(capsys, prompt, "--stop", first_word)

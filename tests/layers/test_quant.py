@@ -216,8 +216,17 @@ def test_quantize_model_replaces_decoder_linears(tmp_path: Path) -> None:
         for sub in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
             assert type(sub) is kind
         assert type(model.lm_head) is nn.Linear
+        # The tight reference: the unquantized model given the dequantized weights. The
+        # quantized model must compute exactly that (float32 rounding apart)...
+        rebuilt = load_ours(tmp_path)
+        rebuilt_linears = dict(rebuilt.named_modules())
         with torch.no_grad():
-            got = model(ids)
+            for name, module in model.named_modules():
+                if isinstance(module, kind):
+                    rebuilt_linears[name].weight.copy_(module.dequantize(torch.float32))
+            got, exact = model(ids), rebuilt(ids)
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+        # ...and the quantization error itself stays in its known range (NF4: 4 bits/weight).
         assert (got - expected).abs().max() <= tolerance * expected.abs().max(), method
 
 
