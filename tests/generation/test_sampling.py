@@ -10,15 +10,13 @@ from thrifty.generation.sampling import TOP_P_CANDIDATES, SamplingParams, sample
 from thrifty.kernels.native import native_kernel
 
 
-@pytest.fixture(autouse=True, params=["native", "pytorch"])
-def sampling_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with the C++ whole-vocabulary sampler (kernels/csrc/sampling.cpp) and
-    with the PyTorch ops used where it cannot run."""
-    if request.param == "pytorch":
+def use_kernel(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C++ whole-vocabulary sampler (kernels/csrc/sampling.cpp), or the PyTorch ops
+    that run where it cannot (any top-k, top-p or min-p, or no native kernels)."""
+    if kernel == "pytorch":
         monkeypatch.setenv("THRIFTY_NATIVE_OFF", "sampling")
     elif native_kernel("sampling") is None:
         pytest.skip("no native kernels on this machine: the PyTorch variant covers it")
-    return request.param
 
 
 def reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -59,9 +57,18 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("params", SETTINGS, ids=str)
-def test_sampled_frequencies_match_transformers(params: SamplingParams) -> None:
+# The native sampler takes the temperature-only settings; every setting runs on PyTorch's ops.
+CASES = [(p, "native") for p in SETTINGS if not (p.top_k or p.top_p < 1 or p.min_p)] + [(p, "pytorch") for p in SETTINGS]
+
+
+@pytest.mark.parametrize(("params", "kernel"), CASES, ids=str)
+def test_sampled_frequencies_match_transformers(params: SamplingParams, kernel: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    use_kernel(kernel, monkeypatch)
     logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(1)) * 2
+    from thrifty.generation.sampling import _native_whole_vocabulary_sampler
+
+    assert (_native_whole_vocabulary_sampler(logits, params) is not None) == (kernel == "native")
     expected = reference_probs(logits, params)[0]
     got = empirical(logits, params, draws=40_000)
     # Same support exactly, and frequencies within sampling noise.
@@ -99,3 +106,27 @@ def test_greedy_is_argmax_and_seeded_sampling_repeats() -> None:
 def test_invalid_settings_name_the_option(field: str, value: float) -> None:
     with pytest.raises(ThriftyError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_row_streams_do_not_depend_on_the_batch() -> None:
+    """With one seed per row (RowGenerators), a row samples the same tokens alone or beside
+    others, and whether or not other rows finish first: what lets torchrun ranks sample
+    parts of a GRPO batch as one process samples all of it."""
+    from pathlib import Path
+    import tempfile
+
+    from thrifty.formats.loader import load_model
+    from thrifty.generation.engine import generate_tokens
+    from tiny_tokenizer import save_tiny_model_dir
+
+    with tempfile.TemporaryDirectory() as directory:
+        save_tiny_model_dir("llama", Path(directory))
+        model, tokenizer = load_model(directory, dtype="float32", device="cpu")
+    a, b = tokenizer.encode("say red sun"), tokenizer.encode("say two moon")  # 11 and 12 tokens: padded
+    options = dict(max_new_tokens=12, sampling=SamplingParams(temperature=1.0), num_return_sequences=3,
+                   stop_token_ids=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
+    together, _ = generate_tokens(model, [a, b], row_seeds=[11, 12, 13, 21, 22, 23], **options)
+    alone, _ = generate_tokens(model, [b], row_seeds=[21, 22, 23], **options)
+    reordered, _ = generate_tokens(model, [b, a], row_seeds=[21, 22, 23, 11, 12, 13], **options)
+    assert together[3:] == alone == reordered[:3] and together[:3] == reordered[3:]
+    assert len({tuple(t) for t in together}) == 6  # really sampled, six different streams

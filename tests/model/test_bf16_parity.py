@@ -82,3 +82,31 @@ def test_bf16_greedy_generation_follows_float64(family: str, head_dim: int, tmp_
     # modules' step was checked: Qwen3's q/k norms, and heads of 256 (its attention
     # kernel has sizes 64 and 128).
     assert (DecodingStep.for_model(ours) is not None) == (family != "qwen3" and head_dim == 128)
+
+
+@needs_native
+@pytest.mark.parametrize("family", ["llama", "llama3-scaled", "qwen2", "qwen3", "mistral"])
+def test_bf16_gradients_as_close_to_float64_as_transformers_own(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every weight's gradient through the native training kernels (bf16, head_dim 128)
+    against transformers' float64 gradient of the same loss on the same weights, no further
+    from it than transformers' own bf16 gradient. Measured: 1.01-1.15x transformers' error,
+    whose relative norm is 1.1-1.9% here."""
+    reference = make_hf_model(family, seed=3, **WIDE).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path)
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    ids = torch.randint(3, WIDE["vocab_size"], (3, 97), generator=torch.Generator().manual_seed(1))
+
+    def gradients(model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+        model.train().zero_grad()
+        out = model(ids)
+        (out.logits if hasattr(out, "logits") else out).double().square().mean().backward()
+        return {name: p.grad.double() for name, p in model.named_parameters() if p.grad is not None}
+
+    theirs = gradients(reference)
+    exact = gradients(reference.to(torch.float64))
+    ours = gradients(build_model(load_hf_config(tmp_path), state, source=family).to(torch.bfloat16).requires_grad_(True))
+    assert ours.keys() == exact.keys() and len(exact) >= 20
+    for name in exact:
+        scale = exact[name].norm()
+        our_error, their_error = (ours[name] - exact[name]).norm() / scale, (theirs[name] - exact[name]).norm() / scale
+        assert our_error <= 1.5 * their_error + 1e-3, (name, float(our_error), float(their_error))
