@@ -311,3 +311,89 @@ def test_dynamic_sampling_drops_uninformative_groups_and_refills(tiny_dir: Path,
     assert all(r["dynamic_sampling/kept_groups"] == 2 for r in logged)  # refilled to 2 prompts each time
     trained = {c["prompt"] for c in records(tmp_path, "completions.jsonl")}
     assert trained and not any("red" in p or "blue" in p for p in trained)
+
+
+def adapter_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(output_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_micro_batch_accumulation_equals_one_big_batch(tiny_dir: Path, tmp_path: Path) -> None:
+    """The same 16 completions as 2 accumulated micro-batches of 8 or one of 16: the same
+    optimizer steps (dapo normalises by the step's tokens either way)."""
+    runs = {}
+    for name, batch, accumulation in (("accumulated", 8, 2), ("one_batch", 16, 1)):
+        config = tiny_config(tmp_path / name, tiny_dir, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accumulation, max_steps=3)
+        tiny_trainer(tiny_dir, config).train()
+        runs[name] = (records(tmp_path / name), adapter_weights(tmp_path / name))
+    (steps_a, weights_a), (steps_b, weights_b) = runs["accumulated"], runs["one_batch"]
+    assert [r["reward"] for r in steps_a] == [r["reward"] for r in steps_b]  # the same samples
+    for a, b in zip(steps_a, steps_b):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    # AdamW divides by sqrt(v): for an element whose gradient is near zero, float32 rounding
+    # of the two summation orders becomes a visible (1e-6) difference in its update.
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_qlora_grpo_trains_the_adapters_on_a_frozen_nf4_base(tiny_dir: Path, tmp_path: Path) -> None:
+    """GRPO with quantize: nf4: the NF4 base stays bit for bit, the adapters move, and the
+    KL to the reference (the adapters off) is exactly 0 before the first update (LoRA's B
+    starts at zero) and positive once the policy has moved."""
+    from thrifty.layers.quant import NF4Linear
+
+    config = tiny_config(tmp_path, tiny_dir, quantize="nf4", beta=0.1, max_steps=3, gradient_accumulation_steps=1,
+                         per_device_train_batch_size=8)
+    trainer = tiny_trainer(tiny_dir, config)
+    quantized = {name: m for name, m in trainer.model.named_modules() if isinstance(m, NF4Linear)}
+    assert quantized
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in quantized.items()}
+    trainer.train()
+    for name, module in quantized.items():
+        assert all(torch.equal(before[name][k], v) for k, v in module.state_dict().items()), name
+    kl = [r["kl"] for r in records(tmp_path)]
+    assert kl[0] == 0.0 and kl[-1] > 0.0
+    assert any(w.abs().max() > 0 for k, w in adapter_weights(tmp_path).items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("variant", ["dynamic_sampling", "qlora", "bf16_native"])
+def test_resume_equals_uninterrupted_on_every_path(tiny_dir: Path, tmp_path: Path, variant: str) -> None:
+    """As test_resume_equals_uninterrupted, on the paths users run: dynamic sampling (its
+    draws continue where they were), a quantized base, and bf16 through the native kernels
+    (a model with heads of 64, which they take), each compared with a separate
+    uninterrupted run."""
+    model_dir = tiny_dir
+    options: dict = dict(max_steps=4, save_steps=2, logging_steps=1, num_iterations=2)
+    if variant == "dynamic_sampling":
+        options.update(dynamic_sampling=True, max_dynamic_sampling_draws=3)
+    elif variant == "qlora":
+        options.update(quantize="nf4")
+    else:
+        from thrifty.kernels.native import native_kernel
+        from tiny_models import make_hf_model
+        from tiny_tokenizer import make_tiny_tokenizer
+
+        if native_kernel("attention_forward") is None:
+            pytest.skip("no native kernels on this machine")
+        model_dir = tmp_path / "wide"
+        make_hf_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2).save_pretrained(model_dir)
+        make_tiny_tokenizer().save(model_dir)
+        options.update(dtype="bfloat16")
+
+    def trainer(output_dir: Path, **more) -> GRPOTrainer:  # type: ignore[no-untyped-def]
+        config = tiny_config(output_dir, model_dir, **{**options, **more})
+        model, tokenizer = load_model(model_dir, dtype=config.dtype, device="cpu")
+        return GRPOTrainer(model, tokenizer, reward_funcs=[vowel_share], train_dataset=tiny_rows(), config=config,
+                           log=quiet)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    trainer(straight).train()
+    trainer(resumed, max_steps=2).train()  # stops at step 2 with checkpoint-2, as a killed run would have
+    trainer(resumed, resume_from_checkpoint="latest").train()
+    assert records(resumed) == records(straight)
+    assert records(resumed, "completions.jsonl") == records(straight, "completions.jsonl")
+    a, b = adapter_weights(straight), adapter_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

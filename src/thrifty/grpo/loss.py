@@ -171,7 +171,8 @@ def grpo_loss(
     (defaults: this slice's own, right for one rank).
 
     Metrics (this micro-batch; the trainer averages across steps/ranks): policy_loss (before
-    the accumulation division), kl (masked mean; only when beta != 0), clip_ratio/low_mean,
+    the accumulation division; for dapo, times gradient_accumulation_steps, so the mean over
+    a step's micro-batches is the step's loss), kl (masked mean; only when beta != 0), clip_ratio/low_mean,
     high_mean, region_mean (fraction of tokens whose gradient the clip removed), low_min,
     high_max (extremes of the per-sequence fractions), num_tokens.
     """
@@ -217,6 +218,10 @@ def grpo_loss(
     policy_loss = loss.detach()
     if loss_type != "dapo":
         loss = loss / gradient_accumulation_steps
+    else:
+        # This micro-batch's share of the step's loss; times the micro-batches of the step,
+        # their mean (what the trainer logs) is the step's loss, however it is split.
+        policy_loss = policy_loss * gradient_accumulation_steps
 
     with torch.no_grad():
         metrics = _loss_metrics(ratio.detach(), adv, mask, eps_low, eps_high)
