@@ -5,7 +5,6 @@ the result on all of them."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import pytest

@@ -321,28 +321,47 @@ def test_loss_matches_trl(trl_grpo, loss_type, delta):
         assert our_metrics[key] == pytest.approx(their_metrics[key], rel=1e-9, abs=1e-12), key
 
 
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tiny_tokenizer import save_tiny_model_dir
+
+    directory = tmp_path_factory.mktemp("tiny-llama-trl")
+    save_tiny_model_dir("llama", directory)
+    return directory
+
+
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
-def test_advantages_match_trl_formula(trl_grpo, scale):
-    # TRL computes advantages inline in _generate_and_score_completions (not callable without
-    # a model and generation), so this replays that code with TRL's own nanstd.
-    from trl.trainer.utils import nanstd
+def test_advantages_match_trls_own_code(trl_grpo, tiny_hf_dir, tmp_path, scale):
+    """TRL's GRPOTrainer scores a real generation batch (its _generate_and_score_completions,
+    with two weighted reward functions, one of which abstains with None); Thrifty's
+    combine_rewards and group_advantages on the very rewards those functions returned give
+    TRL's advantages."""
+    import datasets
+    import transformers
+    import trl
 
-    per_func = torch.tensor([[1.0, 0.0, 0.5, math.nan, 2.0, 2.0, 2.0, 2.0, -1.0, 3.0, math.nan, 0.0],
-                             [0.5, 0.5, math.nan, math.nan, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.0]]).T
-    weights, G = torch.tensor([1.0, 0.5]), 4
-    unscorable = torch.isnan(per_func).all(dim=1)
-    rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)
-    rewards[unscorable] = torch.nan
-    mean = torch.nanmean(rewards.view(-1, G), dim=1).repeat_interleave(G, dim=0)
-    if scale in ("group", "none"):
-        std = nanstd(rewards.view(-1, G), dim=1).repeat_interleave(G, dim=0)
-    else:
-        std = nanstd(rewards).expand_as(rewards)
-    expected = rewards - mean
-    if scale != "none":
-        expected = expected / (std + 1e-4)
-    expected = torch.nan_to_num(expected, nan=0.0)
+    returned: list[list[float | None]] = []
 
-    combined = combine_rewards(per_func.T, weights)
-    torch.testing.assert_close(combined, rewards, equal_nan=True)
-    torch.testing.assert_close(group_advantages(combined, G, scale), expected)
+    def graded(completions, **kwargs):  # type: ignore[no-untyped-def]
+        values = [float((len(c) * 7 + 3 * len(returned)) % 4) for c in completions]
+        returned.append(values)
+        return values
+
+    def sometimes(completions, **kwargs):  # type: ignore[no-untyped-def]
+        values = [None if i % 3 == 0 else float(len(c) % 2) for i, c in enumerate(completions)]
+        returned.append(values)
+        return values
+
+    prompts = ["say red", "say blue", "say sun", "say one"]
+    trainer = trl.GRPOTrainer(
+        model=transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32),
+        processing_class=transformers.AutoTokenizer.from_pretrained(tiny_hf_dir), reward_funcs=[graded, sometimes],
+        train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
+        args=trl.GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, num_generations=4,
+                            per_device_train_batch_size=16, max_completion_length=6, scale_rewards=scale,
+                            reward_weights=[1.0, 0.5], disable_tqdm=True))
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(4)])
+    per_function = torch.tensor([[math.nan if v is None else v for v in values] for values in returned])
+    ours = group_advantages(combine_rewards(per_function, [1.0, 0.5]), 4, scale)
+    assert per_function[0].std() > 0  # varied rewards, so the advantages are not all zero
+    torch.testing.assert_close(ours, out["advantages"].float(), rtol=1e-6, atol=1e-6)
