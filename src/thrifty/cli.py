@@ -158,6 +158,8 @@ def run_sft(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype)
     result = SFTTrainer(model, tokenizer, config).train()
+    if not _first_process():
+        return
     if result.output_path is not None and result.output_path.name == "adapter":
         merged = result.output_path.parent / "merged"
         print(f"next: thrifty chat --adapter {result.output_path}\n"
@@ -263,7 +265,7 @@ def run_grpo(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype)
     result = GRPOTrainer(model, tokenizer, config=config).train()
-    if result.output_path is not None and result.output_path.name == "adapter":
+    if result.output_path is not None and result.output_path.name == "adapter" and _first_process():
         print(f"next: thrifty eval --task {config.task} --adapter {result.output_path}")
 
 
@@ -365,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparsers)
     add_recipe_parser(subparsers)
     return parser
+
+
+def _first_process() -> bool:
+    """False on every torchrun rank but 0, which alone prints what to do next."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -189,13 +189,15 @@ def test_two_nodes_through_the_cli_equal_one_process(tiny_dir: Path, tmp_path: P
     outputs = [launch.communicate(timeout=TIMEOUT) for launch in launches]
     assert [launch.returncode for launch in launches] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert "x 2 processes" in outputs[0][0] + outputs[1][0]
-    assert one.stdout.count("done:") == 1 and (outputs[0][0] + outputs[1][0]).count("done:") == 1  # rank 0 prints
+    printed = outputs[0][0] + outputs[1][0]
+    assert one.stdout.count("done:") == 1 and printed.count("done:") == printed.count("next:") == 1  # rank 0 prints
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 def test_resume_with_another_number_of_processes(tiny_dir: Path, tmp_path: Path) -> None:
     """Saved by 2 processes at step 2, resumed by 1 (twice the accumulation, the same global
-    batch): the same run as one process that never stopped, checked in separate directories."""
+    batch): the same run as one process that never stopped, checked in separate directories;
+    and resumed by 2 again: the 2-process run that never stopped, bit for bit."""
     settings = dict(SFT, eval_split=0.0, eval_steps=None)
     one_process("sft", tiny_dir, **settings, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                 output_dir=str(tmp_path / "uninterrupted"))
@@ -209,6 +211,14 @@ def test_resume_with_another_number_of_processes(tiny_dir: Path, tmp_path: Path)
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], rtol=1e-4, atol=1e-5)
     assert metrics(resumed)[-1]["loss"] == pytest.approx(metrics(tmp_path / "uninterrupted")[-1]["loss"], rel=1e-4)
+    # With the same number of processes, the resumed run is the uninterrupted one exactly.
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoint-2", again / "checkpoint-2")
+    two_processes("sft", tiny_dir, **settings, per_device_train_batch_size=2, output_dir=str(again),
+                  resume_from_checkpoint="latest")
+    assert metrics(again) == [r for r in metrics(tmp_path / "two") if r["step"] > 2]
+    assert all(torch.equal(weights(again)[name], tensor) for name, tensor in weights(tmp_path / "two").items())
     # Another global batch cannot continue the same run: refused, naming the product to keep.
     refused = run([sys.executable, str(SCRIPT), spec("sft", tiny_dir, **{**settings, "max_steps": 6},
                                                      per_device_train_batch_size=2, output_dir=str(resumed),
