@@ -194,7 +194,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_usable(tiny_dir: Path, 
 
     tiny_trainer(tiny_dir, tiny_config(out, max_steps=5, save_steps=1, save_total_limit=2,
                                        resume_from_checkpoint="latest")).train()
-    # Steps 1-2 ran in the killed process. In ~1 of 12 runs of this test (5 of 64 on
+    # Steps 1-2 ran in the killed process. In ~1 of 12 runs of this test (5 of 58 on
     # 2026-12-06) that process's step 2 has grad_norm 0.57750130 where every other run has
     # 0.57750094 (6e-7 relative; the loss and the other steps equal). Not reproduced outside
     # this harness: 30 separate processes (other hash seeds, a busy CPU, the same script
