@@ -82,10 +82,21 @@ def assert_same_run(single: Path, multi: Path) -> None:
         assert ra.keys() == rb.keys()
         for key in ra:
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
-    wa, wb = weights(single), weights(multi)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+    assert_weights_close(weights(multi), weights(single))
+
+
+def assert_weights_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Final weights of two runs whose sums were added in different orders. AdamW divides
+    each update by sqrt(v): where a gradient element is only rounding noise around zero,
+    its update is about +-lr whatever the noise's size, so a few such elements may end up to
+    lr per step apart (seen: 1 of 256 elements, 6.6e-5). Everything else agrees to float32
+    tolerance, and a wrong gradient would move most elements by ~lr."""
+    assert got.keys() == expected.keys()
+    for name in expected:
+        diff = (got[name] - expected[name]).abs()
+        assert diff.max() <= 2e-3, (name, float(diff.max()))
+        off = diff > 1e-5 + 1e-4 * expected[name].abs()
+        assert off.float().mean() <= 0.01, (name, int(off.sum()), off.numel())
 
 
 SFT = dict(max_steps=4, learning_rate=1e-2, lora_r=4, lora_alpha=8, logging_steps=1, num_sample_prompts=0, seed=3,
@@ -133,9 +144,7 @@ def test_fsdp2_shards_full_fine_tuning_and_computes_what_one_process_does(tiny_d
     shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed / "checkpoint-2")
     one_process("sft", tiny_dir, **settings, per_device_train_batch_size=4, output_dir=str(resumed),
                 resume_from_checkpoint="latest")
-    final, expected = weights(resumed), weights(tmp_path / "one")
-    for name in expected:
-        torch.testing.assert_close(final[name], expected[name], rtol=1e-4, atol=1e-5)
+    assert_weights_close(weights(resumed), weights(tmp_path / "one"))
 
 
 GRPO = dict(max_steps=4, num_generations=4, gradient_accumulation_steps=2, max_completion_length=8,
@@ -207,9 +216,7 @@ def test_resume_with_another_number_of_processes(tiny_dir: Path, tmp_path: Path)
     shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed / "checkpoint-2")
     one_process("sft", tiny_dir, **settings, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                 output_dir=str(resumed), resume_from_checkpoint="latest")
-    final, expected = weights(resumed), weights(tmp_path / "uninterrupted")
-    for name in expected:
-        torch.testing.assert_close(final[name], expected[name], rtol=1e-4, atol=1e-5)
+    assert_weights_close(weights(resumed), weights(tmp_path / "uninterrupted"))
     assert metrics(resumed)[-1]["loss"] == pytest.approx(metrics(tmp_path / "uninterrupted")[-1]["loss"], rel=1e-4)
     # With the same number of processes, the resumed run is the uninterrupted one exactly.
     again = tmp_path / "again"
