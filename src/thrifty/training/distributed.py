@@ -29,6 +29,7 @@ rank's piece, so a sharded run resumes with any number of processes.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Callable, Sequence
@@ -99,6 +100,10 @@ class Distributed:
             if cuda:
                 torch.cuda.set_device(local_rank)
             dist.init_process_group(backend="nccl" if cuda else "gloo")
+            # Left to the interpreter's exit, gloo's threads can still be running when their
+            # objects are destroyed ("terminate called without an active exception", seen in
+            # CI): leave the group first.
+            atexit.register(_leave_process_group)
             # Each rank's share of the cores: N processes each using every core would fight
             # over them (the native kernels read the same setting, at::get_num_threads).
             cores = len(os.sched_getaffinity(0))
@@ -183,6 +188,11 @@ class Distributed:
         context = contextlib.nullcontext() if sync else self._ddp.no_sync()
         with context:
             return self._ddp(fn, *args)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
