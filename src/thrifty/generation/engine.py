@@ -164,12 +164,17 @@ def generate_tokens(
     if any(len(p) == 0 for p in prompt_ids):
         raise ThriftyError("a prompt is empty after tokenization; give at least one token.")
     device = model.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
     num_rows = len(prompt_ids) * num_return_sequences
-    if row_seeds is not None and len(row_seeds) != num_rows:
-        raise ValueError(f"{len(row_seeds)} row_seeds for {num_rows} output rows.")
-    row_generators = RowGenerators(list(row_seeds), device) if row_seeds is not None else None
+    # The random numbers come from one generator, or from one per row; only the one in use
+    # is made (an unseeded one would draw its seed from torch's global generator).
+    generator, row_generators = None, None
+    if row_seeds is not None:
+        if len(row_seeds) != num_rows:
+            raise ValueError(f"{len(row_seeds)} row_seeds for {num_rows} output rows.")
+        row_generators = RowGenerators(list(row_seeds), device)
+    else:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
 
     prompt_len = max(len(p) for p in prompt_ids)
     total_len = prompt_len + max_new_tokens
