@@ -1,6 +1,7 @@
 """A character-level tokenizer with a ChatML-style chat template that fits the tiny
 test models' 97-token vocabulary, so trainers can run end to end on them in seconds;
-and a byte-level BPE one (the kind GGUF files hold) for tiny models of 300 tokens."""
+and a byte-level BPE one (the kind GGUF files hold) for tiny models of 300 tokens; and
+SFT rows written in the character-level one's alphabet."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from thrifty.model.tokenizer import Tokenizer
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"]  # ids 0..5 (pad, bos, eos as BASE)
 CHARS = list(string.ascii_lowercase + string.digits + " \n.,?!:+-*=\"'") + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")[:8]
+WORDS = ["red", "blue", "green", "one", "two", "three", "sun", "moon", "stone", "river"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -74,3 +76,13 @@ def tiny_byte_level_model(family: str, directory: Path):  # type: ignore[no-unty
                   intermediate_size=256).save_pretrained(directory)
     byte_level_tokenizer().save(directory)
     return load_model(directory, dtype="float32", device="cpu")
+
+
+def tiny_sft_rows(n: int = 24) -> list[dict]:
+    """prompt/completion rows of varied lengths, in the tiny tokenizer's alphabet."""
+    rows = []
+    for i in range(n):
+        prompt = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(1 + i % 4))
+        completion = " ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(1 + (i * 7) % 5))
+        rows.append({"prompt": f"say {prompt}", "completion": completion})
+    return rows

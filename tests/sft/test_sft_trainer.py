@@ -24,7 +24,7 @@ from thrifty.sft.examples import tokenize_dataset
 from thrifty.sft.trainer import SFTTrainer, sft_loss
 from thrifty.training.checkpoint import list_checkpoints
 
-from tiny_tokenizer import save_tiny_model_dir
+from tiny_tokenizer import save_tiny_model_dir, tiny_sft_rows
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_DATA = REPO / "examples" / "data" / "answer_style.jsonl"
@@ -33,17 +33,6 @@ TIMING_KEYS = ("tokens_per_sec", "rss_mb")  # wall-clock measurements, not repro
 
 def quiet(_: str) -> None:
     pass
-
-
-def tiny_rows(n: int = 24) -> list[dict]:
-    """prompt/completion rows of varied lengths, in the tiny tokenizer's alphabet."""
-    words = ["red", "blue", "green", "one", "two", "three", "sun", "moon", "stone", "river"]
-    rows = []
-    for i in range(n):
-        prompt = " ".join(words[(i + k) % len(words)] for k in range(1 + i % 4))
-        completion = " ".join(words[(3 * i + k) % len(words)] for k in range(1 + (i * 7) % 5))
-        rows.append({"prompt": f"say {prompt}", "completion": completion})
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +54,7 @@ def tiny_trainer(tiny_dir: Path, config: SFTConfig, dtype: str = "float32", rows
                  eval_rows: list[dict] | None = None) -> SFTTrainer:
     model, tokenizer = load_model(tiny_dir, dtype=dtype, device="cpu")
     config.model_name_or_path = str(tiny_dir)
-    return SFTTrainer(model, tokenizer, config, train_dataset=rows or tiny_rows(), eval_dataset=eval_rows, log=quiet)
+    return SFTTrainer(model, tokenizer, config, train_dataset=rows or tiny_sft_rows(), eval_dataset=eval_rows, log=quiet)
 
 
 def training_records(output_dir: Path) -> list[dict]:
@@ -123,7 +112,7 @@ def test_resume_gives_identical_metrics(tiny_dir: Path, tmp_path: Path, method: 
         options.update(use_lora=False, learning_rate=1e-3)
         dtype = "bfloat16"
     out = tmp_path / "run"
-    held_out = tiny_rows(30)[24:]
+    held_out = tiny_sft_rows(30)[24:]
     tiny_trainer(tiny_dir, tiny_config(out, **options), dtype, eval_rows=held_out).train()
     uninterrupted = training_records(out)
     final_weights = (out / ("adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"))
@@ -351,7 +340,7 @@ def test_activation_checkpointing_changes_nothing(tiny_dir: Path, tmp_path: Path
 
 def test_packing_gives_the_same_loss_as_padding(tiny_dir: Path) -> None:
     model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
-    examples = tokenize_dataset(tiny_rows(12), tokenizer, max_length=96)
+    examples = tokenize_dataset(tiny_sft_rows(12), tokenizer, max_length=96)
     pad = tokenizer.pad_token_id
     padded = make_batch(examples, pad)
     packed_rows = pack_examples(examples, 160)
@@ -384,7 +373,7 @@ def test_other_methods_learn_and_change_exactly_their_weights(tiny_dir: Path, tm
     options = {"qlora-nf4": dict(quantize="nf4"), "lora-int8": dict(quantize="int8"),
                "full-checkpointing": dict(use_lora=False, gradient_checkpointing=True, learning_rate=1e-3)}[method]
     trainer = tiny_trainer(tiny_dir, tiny_config(tmp_path, max_steps=8, **options), dtype="bfloat16",
-                           rows=tiny_rows(4))
+                           rows=tiny_sft_rows(4))
     before = {name: t.clone() for name, t in trainer.model.state_dict().items()}
     result = trainer.train()
     losses = [r["loss"] for r in training_records(tmp_path)]

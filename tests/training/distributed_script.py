@@ -4,7 +4,8 @@ same in both. SPEC is JSON: {"kind": "sft" | "grpo", "model": DIR, "config": {..
 "fail_on_rank": R (optional: that rank's reward function raises at its second call),
 "report": true (optional: each rank writes rank{R}.json into output_dir with the bytes of
 the parameters and optimizer state it holds)}.
-The tiny rows and the reward are defined here so both launches use the same ones."""
+The rows (tiny_tokenizer's) and the reward are fixed here, so both launches use the same
+ones; run it with tests/ on PYTHONPATH, as the tests do."""
 
 from __future__ import annotations
 
@@ -19,17 +20,7 @@ from torch.distributed.tensor import DTensor
 from thrifty import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, load_model
 from thrifty.errors import ThriftyError
 
-WORDS = ["red", "blue", "green", "one", "two", "three", "sun", "moon", "stone", "river"]
-
-
-def sft_rows(n: int = 40) -> list[dict]:
-    rows = []
-    for i in range(n):
-        prompt = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(1 + i % 4))
-        completion = " ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(1 + (i * 7) % 5))
-        rows.append({"prompt": f"say {prompt}", "completion": completion})
-    return rows
-
+from tiny_tokenizer import WORDS, tiny_sft_rows
 
 def grpo_rows() -> list[dict]:
     return [{"prompt": f"say {w}", "answer": w} for w in WORDS]
@@ -55,7 +46,7 @@ def main() -> None:
     model, tokenizer = load_model(spec["model"], dtype="float32", device="cpu")
     values = dict(model_name_or_path=spec["model"], dtype="float32", disable_tqdm=True, **spec["config"])
     if spec["kind"] == "sft":
-        trainer = SFTTrainer(model, tokenizer, SFTConfig(**values), train_dataset=sft_rows())
+        trainer = SFTTrainer(model, tokenizer, SFTConfig(**values), train_dataset=tiny_sft_rows(40))
         trainer.train()
         if spec.get("report"):
             write_memory_report(trainer, values["output_dir"])

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_tokenizer import save_tiny_model_dir
+from tiny_tokenizer import save_tiny_model_dir, tiny_sft_rows
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "distributed_script.py"
@@ -179,11 +179,8 @@ def free_port() -> int:
 def test_two_nodes_through_the_cli_equal_one_process(tiny_dir: Path, tmp_path: Path) -> None:
     """`torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT -m thrifty sft CONFIG`,
     two launches meeting at a localhost rendezvous as two machines would."""
-    sys.path.insert(0, str(HERE))
-    from distributed_script import sft_rows
-
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in sft_rows()))
+    data.write_text("".join(json.dumps(row) + "\n" for row in tiny_sft_rows(40)))
     config = tmp_path / "sft.yaml"
     config.write_text(f"model_name_or_path: {tiny_dir}\ndtype: float32\ntrain_file: {data}\ndisable_tqdm: true\n"
                       + "".join(f"{k}: {v}\n" for k, v in SFT.items()))
