@@ -147,6 +147,19 @@ def test_fsdp2_shards_full_fine_tuning_and_computes_what_one_process_does(tiny_d
     assert_weights_close(weights(resumed), weights(tmp_path / "one"))
 
 
+def test_fsdp2_no_gradient_forwards_see_the_current_weights(tiny_dir: Path) -> None:
+    """FSDP2 refills each unsharded weight in place without a new version, often at the
+    same address: a no-gradient forward (eval) must not reuse a fused copy of last step's
+    weights. Each eval loss equals the next training step's loss on the same batch (with a
+    stale copy they were up to 4e-3 apart)."""
+    done = run(torchrun("--standalone", "--nproc-per-node", "2", str(HERE / "sharded_eval_script.py"),
+                        str(tiny_dir), "30"))
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for report in reports:
+        assert report["worst"] < 1e-5, report
+
+
 GRPO = dict(max_steps=4, num_generations=4, gradient_accumulation_steps=2, max_completion_length=8,
             learning_rate=1e-2, lora_r=4, lora_alpha=8, save_steps=0, seed=5)
 

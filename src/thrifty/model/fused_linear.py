@@ -208,6 +208,15 @@ def base_linear(layer: nn.Module) -> nn.Linear | None:
     return layer.plain_base if isinstance(layer, LoraLinear) else None
 
 
+def never_fuse(model: nn.Module) -> None:
+    """No fused copies for `model`'s layers. For weights that are rewritten in place
+    without a new version: FSDP2 all-gathers each unsharded weight into storage it frees
+    after the forward and reallocates for the next, preserving the version counter, often
+    at the same address, so a copy keyed on (address, version) would silently go stale."""
+    for module in model.modules():
+        module.__dict__["_fused_for_inference"] = None
+
+
 def fused_for_inference(owner: nn.Module, name: str, layers: list[nn.Module]) -> FusedLinear | None:
     """The FusedLinear over `layers`, cached on `owner` under `name`; None if they cannot fuse.
 
@@ -215,6 +224,8 @@ def fused_for_inference(owner: nn.Module, name: str, layers: list[nn.Module]) ->
     not state) and is rebuilt when any of the layers is swapped for another module.
     """
     fused = owner.__dict__.setdefault("_fused_for_inference", {})
+    if fused is None:
+        return None  # never_fuse(owner)
     cached = fused.get(name)
     token = _FrozenWeights.token
     if cached is not None and token is not None and cached.checked_in is token:
