@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -194,6 +195,13 @@ class Distributed:
 
 def _leave_process_group() -> None:
     if dist.is_initialized():
+        # A gloo worker thread drops its last reference to a finished collective's tensors
+        # after the caller's wait returned, and that needs the GIL; if the interpreter is
+        # finalizing by then, the thread dies inside a destructor and the rank aborts
+        # ("terminate called without an active exception", seen under FSDP2, whose
+        # device mesh keeps the group alive past destroy_process_group). Sleeping
+        # releases the GIL so those threads finish first.
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 
