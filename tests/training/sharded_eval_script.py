@@ -1,7 +1,7 @@
 """Run under torchrun by test_distributed.py: a model sharded with FSDP2 alternates
 training steps on one batch with no-gradient forwards of the same batch. Each no-gradient
 loss must equal the next training step's loss (the same weights, the same batch); this
-script prints the largest relative difference seen on this rank as JSON.
+script prints (rank 0) the largest relative difference each rank saw, as a JSON list.
 Usage: sharded_eval_script.py MODEL_DIR STEPS"""
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def main() -> None:
         model.eval()
         with torch.no_grad():
             evaluated = sft_loss(model, batch)[0].item()
-    print(json.dumps({"rank": dist.rank, "worst": worst}))
+    reports = dist.gather({"rank": dist.rank, "worst": worst})
+    if dist.is_main:
+        print(json.dumps(reports))
 
 
 if __name__ == "__main__":
