@@ -19,6 +19,7 @@ from thrifty.generation.engine import generate_tokens
 from thrifty.generation.sampling import SamplingParams
 from thrifty.grpo.config import GRPOConfig, load_grpo_config
 from thrifty.grpo.evaluation import pass_at_k
+from thrifty.grpo.tasks import get_task
 from thrifty.grpo.trainer import TIMING_KEYS, GRPOTrainer
 from thrifty.layers.lora import lora_layers
 
@@ -399,3 +400,27 @@ def test_resume_equals_uninterrupted_on_every_path(tiny_dir: Path, tmp_path: Pat
     assert records(resumed, "completions.jsonl") == records(straight, "completions.jsonl")
     a, b = adapter_weights(straight), adapter_weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_reasoning_gym_task_trains_with_its_columns(tiny_dir: Path, tmp_path: Path) -> None:
+    """task: reasoning_gym:<dataset> through the trainer: each completion's reward call gets
+    its own row's answer/question/metadata (reasoning-gym's scorer needs them), and
+    held-out accuracy is measured with its checker."""
+    seen: list[tuple[str, str, dict]] = []
+
+    def spy(prompts, completions, answer, question, metadata, **kwargs) -> list[float]:  # type: ignore[no-untyped-def]
+        seen.extend(zip([p[-1]["content"] for p in prompts], question, metadata))
+        return [0.0] * len(completions)
+
+    task = get_task("reasoning_gym:leg_counting")
+    # The tiny model's context is 256 tokens; the questions keep their last 200.
+    config = tiny_config(tmp_path, tiny_dir, task="reasoning_gym:leg_counting", max_steps=1, num_eval_samples=4,
+                         eval_on_start=True, max_prompt_length=200)
+    model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
+    GRPOTrainer(model, tokenizer, reward_funcs=[*task.reward_funcs(), spy], config=config, log=quiet).train()
+    assert len(seen) == config.per_device_train_batch_size * config.gradient_accumulation_steps
+    for prompt, asked, metadata in seen:
+        assert prompt == asked and all(f"{animal}" in prompt for animal in metadata["animals"])
+    logged = records(tmp_path)
+    assert "rewards/leg_counting_score/mean" in next(r for r in logged if "reward" in r)
+    assert any("eval_accuracy" in r for r in logged)

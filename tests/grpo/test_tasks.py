@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
+import subprocess
+import sys
 from fractions import Fraction
 
 import pytest
@@ -162,7 +163,28 @@ def test_registry():
         get_task("arithmetic", operations=("^",))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is not None, reason="reasoning-gym is installed")
+def test_reasoning_gym_tasks_score_with_reasoning_gyms_own_checker():
+    """reasoning-gym (a test dependency) as a task: disjoint splits, its questions as chat
+    prompts, and rewards from its own score_answer for the answer in the tags."""
+    task = get_task("reasoning_gym:leg_counting")
+    train, held_out = task.rows("train", 40, seed=1), task.rows("eval", 20, seed=0)
+    assert not {question(r) for r in train} & {question(r) for r in held_out}
+    assert all("legs" in question(r) for r in train)
+    right = [f"<think>count</think><answer>{r['answer']}</answer>" for r in train]
+    wrong = [f"<think>count</think><answer>{int(r['answer']) + 1}</answer>" for r in train]
+    columns = {k: [r[k] for r in train] * 2 for k in ("answer", "question", "metadata")}
+    score, fmt = task.reward_funcs()
+    assert score(None, right + wrong, **columns) == [1.0] * 40 + [0.0] * 40
+    assert fmt(None, right) == [1.0] * 40
+    assert all(task.check(c, r) for c, r in zip(right, train)) and not any(task.check(c, r) for c, r in zip(wrong, train))
+    with pytest.raises(ThriftyError, match="reasoning_gym:no_such_set: reasoning-gym could not create it"):
+        get_task("reasoning_gym:no_such_set")
+
+
 def test_reasoning_gym_missing_is_a_clear_error():
-    with pytest.raises(ThriftyError, match="pip install reasoning-gym"):
-        get_task("reasoning_gym:leg_counting")
+    """Without the package (its import blocked in a fresh interpreter) the task names it."""
+    script = ("import sys; sys.modules['reasoning_gym'] = None\n"
+              "from thrifty.grpo.tasks import get_task\n"
+              "get_task('reasoning_gym:leg_counting')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "pip install reasoning-gym" in done.stderr

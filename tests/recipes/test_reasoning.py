@@ -41,6 +41,28 @@ def test_traces_pass_the_checker_and_the_format_reward(settings: dict) -> None:
     assert held_out and not held_out & {row["prompt"][-1]["content"] for row in rows}
 
 
+def test_the_worked_steps_reward_scores_the_share_of_right_lines() -> None:
+    """steps_weight adds a process reward: 1 for the worked solution, (n-1)/n with one
+    column wrong (whatever the final answer says), 0 without a <think>; the rewards see each
+    completion's own prompt."""
+    task = get_task("arithmetic", reasoning=True, operand_digits=[3, 3], steps_weight=0.5)
+    assert task.reward_weights() == [1.0, 0.25, 0.5]
+    worked_steps = task.reward_funcs()[2]
+    rows = task.rows("train", 2, seed=1)
+    traces = [task.trace(row) for row in rows]
+    lines = traces[0].splitlines()  # <think>, the problem, ones, tens, hundreds, ..., </think>, <answer>
+    ones = lines[2]
+    wrong_digit = ones.replace("write", "write 1", 1)
+    one_wrong = traces[0].replace(ones, wrong_digit)
+    n = len(lines) - 3  # the lines inside <think>
+    prompts = [rows[0]["prompt"], rows[0]["prompt"], rows[0]["prompt"], rows[1]["prompt"]]
+    answers = [rows[0]["answer"]] * 3 + [rows[1]["answer"]]
+    got = worked_steps(prompts, [traces[0], one_wrong, f"<answer>{rows[0]['answer']}</answer>", traces[0]], answer=answers)
+    assert got[:3] == [1.0, pytest.approx((n - 1) / n), 0.0]
+    assert got[3] < 0.5  # another problem's solution
+    assert len(get_task("arithmetic", reasoning=True).reward_funcs()) == 2  # off by default
+
+
 def test_traces_refuse_problems_they_cannot_solve() -> None:
     task = get_task("arithmetic", reasoning=True, operand_digits=[2, 2], operations=["*"])
     with pytest.raises(ThriftyError, match="traces are written for two operands with \\+ or -"):

@@ -58,8 +58,9 @@ class EvalResult:
 
 def complete(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[Any], *, max_new_tokens: int,
              sampling: SamplingParams, num_return_sequences: int = 1, seed: int = 0,
-             system_prompt: str | None = None) -> list[tuple[str, list[int]]]:
-    """(text, token ids) of each completion, prompt-major, generated in batches."""
+             system_prompt: str | None = None, max_prompt_length: int | None = None) -> list[tuple[str, list[int]]]:
+    """(text, token ids) of each completion, prompt-major, generated in batches. Prompts
+    longer than max_prompt_length keep their last tokens, as in training."""
     chat = tokenizer.chat_template is not None
     out: list[tuple[str, list[int]]] = []
     was_training = model.training
@@ -67,6 +68,8 @@ def complete(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[Any], *, m
     for start in range(0, len(prompts), EVAL_BATCH_PROMPTS):
         batch = prompts[start:start + EVAL_BATCH_PROMPTS]
         ids = [render_prompt(tokenizer, p, chat, system_prompt) for p in batch]
+        if max_prompt_length:
+            ids = [i[-max_prompt_length:] for i in ids]
         tokens, _ = generate_tokens(model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                     num_return_sequences=num_return_sequences, seed=seed + start,
                                     stop_token_ids=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
@@ -78,12 +81,13 @@ def complete(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[Any], *, m
 def evaluate_rows(model: CausalLM, tokenizer: Tokenizer, task: Task, rows: Sequence[Row], *,
                   max_new_tokens: int = 64, k: int = 0, num_samples_per_problem: int | None = None,
                   temperature: float = 0.7, top_p: float = 1.0, seed: int = 0,
-                  system_prompt: str | None = None, num_examples: int = 3) -> EvalResult:
+                  system_prompt: str | None = None, num_examples: int = 3,
+                  max_prompt_length: int | None = None) -> EvalResult:
     """Greedy accuracy on `rows`, plus pass@k from sampled completions when k > 0."""
     started = time.perf_counter()
     prompts = [row["prompt"] for row in rows]
     greedy = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=SamplingParams(),
-                      seed=seed, system_prompt=system_prompt)
+                      seed=seed, system_prompt=system_prompt, max_prompt_length=max_prompt_length)
     correct = [task.check(text, row) for (text, _), row in zip(greedy, rows)]
     result = EvalResult(num_problems=len(rows), accuracy=sum(correct) / max(len(rows), 1),
                         mean_length=sum(len(ids) for _, ids in greedy) / max(len(rows), 1))
@@ -96,7 +100,8 @@ def evaluate_rows(model: CausalLM, tokenizer: Tokenizer, task: Task, rows: Seque
         n = num_samples_per_problem or k
         sampled = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                            sampling=SamplingParams(temperature=temperature, top_p=top_p),
-                           num_return_sequences=n, seed=seed + 1, system_prompt=system_prompt)
+                           num_return_sequences=n, seed=seed + 1, system_prompt=system_prompt,
+                           max_prompt_length=max_prompt_length)
         scores = []
         for i, row in enumerate(rows):
             c = sum(task.check(text, row) for text, _ in sampled[i * n:(i + 1) * n])

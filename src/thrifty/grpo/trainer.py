@@ -499,7 +499,8 @@ class GRPOTrainer:
         rows = self.dist.shard(self.eval_rows)  # under torchrun each rank scores its share
         mine = evaluate_rows(self.model, self.tokenizer, self.task, rows,
                              max_new_tokens=self.config.max_completion_length, seed=self.config.seed,
-                             system_prompt=self.config.system_prompt) if rows else None
+                             system_prompt=self.config.system_prompt,
+                             max_prompt_length=self.config.max_prompt_length) if rows else None
         result = merge_eval_results([r for r in self.dist.gather(mine) if r is not None])
         self.model.train()
         self._last_eval = result

@@ -36,7 +36,11 @@ class ArithmeticTask:
     product). strict: the checker also wants the answer inside <answer> tags.
     reasoning: the R1 format: the prompt asks for <think>...</think><answer>...</answer>, the
     checker wants the answer tag, the format reward is the strict think-then-answer one, and
-    `trace(row)` writes a worked solution in that format (column addition or subtraction)."""
+    `trace(row)` writes a worked solution in that format (column addition or subtraction).
+    steps_weight (reasoning only): the weight of a third reward, the share of the worked
+    solution's lines the completion's <think> gets right (a process reward: it tells a
+    completion with one wrong column from one that is wrong throughout, which the final
+    answer alone does not). 0 leaves it out."""
 
     name: ClassVar[str] = "arithmetic"
     operand_digits: tuple[int, ...] = (2, 1)
@@ -48,6 +52,7 @@ class ArithmeticTask:
     system_prompt: str = SYSTEM_PROMPT
     format_weight: float = 0.25
     reasoning: bool = False
+    steps_weight: float = 0.0
 
     def __post_init__(self) -> None:
         # YAML gives lists (and maybe an int for digits); keep the dataclass hashable.
@@ -74,7 +79,8 @@ class ArithmeticTask:
 
     def reward_funcs(self) -> list[RewardFunc]:
         if self.reasoning:
-            return [CheckerReward(self.check, "arithmetic_correct"), format_reward]
+            steps = [CheckerReward(self.steps_right, "worked_steps")] if self.steps_weight else []
+            return [CheckerReward(self.check, "arithmetic_correct"), format_reward, *steps]
         return [CheckerReward(self.check, "arithmetic_correct"), regex_reward(ANSWER_ONLY_PATTERN, name="answer_format")]
 
     def follows_format(self, completion: Any) -> bool:
@@ -86,16 +92,18 @@ class ArithmeticTask:
     def trace(self, row: Mapping[str, Any]) -> str:
         """A worked solution of the row's problem in the reasoning format: the column method,
         digit by digit with the carries (or borrows), then the answer."""
-        question = row["prompt"][-1]["content"]
-        match = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", question)
-        if match is None:
-            raise ThriftyError(f"arithmetic: traces are written for two operands with + or -; got {question!r}.")
-        a, op, b = int(match[1]), match[2], int(match[3])
-        steps = _column_steps(a, b, op)
-        return f"<think>\n{a} {op} {b}, column by column from the right:\n{steps}\n</think>\n<answer>{row['answer']}</answer>"
+        return f"<think>\n{_worked_steps(row)}\n</think>\n<answer>{row['answer']}</answer>"
+
+    def steps_right(self, completion: Any, row: Mapping[str, Any]) -> float:
+        """The share of trace(row)'s <think> lines that the completion's <think> has at the
+        same place: 1.0 for the whole worked solution, partial for one wrong column."""
+        think = re.search(r"<think>(.*?)</think>", completion_text(completion), re.DOTALL)
+        expected = _worked_steps(row).splitlines()
+        written = think[1].strip().splitlines() if think else []
+        return sum(a.strip() == b for a, b in zip(written, expected)) / len(expected)
 
     def reward_weights(self) -> list[float]:
-        return [1.0, self.format_weight]
+        return [1.0, self.format_weight] + ([self.steps_weight] if self.reasoning and self.steps_weight else [])
 
     def _make(self, rng: random.Random) -> tuple[str, Row]:
         while True:
@@ -114,6 +122,16 @@ class ArithmeticTask:
             answer = int(result.value)
             row = {"prompt": chat_prompt(self.system_prompt, f"What is {expression}?"), "answer": str(answer)}
             return expression.replace(" ", ""), row
+
+
+def _worked_steps(row: Mapping[str, Any]) -> str:
+    """The inside of a trace's <think>: the problem, then one line per column."""
+    question = row["prompt"][-1]["content"]
+    match = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", question)
+    if match is None:
+        raise ThriftyError(f"arithmetic: traces are written for two operands with + or -; got {question!r}.")
+    a, op, b = int(match[1]), match[2], int(match[3])
+    return f"{a} {op} {b}, column by column from the right:\n{_column_steps(a, b, op)}"
 
 
 _PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions")

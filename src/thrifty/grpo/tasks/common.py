@@ -163,13 +163,14 @@ def tidy_expression(expression: str) -> str:
 
 @dataclass(frozen=True)
 class CheckerReward:
-    """1.0 when a task's exact checker accepts the completion, else 0.0 (a TRL-style reward function).
+    """1.0 when a task's exact checker accepts the completion, else 0.0 (a TRL-style reward
+    function); a checker that returns a number in [0, 1] gives that number (partial credit).
 
-    Each completion's row is rebuilt from the dataset columns passed as keyword arguments,
-    so the checker sees exactly the `answer`/`numbers`/`target` of its own prompt.
+    Each completion's row is rebuilt from its prompt and the dataset columns passed as keyword
+    arguments, so the checker sees exactly the `prompt`/`answer`/`numbers`/`target` of its own row.
     """
 
-    check: Callable[[Any, Mapping[str, Any]], bool]
+    check: Callable[[Any, Mapping[str, Any]], bool | float]
     name: str
 
     @property
@@ -184,5 +185,6 @@ class CheckerReward:
         if "answer" not in per_row:
             raise ThriftyError(f"{self.name} needs the dataset's `answer` column (one per completion); "
                                f"got columns: {sorted(columns) or 'none'}.")
-        return [1.0 if self.check(c, {k: v[i] for k, v in per_row.items()}) else 0.0
-                for i, c in enumerate(completions)]
+        if prompts is not None and len(prompts) == n:
+            per_row["prompt"] = prompts
+        return [float(self.check(c, {k: v[i] for k, v in per_row.items()})) for i, c in enumerate(completions)]

@@ -3,7 +3,7 @@
 reasoning-gym (pip install reasoning-gym) makes seeded procedural datasets whose entries
 are {"question", "answer", "metadata"} and scores answers with `dataset.score_answer`.
 Splits use the same hash-of-question partition as the built-in tasks, so train and eval
-never overlap. Not tested in CI (the package is optional and not installed there).
+never overlap. reasoning-gym is optional for users and a test dependency, so CI runs it.
 """
 
 from __future__ import annotations
