@@ -61,6 +61,8 @@ def test_the_worked_steps_reward_scores_the_share_of_right_lines() -> None:
     assert got[:3] == [1.0, pytest.approx((n - 1) / n), 0.0]
     assert got[3] < 0.5  # another problem's solution
     assert len(get_task("arithmetic", reasoning=True).reward_funcs()) == 2  # off by default
+    with pytest.raises(ThriftyError, match="steps_weight rewards the worked column method"):
+        get_task("arithmetic", reasoning=True, operations=["*"], steps_weight=0.5)
 
 
 def test_traces_refuse_problems_they_cannot_solve() -> None:

@@ -63,6 +63,10 @@ class ArithmeticTask:
             raise ThriftyError(f"arithmetic: operand_digits must list 2+ digit counts between 1 and 9; got {self.operand_digits}.")
         if self.reasoning and self.system_prompt == SYSTEM_PROMPT:
             object.__setattr__(self, "system_prompt", REASONING_SYSTEM_PROMPT)
+        if self.steps_weight and not (self.reasoning and len(self.operand_digits) == 2
+                                      and set(self.operations) <= {"+", "-"}):
+            raise ThriftyError("arithmetic: steps_weight rewards the worked column method, written for "
+                               "reasoning: true with two operands and + or - only.")
         bad = [op for op in self.operations if op not in _OPERATIONS]
         if bad or not self.operations:
             raise ThriftyError(f"arithmetic: operations must be some of {' '.join(_OPERATIONS)}; got {self.operations}.")
@@ -103,7 +107,7 @@ class ArithmeticTask:
         return sum(a.strip() == b for a, b in zip(written, expected)) / len(expected)
 
     def reward_weights(self) -> list[float]:
-        return [1.0, self.format_weight] + ([self.steps_weight] if self.reasoning and self.steps_weight else [])
+        return [1.0, self.format_weight] + ([self.steps_weight] if self.steps_weight else [])
 
     def _make(self, rng: random.Random) -> tuple[str, Row]:
         while True:
