@@ -276,7 +276,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
                     "checked by the task's exact checker, e.g. `thrifty eval --task arithmetic --adapter "
                     "out/grpo/adapter --num-samples 100 --k 4`.",
     )
-    p.add_argument("--task", required=True, help="built-in task: arithmetic, countdown, gsm")
+    p.add_argument("--task", required=True, help="built-in task: arithmetic, countdown, gsm; or reasoning_gym:<dataset>")
     p.add_argument("--task-setting", action="append", default=[], metavar="key=value",
                    help="a task setting (repeatable), e.g. operand_digits=[1,1]")
     add_model_arguments(p)

@@ -135,3 +135,9 @@ def test_the_recipe_end_to_end_briefly(tmp_path: Path) -> None:
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["stages"]["sft"]["accuracy"] == result.stages["sft"].accuracy
+    grpo_steps = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    sft, grpo = result.stages["sft"].examples, result.stages["grpo"].examples
+    fixed = sum(b["correct"] and not a["correct"] for a, b in zip(sft, grpo))
+    assert f"GRPO made {fixed} right that SFT had wrong" in (tmp_path / "samples.md").read_text()
+    rewarded = [r for r in grpo_steps if "rewards/worked_steps/mean" in r]  # the process reward is on
+    assert rewarded and all(0.0 <= r["rewards/worked_steps/mean"] <= 1.0 for r in rewarded)

@@ -1,7 +1,7 @@
 """Teach the default model to reason in DeepSeek-R1's format: a supervised cold start on
-worked solutions, then GRPO with a correctness and a format reward.
+worked solutions, then GRPO with correctness, format and worked-steps rewards.
 
-    thrifty recipe reasoning                      # ~8 min on 2 cores
+    thrifty recipe reasoning                      # ~7 min on 2 cores
     thrifty recipe reasoning sft_steps=30 grpo_steps=10 num_eval_samples=20   # a quick look
 
 1. cold start data: num_cold_start problems of the task's train split, each answered by
@@ -9,7 +9,8 @@ worked solutions, then GRPO with a correctness and a format reward.
    written to OUTPUT/cold_start.jsonl; the held-out problems come from the other split;
 2. SFT (LoRA) on it -> OUTPUT/sft/adapter;
 3. GRPO starting from that adapter (the `adapter` config field) with the task's strict
-   correctness reward and the think-then-answer format reward -> OUTPUT/grpo/adapter;
+   correctness reward, the think-then-answer format reward and the worked-steps reward
+   (the share of the solution's lines written right) -> OUTPUT/grpo/adapter;
 4. held-out accuracy and format compliance of the base model, after SFT and after GRPO,
    with the same greedy decoding and checker: OUTPUT/results.md / results.json, the
    curves of both stages in OUTPUT/recipe.png, and answers before and after in
@@ -17,7 +18,10 @@ worked solutions, then GRPO with a correctness and a format reward.
 
 Why a cold start: the base model never writes the tags (0% format, 0% accuracy under the
 strict checker), so GRPO alone sees no reward to reinforce; a few hundred traces teach the
-format and the method, and GRPO then sharpens what SFT leaves approximate.
+format and the method, and GRPO then sharpens what SFT leaves approximate. Why the
+worked-steps reward: what the SFT model gets wrong is mostly one column; the final answer
+alone scores such a completion like one that is wrong throughout, so most groups of
+samples carry no signal; rewarding each right line tells them apart.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ from thrifty.training.metrics import MetricsLog
 class ReasoningRecipe:
     output_dir: str = "output/reasoning"
     model_name_or_path: str | None = None  # None: the built-in SmolLM2-135M-Instruct
-    task_settings: dict[str, Any] = field(default_factory=lambda: {"operand_digits": [3, 3]})  # arithmetic's
+    # arithmetic's settings; steps_weight: GRPO's process reward for each right line of the
+    # worked solution, beside the final answer's correctness and the format
+    task_settings: dict[str, Any] = field(default_factory=lambda: {"operand_digits": [3, 3], "steps_weight": 0.5})
     num_eval_samples: int = 100  # held-out problems, greedy
     max_completion_length: int = 160
     seed: int = 42
@@ -57,7 +63,7 @@ class ReasoningRecipe:
     lora_r: int = 16
     lora_alpha: float = 32
     # -- GRPO from the SFT adapter
-    grpo_steps: int = 40
+    grpo_steps: int = 60
     grpo_learning_rate: float = 5e-5
     grpo_temperature: float = 1.0
     grpo_dynamic_sampling: bool = False  # DAPO: replace groups whose completions all score the same
@@ -139,16 +145,28 @@ def _write_report(out: Path, recipe: ReasoningRecipe, stages: dict[str, EvalResu
         "recipe": {k: v for k, v in vars(recipe).items()}, "seconds": seconds,
         "stages": {k: {"accuracy": r.accuracy, "format": r.format_rate, "mean_length": r.mean_length}
                    for k, r in stages.items()}}, indent=2) + "\n")
-    samples = []
+    sft, grpo = stages["sft"].examples, stages["grpo"].examples
+    fixed = [i for i, (a, b) in enumerate(zip(sft, grpo)) if b["correct"] and not a["correct"]]
+    broken = [i for i, (a, b) in enumerate(zip(sft, grpo)) if a["correct"] and not b["correct"]]
+    samples = ["# The first held-out problems, at each stage\n"]
     for i in range(min(3, len(stages["base"].examples))):
-        question = stages["base"].examples[i]["prompt"][-1]["content"]
-        samples.append(f"## {question}\n")
-        for name in ("base", "sft", "grpo"):
-            example = stages[name].examples[i]
-            samples.append(f"**{name}** ({'right' if example['correct'] else 'wrong'}):\n\n```\n"
-                           f"{example['completion'].strip()}\n```\n")
+        samples += _sample(stages, i, ("base", "sft", "grpo"))
+    samples.append(f"# What GRPO changed\n\nOf {len(sft)} held-out problems, GRPO made {len(fixed)} right that "
+                   f"SFT had wrong and {len(broken)} wrong that SFT had right. The first of each:\n")
+    for i in fixed[:2] + broken[:1]:
+        samples += _sample(stages, i, ("sft", "grpo"))
     (out / "samples.md").write_text("\n".join(samples))
     plot_recipe(out, {name: (r.accuracy, r.format_rate or 0.0) for name, r in stages.items()})
+
+
+def _sample(stages: dict[str, EvalResult], i: int, names: Sequence[str]) -> list[str]:
+    """Markdown of held-out problem i as the stages `names` answered it."""
+    lines = [f"## {stages[names[0]].examples[i]['prompt'][-1]['content']}\n"]
+    for name in names:
+        example = stages[name].examples[i]
+        lines.append(f"**{name}** ({'right' if example['correct'] else 'wrong'}):\n\n```\n"
+                     f"{example['completion'].strip()}\n```\n")
+    return lines
 
 
 def plot_recipe(out: Path, held_out: dict[str, tuple[float, float]]) -> None:
