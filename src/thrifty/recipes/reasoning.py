@@ -183,10 +183,12 @@ def plot_recipe(out: Path, held_out: dict[str, tuple[float, float]]) -> None:
     left.plot([r["step"] for r in sft], [r["loss"] for r in sft], marker=".")
     left.set(title="1. SFT cold start on worked solutions", xlabel="step", ylabel="loss")
     steps = [r["step"] for r in grpo]
-    for key, label in (("accuracy", "accuracy (sampled)"), ("rewards/format_reward/mean", "format (sampled)")):
-        right.plot(steps, [r.get(key) for r in grpo], marker=".", label=label)
-    right.set(title="2. GRPO from the SFT adapter", xlabel="step", ylim=(-0.02, 1.02))
-    right.legend()
+    for key, label in (("accuracy", "accuracy (sampled)"), ("rewards/format_reward/mean", "format (sampled)"),
+                       ("rewards/worked_steps/mean", "worked steps (sampled)")):
+        if any(key in r for r in grpo):
+            right.plot(steps, [r.get(key) for r in grpo], marker=".", label=label)
+    right.set(title="2. GRPO from the SFT adapter", xlabel="step", ylim=(-0.02, 1.3))  # room for the legend
+    right.legend(loc="upper left", ncol=2, fontsize="small")
     names = list(held_out)
     positions = range(len(names))
     stages.bar([i - 0.2 for i in positions], [held_out[n][0] for n in names], width=0.4, label="accuracy")
