@@ -183,14 +183,14 @@ def test_kill_during_save_leaves_the_previous_checkpoint_usable(tiny_dir: Path, 
 
     tiny_trainer(tiny_dir, tiny_config(out, max_steps=5, save_steps=1, save_total_limit=2,
                                        resume_from_checkpoint="latest")).train()
-    # Steps 1-2 ran in the killed process. In ~1 of 12 runs of this test (5 of 58 on
-    # 2026-12-06) that process's step 2 has grad_norm 0.57750130 where every other run has
-    # 0.57750094 (6e-7 relative; the loss and the other steps equal). Not reproduced outside
-    # this harness: 30 separate processes (other hash seeds, a busy CPU, the same script
-    # killed at the same save) all gave 0.57750094, and MKL_DYNAMIC=FALSE did not remove it
-    # (2 of 24). So compare to 1e-6: a wrong data order, optimizer or RNG state changes the
-    # metrics by far more; test_resume_gives_identical_metrics checks bit-identity within a
-    # process, and test_resume_equals_uninterrupted_on_every_path for GRPO.
+    # Compared to 1e-6, not bit for bit: in a few runs in a hundred (4 of 110 with a busy
+    # CPU, 2026-12-06) one of the two runs (the killed one or, seen too, the uninterrupted
+    # one) has step 2's grad_norm 0.57750130 instead of 0.57750094 (6e-7 relative; the loss
+    # and the other steps equal). With one thread (OMP_NUM_THREADS=1) it was never seen
+    # (0 of 70); MKL_DYNAMIC=FALSE and MKL_CBWR=AUTO,STRICT did not remove it. A wrong data
+    # order, optimizer or RNG state changes the metrics by far more;
+    # test_resume_gives_identical_metrics checks bit-identity within a process, and
+    # test_resume_equals_uninterrupted_on_every_path for GRPO.
     resumed, uninterrupted = training_records(out), training_records(reference)
     assert len(resumed) == len(uninterrupted)
     for got, expected in zip(resumed, uninterrupted):
