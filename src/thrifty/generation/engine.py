@@ -47,8 +47,11 @@ class Completion:
         return self.finish_reason == "stop"
 
 
-def render_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool, system_prompt: str | None) -> list[int]:
-    """Token ids of one prompt: chat-templated (with a generation prompt) or raw text."""
+def render_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool, system_prompt: str | None,
+                  max_length: int | None = None) -> list[int]:
+    """Token ids of one prompt: chat-templated (with a generation prompt) or raw text. A
+    prompt longer than max_length keeps its last tokens, where the question is (TRL's
+    max_prompt_length)."""
     if chat:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system_prompt is not None and (not messages or messages[0].get("role") != "system"):
@@ -62,7 +65,7 @@ def render_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool, system_promp
     bos = tokenizer.bos_token_id
     if tokenizer.add_bos_token and bos is not None and (not ids or ids[0] != bos):
         ids = [bos, *ids]
-    return ids
+    return ids[-max_length:] if max_length else ids
 
 
 def generate(

@@ -67,9 +67,7 @@ def complete(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[Any], *, m
     model.eval()
     for start in range(0, len(prompts), EVAL_BATCH_PROMPTS):
         batch = prompts[start:start + EVAL_BATCH_PROMPTS]
-        ids = [render_prompt(tokenizer, p, chat, system_prompt) for p in batch]
-        if max_prompt_length:
-            ids = [i[-max_prompt_length:] for i in ids]
+        ids = [render_prompt(tokenizer, p, chat, system_prompt, max_prompt_length) for p in batch]
         tokens, _ = generate_tokens(model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                     num_return_sequences=num_return_sequences, seed=seed + start,
                                     stop_token_ids=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)

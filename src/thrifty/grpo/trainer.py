@@ -197,9 +197,8 @@ class GRPOTrainer:
             if not self.chat and not isinstance(prompt, str):
                 raise ThriftyError(f"train row {index + 1}: chat-message prompts need a tokenizer with a chat "
                                    "template; this one has none. Use plain-text prompts.")
-            ids = render_prompt(self.tokenizer, prompt, self.chat, self.config.system_prompt)
-            limit = self.config.max_prompt_length
-            self._prompt_cache[index] = ids[-limit:] if limit else ids  # keep the end, where the question is
+            self._prompt_cache[index] = render_prompt(self.tokenizer, prompt, self.chat, self.config.system_prompt,
+                                                      self.config.max_prompt_length)
         return self._prompt_cache[index]
 
     # ------------------------------------------------------------------ rollout and scoring
