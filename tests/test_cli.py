@@ -63,7 +63,7 @@ def test_chat_keeps_the_conversation_and_resets() -> None:
     result = subprocess.run([sys.executable, "-m", "thrifty", "chat", "--max-new-tokens", "24"],
                             input="\n".join(turns) + "\n", capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(quantize="gguf")  # the command runs a .gguf from its own blocks
     messages: list[dict[str, str]] = []
     expected = []
     for turn in turns:
@@ -86,7 +86,7 @@ def test_generate_with_an_adapter(tmp_path: Path) -> None:
     from thrifty.generation.engine import generate
     from thrifty.layers.lora import LoraConfig, apply_lora
 
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(quantize="gguf")  # as the command opens the default model's .gguf
     base_answer = generate(model, tokenizer, "Name a colour.", max_new_tokens=12)[0].text
     torch.manual_seed(0)
     apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -100,8 +100,35 @@ def test_generate_with_an_adapter(tmp_path: Path) -> None:
     result = thrifty("generate", "Name a colour.", "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "12")
     assert result.returncode == 0, result.stderr
     assert result.stdout == tuned_answer + "\n"
+    # chat --adapter: each turn is the fine-tune's answer to the conversation so far (its
+    # one inference plan serves every turn).
+    turns = ["Name a colour.", "And another one?"]
+    chat = subprocess.run([sys.executable, "-m", "thrifty", "chat", "--adapter", str(tmp_path / "adapter"),
+                           "--max-new-tokens", "12"], input="\n".join(turns) + "\n", capture_output=True, text=True,
+                          timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    messages: list[dict[str, str]] = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        messages.append({"role": "assistant", "content": generate(model, tokenizer, [messages], max_new_tokens=12)[0].text})
+    assert chat.stdout == "".join(f"{m['content']}\n" for m in messages[1::2])
+    assert messages[1]["content"] == tuned_answer
     wrong = thrifty("generate", "hi", "--model", str(tmp_path / "adapter"))
     assert wrong.returncode == 2 and "is a LoRA adapter" in wrong.stderr and "--adapter" in wrong.stderr
+
+
+def test_generate_runs_a_gguf_from_its_blocks_or_dequantized() -> None:
+    """The default: the file's own blocks; --dequantize: bf16 copies of its weights. Each
+    answer is the library's on the same weights."""
+    from thrifty.formats.loader import load_model
+    from thrifty.generation.engine import generate
+
+    prompt = "Write one sentence about the sea."
+    for flags, quantize in (([], "gguf"), (["--dequantize"], None)):
+        result = thrifty("generate", prompt, "--max-new-tokens", "24", "--no-stream", *flags)
+        assert result.returncode == 0, result.stderr
+        model, tokenizer = load_model(quantize=quantize)
+        assert result.stdout == generate(model, tokenizer, prompt, max_new_tokens=24)[0].text + "\n", flags
 
 
 def generated_text(capsys, *args: str) -> str:

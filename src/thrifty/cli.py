@@ -32,6 +32,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "'smollm2-135m-instruct' (default; with --adapter: the adapter's base model)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to run on its base model")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) or float32")
+    p.add_argument("--dequantize", action="store_true",
+                   help="run a quantized .gguf from full-precision copies of its weights (default: from the "
+                        "file's own blocks, in about a third of the memory)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,19 +50,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 def load_for_inference(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """--model, with --adapter's LoRA adapter on top (unmerged: the engine runs it live)."""
     # Imported here so `thrifty --help` answers instantly, without loading torch.
-    from pathlib import Path
+    from thrifty.formats.open_model import open_model
 
-    from thrifty.formats.loader import load_model
-    from thrifty.formats.peft_adapter import load_adapter, read_adapter_config
-
-    base = args.model
-    if args.adapter is not None:
-        if not Path(args.adapter).is_dir():
-            raise ThriftyError(f"--adapter {args.adapter}: adapter directory not found.")
-        base = base or read_adapter_config(Path(args.adapter))[1].get("base_model_name_or_path")
-    model, tokenizer = load_model(base, dtype=args.dtype)
-    if args.adapter is not None:
-        load_adapter(model, args.adapter)
+    model, tokenizer, _ = open_model(args.model, args.adapter, dtype=args.dtype,
+                                     quantize=None if args.dequantize else "auto")
     return model, tokenizer
 
 
@@ -101,8 +95,10 @@ def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_chat(args: argparse.Namespace) -> None:
     from thrifty.generation.engine import generate
     from thrifty.generation.streaming import TextStreamer
+    from thrifty.model.inference_plan import InferencePlan
 
     model, tokenizer = load_for_inference(args)
+    plan = InferencePlan.build(model)  # the weights never change during a chat: one plan for every turn
     if tokenizer.chat_template is None:
         raise ThriftyError("this model has no chat template, so it cannot chat; use `thrifty generate --no-chat`.")
     interactive = sys.stdin.isatty()
@@ -125,7 +121,7 @@ def run_chat(args: argparse.Namespace) -> None:
         streamer = TextStreamer(tokenizer, sys.stdout)
         (reply,) = generate(model, tokenizer, [messages], max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                            seed=args.seed, system_prompt=args.system, on_step=streamer.on_step)
+                            seed=args.seed, system_prompt=args.system, on_step=streamer.on_step, plan=plan)
         streamer.finish(reply.text)
         messages.append({"role": "assistant", "content": reply.text})
 
@@ -153,10 +149,9 @@ def run_sft(args: argparse.Namespace) -> None:
 
     # Check the whole config before the (slow) imports and model load.
     config = load_sft_config(args.config, args.overrides)
-    from thrifty.formats.loader import load_model
     from thrifty.sft.trainer import SFTTrainer
 
-    model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype)
+    model, tokenizer, config = open_base_for_training(config)
     result = SFTTrainer(model, tokenizer, config).train()
     if not _first_process():
         return
@@ -166,6 +161,22 @@ def run_sft(args: argparse.Namespace) -> None:
               f"      thrifty merge {result.output_path} --output {merged}")
     elif result.output_path is not None:
         print(f"next: thrifty generate --model {result.output_path} \"your prompt\"")
+
+
+def open_base_for_training(config):  # type: ignore[no-untyped-def]
+    """(model, tokenizer, config) for a training config: its model_name_or_path, or with an
+    `adapter` and no model named, the adapter's recorded base (open_model's rule), which
+    the config then names. The run puts the adapter on it."""
+    import dataclasses
+
+    from thrifty.formats.loader import load_model
+    from thrifty.formats.open_model import base_for
+
+    if config.adapter is not None and not config.model_name_or_path:
+        config = dataclasses.replace(config, model_name_or_path=base_for(config.adapter, None))
+    # A quantized base is quantized as it is read: no full-precision copy first.
+    model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype, quantize=config.quantize)
+    return model, tokenizer, config
 
 
 def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -190,13 +201,13 @@ def run_merge(args: argparse.Namespace) -> None:
 
     from thrifty.formats.hf_export import save_hf_model
     from thrifty.formats.loader import parse_dtype
-    from thrifty.formats.peft_adapter import load_merged
+    from thrifty.formats.open_model import open_model
 
     if Path(args.output).suffix == ".gguf":
         raise ThriftyError(f"--output {args.output}: merge writes a Hugging Face directory; for a GGUF file use "
                            f"`thrifty export-gguf {args.adapter} --output {args.output}`.")
     dtype = parse_dtype(args.dtype)
-    model, tokenizer, base = load_merged(Path(args.adapter), args.model, dtype)
+    model, tokenizer, base = open_model(args.model, args.adapter, merge=True, dtype=dtype)
     path = save_hf_model(model, tokenizer, Path(args.output))
     print(f"merged {args.adapter} into {base}: wrote {path}")
 
@@ -225,11 +236,12 @@ def run_export_gguf(args: argparse.Namespace) -> None:
 
     from thrifty.formats.gguf_export import export_gguf, write_ollama_modelfile
     from thrifty.formats.loader import load_model
-    from thrifty.formats.peft_adapter import is_adapter_dir, load_merged
+    from thrifty.formats.open_model import open_model
+    from thrifty.formats.peft_adapter import is_adapter_dir
 
     source = Path(args.source)
     if is_adapter_dir(source):
-        model, tokenizer, _ = load_merged(source, args.model, None)
+        model, tokenizer, _ = open_model(args.model, source, merge=True, dtype=None)
     else:
         model, tokenizer = load_model(args.source, dtype="float32", device="cpu")
     path = export_gguf(model, tokenizer, Path(args.output), args.quantization, progress=True)
@@ -260,10 +272,9 @@ def run_grpo(args: argparse.Namespace) -> None:
     if config.task is None:
         raise ThriftyError(f"{args.config}: train_file needs reward functions, which the command line cannot "
                            "take; use a built-in `task`, or the Python API with reward_funcs=[...].")
-    from thrifty.formats.loader import load_model
     from thrifty.grpo.trainer import GRPOTrainer
 
-    model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype)
+    model, tokenizer, config = open_base_for_training(config)
     result = GRPOTrainer(model, tokenizer, config=config).train()
     if result.output_path is not None and result.output_path.name == "adapter" and _first_process():
         print(f"next: thrifty eval --task {config.task} --adapter {result.output_path}")

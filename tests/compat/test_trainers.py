@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 import trl
+from applied_steps import record_applied_steps
 from tiny_tokenizer import save_tiny_model_dir
 
 from thrifty import GRPOConfig, GRPOTrainer, LoraConfig, SFTConfig, SFTTrainer
@@ -108,7 +109,10 @@ def test_sft_trl_style_full_fine_tuning_and_resume(tiny_dir: Path, tmp_path: Pat
     assert any("full fine-tuning" in line for line in said)
     changed = [k for k, v in first.model.state_dict().items() if not torch.equal(v, before[k])]
     assert any("mlp" in k for k in changed) and (tmp_path / "run" / "model" / "config.json").is_file()
-    result = trainer(4).train(resume_from_checkpoint="latest")
+    again = trainer(4)
+    applied = record_applied_steps(again)
+    result = again.train(resume_from_checkpoint="latest")
+    assert applied == [3, 4]  # continued from checkpoint-2, not restarted
     assert result.global_step == 4 and [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3, 4]
 
 

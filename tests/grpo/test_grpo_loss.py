@@ -185,36 +185,38 @@ def loop_advantages(rewards: list[float], G: int, scale: str) -> list[float]:
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_advantages_match_loops(scale):
     rewards = [1.0, 0.0, 0.5, 0.0, 2.0, 2.0, 2.0, 2.0, -1.0, 3.0, 0.25, 0.0]
-    got = group_advantages(torch.tensor(rewards), 4, scale)
-    torch.testing.assert_close(got, torch.tensor(loop_advantages(rewards, 4, scale)), rtol=1e-5, atol=1e-5)
-    assert got[4:8].abs().max() == 0  # a group with equal rewards has no signal
+    got = group_advantages(torch.tensor(rewards).view(3, 4), scale)
+    assert got.shape == (3, 4)
+    torch.testing.assert_close(got.flatten(), torch.tensor(loop_advantages(rewards, 4, scale)), rtol=1e-5, atol=1e-5)
+    assert got[1].abs().max() == 0  # a group with equal rewards has no signal
 
 
 def test_advantages_bool_scale_and_errors():
-    r = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    torch.testing.assert_close(group_advantages(r, 2, True), group_advantages(r, 2, "group"))
-    torch.testing.assert_close(group_advantages(r, 2, False), group_advantages(r, 2, "none"))
+    r = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(group_advantages(r, True), group_advantages(r, "group"))
+    torch.testing.assert_close(group_advantages(r, False), group_advantages(r, "none"))
     with pytest.raises(ThriftyError, match="scale_rewards"):
-        group_advantages(r, 2, "global")  # type: ignore[arg-type]
+        group_advantages(r, "global")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        group_advantages(r, 3)
+        group_advantages(r.flatten())  # flat rewards: the groups are not known
 
 
 def test_unscorable_completions_get_zero_advantage():
-    per_function = torch.tensor([[1.0, math.nan, 0.0, 1.0, math.nan, math.nan],
-                                 [0.5, math.nan, 0.0, math.nan, math.nan, 1.0]])
+    per_function = torch.tensor([[[1.0, math.nan, 0.0], [1.0, math.nan, math.nan]],
+                                 [[0.5, math.nan, 0.0], [math.nan, math.nan, 1.0]]])  # [funcs, groups, G]
     rewards = combine_rewards(per_function, [1.0, 2.0])
-    assert rewards[:3].tolist()[0] == 2.0 and math.isnan(rewards[1]) and rewards[2] == 0.0
-    assert rewards[3] == 1.0 and math.isnan(rewards[4]) and rewards[5] == 2.0
-    adv = group_advantages(rewards, 3, "group")
-    assert adv[1] == 0 and adv[4] == 0
+    assert rewards.shape == (2, 3)
+    assert rewards[0, 0] == 2.0 and math.isnan(rewards[0, 1]) and rewards[0, 2] == 0.0
+    assert rewards[1, 0] == 1.0 and math.isnan(rewards[1, 1]) and rewards[1, 2] == 2.0
+    adv = group_advantages(rewards, "group")
+    assert adv[0, 1] == 0 and adv[1, 1] == 0
     # Group 0's baseline ignores the unscorable completion: mean(2, 0) = 1, std = sqrt(2).
-    assert adv[0].item() == pytest.approx(1 / (math.sqrt(2) + 1e-4), rel=1e-5)
+    assert adv[0, 0].item() == pytest.approx(1 / (math.sqrt(2) + 1e-4), rel=1e-5)
 
 
 def test_reward_metrics():
-    per_function = torch.tensor([[1.0, 0.0, 1.0, 1.0], [math.nan, 0.5, 0.5, 0.5]])
-    m = reward_metrics(per_function, ["acc", "fmt"], num_generations=2)
+    per_function = torch.tensor([[1.0, 0.0, 1.0, 1.0], [math.nan, 0.5, 0.5, 0.5]]).view(2, 2, 2)
+    m = reward_metrics(per_function, ["acc", "fmt"])
     assert m["rewards/acc/mean"] == pytest.approx(0.75)
     assert m["rewards/fmt/mean"] == pytest.approx(0.5)  # over the completions it scored
     assert m["reward"] == pytest.approx((1.0 + 0.5 + 1.5 + 1.5) / 4)
@@ -228,7 +230,7 @@ def test_reward_metrics():
 
 def test_dynamic_sampling_filter():
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, math.nan, 0.0, math.nan, math.nan, 1.0, 2.0])
-    assert dynamic_sampling_filter(rewards, 3).tolist() == [False, True, False, True]
+    assert dynamic_sampling_filter(rewards.view(4, 3)).tolist() == [False, True, False, True]
 
 
 def test_collect_informative_groups_refills_lazily():
@@ -236,18 +238,18 @@ def test_collect_informative_groups_refills_lazily():
 
     def candidates():
         batches = [
-            (["a", "b"], torch.tensor([1.0, 1.0, 0.0, 1.0])),  # a uninformative, b kept
-            (["c", "d"], torch.tensor([0.0, 0.0, 0.0, 0.0])),  # both discarded
-            (["e", "f"], torch.tensor([1.0, 0.0, 0.5, 0.0])),  # e kept, f surplus
-            (["g", "h"], torch.tensor([1.0, 0.0, 1.0, 0.0])),  # never drawn
+            (["a", "b"], torch.tensor([[1.0, 1.0], [0.0, 1.0]])),  # a uninformative, b kept
+            (["c", "d"], torch.tensor([[0.0, 0.0], [0.0, 0.0]])),  # both discarded
+            (["e", "f"], torch.tensor([[1.0, 0.0], [0.5, 0.0]])),  # e kept, f surplus
+            (["g", "h"], torch.tensor([[1.0, 0.0], [1.0, 0.0]])),  # never drawn
         ]
         for batch in batches:
             drawn.append(batch[0])
             yield batch
 
-    out = collect_informative_groups(candidates(), num_generations=2, wanted=2, max_draws=10)
+    out = collect_informative_groups(candidates(), wanted=2, max_draws=10)
     assert out.groups == ["b", "e"] and out.complete
-    assert out.rewards.tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert out.rewards.tolist() == [[0.0, 1.0], [1.0, 0.0]]
     assert (out.num_discarded, out.num_surplus, out.num_draws) == (3, 1, 3)
     assert len(drawn) == 3  # generation stopped as soon as the batch was full
 
@@ -255,9 +257,9 @@ def test_collect_informative_groups_refills_lazily():
 def test_collect_informative_groups_stops_at_max_draws():
     def candidates():
         while True:
-            yield ["x"], torch.tensor([1.0, 1.0])
+            yield ["x"], torch.tensor([[1.0, 1.0]])
 
-    out = collect_informative_groups(candidates(), num_generations=2, wanted=4, max_draws=5)
+    out = collect_informative_groups(candidates(), wanted=4, max_draws=5)
     assert out.groups == [] and not out.complete
     assert (out.num_discarded, out.num_draws) == (5, 5)
 
@@ -362,6 +364,6 @@ def test_advantages_match_trls_own_code(trl_grpo, tiny_hf_dir, tmp_path, scale):
                             reward_weights=[1.0, 0.5], disable_tqdm=True))
     out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(4)])
     per_function = torch.tensor([[math.nan if v is None else v for v in values] for values in returned])
-    ours = group_advantages(combine_rewards(per_function, [1.0, 0.5]), 4, scale)
+    ours = group_advantages(combine_rewards(per_function.view(2, 4, 4), [1.0, 0.5]), scale)
     assert per_function[0].std() > 0  # varied rewards, so the advantages are not all zero
-    torch.testing.assert_close(ours, out["advantages"].float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.flatten(), out["advantages"].float(), rtol=1e-6, atol=1e-6)

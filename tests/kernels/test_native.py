@@ -1,7 +1,7 @@
-"""The native kernels (src/thrifty/native/): the attention backward against a float32
+"""The native kernels (kernels/csrc/): the attention backward against a float32
 reference, next to PyTorch's own bf16 flash backward, and inside a real model; the
 per-chunk log-probs against PyTorch's ops; the decoding matmuls against a float32
-reference and oneDNN's rounding. test_losses.py and test_lean_ops.py run every
+reference and oneDNN's rounding. test_losses.py and test_elementwise.py run every
 loss, RMSNorm, SwiGLU and RoPE test on both the native kernels and PyTorch's ops."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from thrifty.kernels.native import native_kernel, native_module
 from thrifty.layers.lora import LoraConfig, apply_lora, lora_layers
 from thrifty.model import fused_linear
 from thrifty.model.fused_linear import FusedLinear
+from thrifty.model.inference_plan import InferencePlan
 from thrifty.training.losses import selective_log_probs
 
 from native_support import cpu_has, needs_native
@@ -315,10 +316,8 @@ def test_lora_generation_matmuls_beat_onednns_rounding(rows: int, tmp_path: Path
     save_hf_model("qwen2", tmp_path)  # biased q/k/v
     model = apply_lora(load_ours(tmp_path).to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8)).eval()
     randomise_adapters(model)
-    with torch.no_grad():
-        model(torch.randint(0, 97, (16, 3)))  # 48 rows: decoding-sized
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    assert attn.__dict__["_fused_for_inference"]["qkv"].native is not None  # the model's path
+    assert InferencePlan.build(model).group(attn, "qkv").native is not None  # the model's path
 
     generator = torch.Generator().manual_seed(3)
     for layers in ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj]):

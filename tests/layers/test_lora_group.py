@@ -11,7 +11,7 @@ import torch
 from thrifty.formats.build import build_model
 from thrifty.formats.hf import load_hf_config, load_hf_state_dict
 from thrifty.layers.lora import LoraConfig, apply_lora, disable_lora
-from thrifty.layers.lora_group import fusable_for_training, lora_group_forward
+from thrifty.layers.lora_group import fusable_lora_group, lora_group_forward
 from thrifty.layers.quant import quantize_model
 
 from tiny_models import lora_model, save_hf_model
@@ -26,7 +26,7 @@ def test_group_equals_separate_layers(tmp_path: Path, family: str, dtype: torch.
     generator = torch.Generator().manual_seed(1)
     for layers in groups:
         x = torch.randn(2, 5, layers[0].in_features, generator=generator).to(dtype)
-        assert fusable_for_training(layers, x)
+        assert fusable_lora_group(layers, x)
         weights = [torch.randn(2, 5, layer.out_features, generator=generator).to(dtype) for layer in layers]
         results = []
         for run in (lambda x: [layer(x) for layer in layers], lambda x: lora_group_forward(layers, x)):
@@ -67,27 +67,27 @@ def test_layers_that_need_their_own_forward_are_not_fused(tmp_path: Path) -> Non
     plain = lora_model(tmp_path / "plain", "llama", torch.float32)
     attn = plain.model.layers[0].self_attn
     layers = [attn.q_proj, attn.k_proj, attn.v_proj]
-    assert fusable_for_training(layers, x)
-    assert not fusable_for_training(layers, x.bfloat16())  # activations in another dtype
+    assert fusable_lora_group(layers, x)
+    assert not fusable_lora_group(layers, x.bfloat16())  # activations in another dtype
     with disable_lora(plain):
-        assert not fusable_for_training(layers, x)
+        assert not fusable_lora_group(layers, x)
     attn.q_proj.merge()
-    assert not fusable_for_training(layers, x)
+    assert not fusable_lora_group(layers, x)
     attn.q_proj.unmerge()
     attn.q_proj.base_layer.weight.requires_grad_(True)  # a trainable base needs its own gradient
-    assert not fusable_for_training(layers, x)
+    assert not fusable_lora_group(layers, x)
 
     dropout = lora_model(tmp_path / "dropout", "llama", torch.float32, lora_dropout=0.1).train()
     dropout_layers = [dropout.model.layers[0].mlp.gate_proj, dropout.model.layers[0].mlp.up_proj]
-    assert not fusable_for_training(dropout_layers, x)
+    assert not fusable_lora_group(dropout_layers, x)
     dropout.eval()  # dropout is the identity in eval mode
-    assert fusable_for_training(dropout_layers, x)
+    assert fusable_lora_group(dropout_layers, x)
 
     dora = lora_model(tmp_path / "dora", "llama", torch.float32, use_dora=True)
-    assert not fusable_for_training([dora.model.layers[0].mlp.down_proj], torch.randn(3, 112))
+    assert not fusable_lora_group([dora.model.layers[0].mlp.down_proj], torch.randn(3, 112))
 
     save_hf_model("llama", tmp_path / "nf4")
     quantized = build_model(load_hf_config(tmp_path / "nf4"), load_hf_state_dict(tmp_path / "nf4"), str(tmp_path / "nf4"))
     quantize_model(quantized, "nf4")
     apply_lora(quantized, LoraConfig(r=4))
-    assert not fusable_for_training([quantized.model.layers[0].mlp.down_proj], torch.randn(3, 112))
+    assert not fusable_lora_group([quantized.model.layers[0].mlp.down_proj], torch.randn(3, 112))

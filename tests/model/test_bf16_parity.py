@@ -53,7 +53,7 @@ def test_bf16_greedy_generation_follows_float64(family: str, head_dim: int, tmp_
     token whose float64 logit is within bf16's error of the top one (a near tie)."""
     from thrifty.generation.engine import generate_tokens
     from thrifty.generation.sampling import SamplingParams
-    from thrifty.model.decoding_step import DecodingStep
+    from thrifty.model.inference_plan import InferencePlan
 
     spec = dict(WIDE, head_dim=head_dim, hidden_size=2 * head_dim)
     reference = make_hf_model(family, seed=5, **spec).to(torch.bfloat16)
@@ -64,8 +64,13 @@ def test_bf16_greedy_generation_follows_float64(family: str, head_dim: int, tmp_
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, spec["vocab_size"], (n,), generator=generator).tolist() for n in (5, 9, 7)]
     new_tokens = 24
+    plan = InferencePlan.build(ours)
+    # The native decoding step takes every step where it applies (the modules' step is checked
+    # where it does not: Qwen3's q/k norms, and heads of 256: its attention kernel has sizes
+    # 64 and 128). Asserted first, so a dispatch change cannot compare PyTorch with float64 unseen.
+    assert (plan.decoding_step is not None) == (family != "qwen3" and head_dim == 128)
     generated, _ = generate_tokens(ours, prompts, max_new_tokens=new_tokens, sampling=SamplingParams(),
-                                   stop_token_ids=[], pad_token_id=0)
+                                   stop_token_ids=[], pad_token_id=0, plan=plan)
     near_ties = 0
     for prompt, tokens in zip(prompts, generated):
         assert len(tokens) == new_tokens
@@ -78,10 +83,6 @@ def test_bf16_greedy_generation_follows_float64(family: str, head_dim: int, tmp_
             assert best - exact[step, token] <= 0.05, (step, float(best - exact[step, token]))
             near_ties += int(exact[step].argmax() != token)
     assert near_ties <= 3  # most steps are the exact argmax
-    # The native decoding step took every step but where it does not apply, and there the
-    # modules' step was checked: Qwen3's q/k norms, and heads of 256 (its attention
-    # kernel has sizes 64 and 128).
-    assert (DecodingStep.for_model(ours) is not None) == (family != "qwen3" and head_dim == 128)
 
 
 @needs_native

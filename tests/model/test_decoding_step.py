@@ -10,8 +10,8 @@ import torch
 from thrifty.generation.engine import attention_mask, generate_tokens
 from thrifty.generation.sampling import SamplingParams
 from thrifty.layers.lora import LoraConfig, apply_lora
-from thrifty.model.decoding_step import DecodingStep
-from thrifty.model.fused_linear import DECODE_ROWS, weights_frozen
+from thrifty.model.fused_linear import DECODE_ROWS
+from thrifty.model.inference_plan import InferencePlan
 from thrifty.model.kv_cache import KVCache
 
 from native_support import needs_native
@@ -39,11 +39,12 @@ def test_a_decoding_step_equals_the_modules_step(family: str, tmp_path: Path) ->
     key_positions = torch.arange(prompt_len + 4).unsqueeze(0) - pads.unsqueeze(1)
     caches = [KVCache(config.num_hidden_layers, rows, config.num_key_value_heads, prompt_len + 4, config.head_dim,
                       model.dtype, model.device) for _ in range(2)]
-    with torch.inference_mode(), weights_frozen():
+    plan = InferencePlan.build(model)
+    with torch.inference_mode(), plan.active():
         prefill_mask = attention_mask(key_positions[:, :prompt_len], key_positions[:, :prompt_len], None)
         for cache in caches:
             model.hidden_states(prompt, key_positions[:, :prompt_len].clamp(min=0), prefill_mask, cache)
-        step = DecodingStep.for_model(model)
+        step = plan.decoding_step
         assert step is not None
         for position in range(prompt_len, prompt_len + 3):  # three steps, the cache growing
             tokens = torch.randint(3, 97, (rows,), generator=generator)
@@ -58,21 +59,19 @@ def test_a_decoding_step_equals_the_modules_step(family: str, tmp_path: Path) ->
             assert all(torch.equal(a, b) for a, b in filled)
         too_many = torch.zeros(DECODE_ROWS + 1, dtype=torch.long)
         assert step(too_many, torch.zeros(DECODE_ROWS + 1, 1, dtype=torch.long), mask, caches[1]) is None
-        assert DecodingStep.for_model(model.float()) is None  # float32: the modules' step
+    assert InferencePlan.build(model.float()).decoding_step is None  # float32: the modules' step
 
 
 @needs_native
-def test_generation_with_the_decoding_step_samples_the_same_tokens(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generation_with_the_decoding_step_samples_the_same_tokens(tmp_path: Path) -> None:
     model = tiny_model_with_head_dim_64("llama", tmp_path)
     prompts = [[5, 6, 7, 8], [9, 10]]
     sampling = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
-    used = []
-    real = DecodingStep.for_model.__func__  # type: ignore[attr-defined]
-    monkeypatch.setattr(DecodingStep, "for_model", classmethod(lambda cls, m: used.append(real(cls, m)) or used[-1]))
-    with_step = generate_tokens(model, prompts, max_new_tokens=12, sampling=sampling, num_return_sequences=3, seed=7)
-    assert used and used[-1] is not None
-    monkeypatch.setattr(DecodingStep, "for_model", classmethod(lambda cls, m: None))
+    plan = InferencePlan.build(model)
+    assert plan.decoding_step is not None
+    with_step = generate_tokens(model, prompts, max_new_tokens=12, sampling=sampling, num_return_sequences=3, seed=7,
+                                plan=plan)
+    plan.decoding_step = None  # the same plan, stepping through the modules
     with_modules = generate_tokens(model, prompts, max_new_tokens=12, sampling=sampling, num_return_sequences=3,
-                                   seed=7)
+                                   seed=7, plan=plan)
     assert with_step == with_modules

@@ -5,6 +5,9 @@ process; and a short run of the whole recipe on the default model."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from thrifty.grpo.rewards import format_reward
 from thrifty.grpo.tasks import get_task
 from thrifty.grpo.trainer import TIMING_KEYS, GRPOTrainer
 from thrifty.layers.lora import lora_state_dict
-from thrifty.recipes.reasoning import ReasoningRecipe, run_reasoning_recipe
+
 from thrifty.sft.config import SFTConfig
 from thrifty.sft.trainer import SFTTrainer
 
@@ -111,33 +114,24 @@ def test_grpo_from_a_saved_adapter_continues_as_in_one_process(tiny_dir: Path, t
     assert metrics(tmp_path / "one") == metrics(tmp_path / "two")
 
 
-def test_an_adapter_of_another_base_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
-    (tmp_path / "adapter").mkdir()
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
-        {"base_model_name_or_path": "smollm2-135m-instruct", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
-         "peft_type": "LORA"}))
-    model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
-    config = GRPOConfig(model_name_or_path=str(tiny_dir), dtype="float32", adapter=str(tmp_path / "adapter"),
-                        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_generations=4)
-    with pytest.raises(ThriftyError, match=r"was trained on smollm2-135m-instruct.*set model_name_or_path"):
-        GRPOTrainer(model, tokenizer, [vowels], [{"prompt": "hi"}], config, log=lambda _: None)
-
-
-def test_the_recipe_end_to_end_briefly(tmp_path: Path) -> None:
-    recipe = ReasoningRecipe(output_dir=str(tmp_path), num_eval_samples=4, max_completion_length=48,
-                             num_cold_start=32, sft_steps=4, grpo_steps=1, prompts_per_step=2, num_generations=2,
-                             disable_tqdm=True)
-    result = run_reasoning_recipe(recipe, log=lambda _: None)
-    assert set(result.stages) == {"base", "sft", "grpo"}
-    assert result.stages["base"].format_rate == 0.0  # the base model never writes the tags
-    for name in ("results.md", "results.json", "samples.md", "recipe.png", "cold_start.jsonl",
+def test_the_recipe_end_to_end_briefly_through_the_cli(tmp_path: Path) -> None:
+    """`thrifty recipe reasoning key=value ...`, as a user runs it, shortened."""
+    overrides = [f"output_dir={tmp_path}", "num_eval_samples=4", "max_completion_length=48", "num_cold_start=32",
+                 "sft_steps=4", "grpo_steps=1", "prompts_per_step=2", "num_generations=2", "disable_tqdm=true"]
+    done = subprocess.run([sys.executable, "-m", "thrifty.cli", "recipe", "reasoning", *overrides],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = json.loads((tmp_path / "results.json").read_text())["stages"]
+    assert set(stages) == {"base", "sft", "grpo"}
+    assert stages["base"]["format"] == 0.0  # the base model never writes the tags
+    for name in ("results.md", "samples.md", "recipe.png", "cold_start.jsonl",
                  "sft/adapter/adapter_config.json", "grpo/adapter/adapter_config.json"):
         assert (tmp_path / name).is_file(), name
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["stages"]["sft"]["accuracy"] == result.stages["sft"].accuracy
+    # The command prints the table it saved, one row per stage.
+    assert (tmp_path / "results.md").read_text() in done.stdout
+    for stage, label in (("base", "base model"), ("sft", "after SFT cold start"), ("grpo", "after GRPO")):
+        assert f"| {label} | {stages[stage]['accuracy']:.0%} | {stages[stage]['format']:.0%} |" in done.stdout
+    assert re.search(r"GRPO made \d+ right that SFT had wrong", (tmp_path / "samples.md").read_text())
     grpo_steps = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    sft, grpo = result.stages["sft"].examples, result.stages["grpo"].examples
-    fixed = sum(b["correct"] and not a["correct"] for a, b in zip(sft, grpo))
-    assert f"GRPO made {fixed} right that SFT had wrong" in (tmp_path / "samples.md").read_text()
     rewarded = [r for r in grpo_steps if "rewards/worked_steps/mean" in r]  # the process reward is on
     assert rewarded and all(0.0 <= r["rewards/worked_steps/mean"] <= 1.0 for r in rewarded)

@@ -24,6 +24,7 @@ from thrifty.sft.examples import tokenize_dataset
 from thrifty.sft.trainer import SFTTrainer, sft_loss
 from thrifty.training.checkpoint import list_checkpoints
 
+from applied_steps import record_applied_steps
 from tiny_tokenizer import save_tiny_model_dir, tiny_sft_rows
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,7 +122,10 @@ def test_resume_gives_identical_metrics(tiny_dir: Path, tmp_path: Path, method: 
 
     final_weights.unlink()  # the resumed run must write it again, the same
     resumed = tiny_config(out, resume_from_checkpoint=str(out / "checkpoint-2"), **options)
-    tiny_trainer(tiny_dir, resumed, dtype, eval_rows=held_out).train()
+    trainer = tiny_trainer(tiny_dir, resumed, dtype, eval_rows=held_out)
+    applied = record_applied_steps(trainer)
+    trainer.train()
+    assert applied == [3, 4, 5, 6]  # continued from step 2: not restarted (same metrics either way)
     assert training_records(out) == uninterrupted
     assert final_weights.read_bytes() == expected_bytes
     assert len({r["loss"] for r in uninterrupted if "loss" in r}) > 1  # it did train

@@ -6,7 +6,6 @@ says so and keeps the last checkpoint, reward functions that score nothing stop 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import subprocess
@@ -133,45 +132,35 @@ def test_an_adapter_with_nan_weights_is_refused_when_loaded(tiny_dir: Path, tmp_
 
 
 @contextlib.contextmanager
-def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, bool]]:
-    """A directory on a 4 MB tmpfs where this runs as root; elsewhere a plain directory
-    whose writes fail with ENOSPC once it is "full" (torch.save raising as on a full disk)."""
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a real 4 MB tmpfs (this needs root, as on our machines and CI)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    real = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                                                capture_output=True).returncode == 0
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("a full disk needs a small tmpfs, which only root can mount; not tested here")
     try:
-        yield mount, real
+        yield mount
     finally:
-        if real:
-            subprocess.run(["umount", str(mount)], check=True)
+        subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tiny_dir: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    with small_disk(tmp_path, monkeypatch) as (disk, real):
+def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:
+    with small_disk(tmp_path) as disk:
         trainer = sft(tiny_dir, disk / "run", max_steps=1)
         trainer.train()
         state = {"step": 1}
-        if real:  # fill the disk but for a few KB
-            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-            (disk / "filler").write_bytes(b"\0" * (free - 8192))
-        else:
-            def full(*args: object, **kwargs: object) -> None:
-                raise OSError(errno.ENOSPC, "No space left on device")
-
-            monkeypatch.setattr(torch, "save", full)
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * (free - 8192))  # full but for a few KB
         with pytest.raises(ThriftyError, match=r"checkpoint-2: not written, the disk is full"):
             trainer.run.save_checkpoint(2, state)
         assert [p.name for p in list_checkpoints(disk / "run")] == ["checkpoint-1"]
         assert not [p for p in (disk / "run").iterdir() if p.name.startswith(".tmp-")]  # nothing half-written
-        monkeypatch.undo()
         model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
         again = SFTTrainer(model, tokenizer, SFTConfig(**{**trainer.config.__dict__, "max_steps": 2,
                                                           "resume_from_checkpoint": "latest"}),
                            train_dataset=ROWS, log=lambda _: None)
-        if real:
-            (disk / "filler").unlink()
+        (disk / "filler").unlink()
         assert again.train().global_step == 2  # the kept checkpoint resumes
 
 

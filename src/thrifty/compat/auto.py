@@ -20,7 +20,6 @@ from thrifty.compat.tokenizer import PreTrainedTokenizer
 from thrifty.errors import ThriftyError
 from thrifty.formats.default_model import resolve_model_path
 from thrifty.formats.loader import load_model
-from thrifty.layers.quant import quantize_model
 from thrifty.model.tokenizer import Tokenizer
 
 
@@ -67,9 +66,7 @@ def load_pretrained(name: str | Path | None, dtype: Any, quantization: str | Non
                     double_quant: bool = True, max_seq_length: int | None = None,
                     ) -> tuple[PreTrainedModel, PreTrainedTokenizer]:
     path = resolve_model_path(None if name is None else str(name))
-    model, tokenizer = load_model(path, dtype=training_dtype(dtype))
-    if quantization is not None:
-        quantize_model(model, quantization, double_quant=double_quant)
+    model, tokenizer = load_model(path, dtype=training_dtype(dtype), quantize=quantization, double_quant=double_quant)
     wrapped = PreTrainedModel(model, tokenizer, None if name is None else str(name), max_seq_length)
     return wrapped, wrap_tokenizer(tokenizer, path, max_seq_length)
 

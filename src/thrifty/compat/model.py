@@ -25,13 +25,14 @@ from thrifty.formats.default_model import DEFAULT_MODEL_NAME
 from thrifty.formats.gguf_export import export_gguf, write_ollama_modelfile
 from thrifty.formats.gguf_types import ALIASES
 from thrifty.formats.hf_export import save_hf_model
-from thrifty.formats.peft_adapter import load_merged, save_adapter
+from thrifty.formats.open_model import open_model
+from thrifty.formats.peft_adapter import save_adapter
 from thrifty.generation.engine import generate_tokens
 from thrifty.generation.sampling import SamplingParams
 from thrifty.layers.lora import merge_lora, trainable_parameters
 from thrifty.model.decoder import CausalLM, causal_mask
 from thrifty.model.tokenizer import Tokenizer
-from thrifty.training.setup import has_lora
+from thrifty.layers.lora import has_lora
 
 IGNORE_INDEX = -100
 SAVE_METHODS = ("merged_16bit", "lora")
@@ -214,7 +215,7 @@ class PreTrainedModel(nn.Module):
             return self.causal_lm
         with tempfile.TemporaryDirectory() as tmp:
             save_adapter(self.causal_lm, tmp, self.name_or_path)
-            model, _, _ = load_merged(Path(tmp), self.name_or_path, dtype)
+            model, _, _ = open_model(self.name_or_path, tmp, merge=True, dtype=dtype)
         return model
 
 

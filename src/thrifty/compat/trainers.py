@@ -25,11 +25,10 @@ from thrifty.errors import ThriftyError
 from thrifty.formats.loader import load_model
 from thrifty.grpo.config import GRPOConfig
 from thrifty.grpo.trainer import GRPOTrainer as ThriftyGRPOTrainer
-from thrifty.layers.quant import NF4Linear, is_quantized
 from thrifty.sft.config import SFTConfig
 from thrifty.sft.trainer import SFTTrainer as ThriftySFTTrainer
 from thrifty.training.config import TrainingConfig
-from thrifty.training.setup import has_lora
+from thrifty.layers.lora import has_lora
 
 _UNSUPPORTED_HINT = "model, args (or config), train_dataset, eval_dataset, processing_class (or tokenizer), peft_config"
 
@@ -63,10 +62,6 @@ def _resolve(model: Any, tokenizer: Any, config: TrainingConfig, peft_config: Lo
         log("no peft_config and no adapters on the model: full fine-tuning of every weight, as TRL does (pass "
             "peft_config=LoraConfig(...) for LoRA).")
         changes["use_lora"] = False
-    if has_lora(causal_lm) and config.quantize is None:
-        quantized = [m for m in causal_lm.modules() if is_quantized(m)]
-        if quantized:  # for the log's method name (QLoRA) and the checkpoint's settings
-            changes["quantize"] = "nf4" if isinstance(quantized[0], NF4Linear) else "int8"
     return causal_lm, thrifty_tokenizer(tokenizer), dataclasses.replace(config, **changes) if changes else config
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,10 @@ import numpy as np
 import torch
 
 from thrifty.errors import ThriftyError
+from thrifty.formats.build import GGUFBlocks
 from thrifty.formats.gguf_reader import metadata_value, open_gguf
 from thrifty.formats.gguf_tokenizer import tokenizer_from_gguf
+from thrifty.kernels.gguf_blocks import BLOCK_LAYOUTS
 from thrifty.model.config import ModelConfig
 from thrifty.model.tokenizer import Tokenizer
 
@@ -62,6 +66,14 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConf
 
     Each tensor is dequantized to float32 and converted to `dtype` before the next one
     is read, so loading in bf16 never holds the whole model in float32."""
+    config, tokenizer, tensors = read_gguf(path)
+    weights = dict(tensors.items(dtype))
+    _check_complete(weights, config, Path(path))
+    return config, weights, tokenizer
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, GGUFTensors]:
+    """(config, tokenizer, the tensors to read on demand) of a GGUF file."""
     path = Path(path)
     reader = open_gguf(path)
     arch = metadata_value(reader, "general.architecture")
@@ -74,8 +86,59 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConf
     tokenizer = tokenizer_from_gguf(reader, path)
     tensors = {t.name: t for t in reader.tensors}
     config = _config_from_metadata(reader, arch, tensors, tokenizer, path)
-    weights = _dequantize_all(tensors, config, arch, path, dtype)
-    return config, weights, tokenizer
+    return config, tokenizer, GGUFTensors(tensors, config, arch, path)
+
+
+class GGUFTensors:
+    """A GGUF file's tensors under Hugging Face names, read one at a time."""
+
+    def __init__(self, tensors: dict[str, Any], config: ModelConfig, arch: str, path: Path) -> None:
+        self.tensors, self.config, self.arch, self.path = tensors, config, arch, path
+
+    def items(self, dtype: torch.dtype, keep_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+        """(name, tensor) in file order: dequantized to `dtype`, or with keep_blocks, the
+        matrices of the block types Thrifty's kernels read as GGUFBlocks over the file's
+        own bytes (mapped, not copied; llama's q/k rows are reordered into a copy)."""
+        for name, t in self.tensors.items():
+            hf = _hf_name(name)
+            if hf is None:
+                if name in _DERIVED_TENSORS:
+                    continue
+                raise ThriftyError(f"{self.path}: tensor {name!r} has no place in a {self.arch} decoder; "
+                                   "this file is not a plain Llama/Qwen model and cannot be loaded.")
+            heads = self._permuted_heads(name)
+            if keep_blocks and int(t.tensor_type) in BLOCK_LAYOUTS and len(t.shape) == 2:
+                blocks = np.asarray(t.data).reshape(int(t.shape[1]), -1)
+                if heads:
+                    blocks = _unpermute_rows(blocks, heads).copy()
+                with warnings.catch_warnings():  # the mapping is read-only; the layers never write it
+                    warnings.simplefilter("ignore", UserWarning)
+                    tensor = torch.from_numpy(blocks)
+                yield hf, GGUFBlocks(tensor, int(t.tensor_type), (int(t.shape[1]), int(t.shape[0])))
+                continue
+            try:
+                w = gguf.quants.dequantize(t.data, t.tensor_type)
+            except NotImplementedError as e:
+                raise ThriftyError(f"{self.path}: tensor {name!r} is stored as {t.tensor_type.name}, which the "
+                                   f"installed gguf package cannot dequantize ({e}). Upgrade it (pip install -U "
+                                   "gguf) or use a file quantized differently.") from e
+            w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
+            if heads:
+                w = _unpermute_rows(w, heads)
+            w = np.ascontiguousarray(w, dtype=np.float32)
+            if not w.flags.writeable:  # F32 tensors come straight from the read-only file mapping
+                w = w.copy()
+            yield hf, torch.from_numpy(w).to(dtype)
+
+    def _permuted_heads(self, name: str) -> int:
+        """llama's converter permutes the rows of q/k: the head count to undo it with, or 0."""
+        if self.arch != "llama":
+            return 0
+        if name.endswith(("attn_q.weight", "attn_q.bias")):
+            return self.config.num_attention_heads
+        if name.endswith(("attn_k.weight", "attn_k.bias")):
+            return self.config.num_key_value_heads
+        return 0
 
 
 # ---------------------------------------------------------------- config
@@ -209,35 +272,6 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2)."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _dequantize_all(tensors: dict[str, Any], config: ModelConfig, arch: str,
-                    path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        hf = _hf_name(name)
-        if hf is None:
-            if name in _DERIVED_TENSORS:
-                continue
-            raise ThriftyError(f"{path}: tensor {name!r} has no place in a {arch} decoder; "
-                               "this file is not a plain Llama/Qwen model and cannot be loaded.")
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ThriftyError(f"{path}: tensor {name!r} is stored as {t.tensor_type.name}, which the installed "
-                               f"gguf package cannot dequantize ({e}). Upgrade it (pip install -U gguf) "
-                               "or use a file quantized differently.") from e
-        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = _unpermute_rows(w, config.num_attention_heads)
-        elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = _unpermute_rows(w, config.num_key_value_heads)
-        w = np.ascontiguousarray(w, dtype=np.float32)
-        if not w.flags.writeable:  # F32 tensors come straight from the read-only file mapping
-            w = w.copy()
-        out[hf] = torch.from_numpy(w).to(dtype)
-    _check_complete(out, config, path)
-    return out
 
 
 def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:

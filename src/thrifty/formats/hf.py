@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from thrifty.errors import ThriftyError
@@ -67,6 +68,20 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: cannot read safetensors file ({err}); it may be truncated or corrupt — "
             "download or export it again."
         ) from None
+
+
+def hf_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every weight of a directory, one tensor at a time, read through the shards' mmap."""
+    for file in weight_files(directory):
+        try:
+            with safe_open(str(file), framework="pt") as shard:
+                for name in shard.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, shard.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise ThriftyError(
+                f"{file}: cannot read safetensors file ({err}); it may be truncated or corrupt — "
+                "download or export it again."
+            ) from None
 
 
 def load_hf_state_dict(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -19,9 +19,8 @@ from torch import nn
 
 from thrifty.errors import ThriftyError
 from thrifty.formats.atomic import atomic_file, non_finite, require_finite
-from thrifty.formats.loader import load_model
 from thrifty.layers.lora import (
-    LoraConfig, LoraLinear, apply_lora, linear_module_names, lora_layers, lora_state_dict, merge_lora,
+    LoraConfig, LoraLinear, apply_lora, linear_module_names, lora_layers, lora_state_dict,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -241,21 +240,3 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 
 def is_adapter_dir(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file()
-
-
-def load_merged(adapter: Path, base: str | None, dtype: torch.dtype | None) -> tuple[Any, Any, str]:
-    """(model, tokenizer, base name): the adapter's base model (or `base`) with the adapter
-    merged in. The merge runs in float32 (the delta added to the exact base weight, a QLoRA
-    adapter onto the unquantized base) and rounds once to `dtype` (None: stays float32)."""
-    if not adapter.is_dir():
-        raise ThriftyError(f"{adapter}: adapter directory not found.")
-    _, raw = read_adapter_config(adapter)
-    base = base or raw.get("base_model_name_or_path")
-    if not base:
-        raise ThriftyError(f"{adapter / CONFIG_NAME}: no base_model_name_or_path; pass the base model with --model.")
-    model, tokenizer = load_model(base, dtype="float32", device="cpu")
-    load_adapter(model, adapter)
-    merge_lora(model, dtype=dtype)
-    if dtype is not None:
-        model.to(dtype)
-    return model, tokenizer, base

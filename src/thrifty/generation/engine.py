@@ -20,8 +20,7 @@ import torch
 from thrifty.errors import ThriftyError
 from thrifty.generation.sampling import RowGenerators, SamplingParams, sample_next_tokens
 from thrifty.model.decoder import CausalLM, causal_mask
-from thrifty.model.decoding_step import DecodingStep
-from thrifty.model.fused_linear import weights_frozen
+from thrifty.model.inference_plan import InferencePlan
 from thrifty.model.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -84,11 +83,14 @@ def generate(
     chat: bool = True,
     system_prompt: str | None = None,
     on_step: StepCallback | None = None,
+    plan: InferencePlan | None = None,
 ) -> list[Completion]:
     """Complete each prompt `num_return_sequences` times.
 
     prompts: a string, a chat message list, or a list of either. With chat=True strings
     become a user message and the model's chat template is applied.
+    plan: the InferencePlan to run on (keep one across calls while the weights do not
+    change, as `thrifty chat` does); None builds one for this call.
     Returns the completions in prompt order, `num_return_sequences` per prompt.
     """
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
@@ -104,7 +106,7 @@ def generate(
         model, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
         num_return_sequences=num_return_sequences, seed=seed,
         stop_token_ids=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
-        stop_checker=StopStrings(tokenizer, stop) if stop else None, on_step=on_step,
+        stop_checker=StopStrings(tokenizer, stop) if stop else None, on_step=on_step, plan=plan,
     )
     completions = []
     for row, (ids, reason) in enumerate(zip(tokens, reasons)):
@@ -137,7 +139,6 @@ def cut_at_stop_string(text: str, stop: Sequence[str]) -> str:
 
 
 @torch.inference_mode()
-@weights_frozen()
 def generate_tokens(
     model: CausalLM,
     prompt_ids: list[list[int]],
@@ -152,11 +153,13 @@ def generate_tokens(
     on_step: StepCallback | None = None,
     min_new_tokens: int = 0,
     row_seeds: Sequence[int] | None = None,
+    plan: InferencePlan | None = None,
 ) -> tuple[list[list[int]], list[FinishReason]]:
     """The engine on token ids. Returns, per output row (prompt-major), the generated ids
     and why each row finished. Before min_new_tokens tokens, the stop tokens get no
     probability (transformers' min_new_tokens). row_seeds (one per output row, instead of
-    `seed`) give each row its own random stream (RowGenerators)."""
+    `seed`) give each row its own random stream (RowGenerators). plan: the model's current
+    InferencePlan (None: one is built for this call)."""
     if max_new_tokens < 1:
         raise ThriftyError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     if not 0 <= min_new_tokens <= max_new_tokens:
@@ -166,6 +169,19 @@ def generate_tokens(
         raise ThriftyError(f"num_return_sequences must be at least 1, got {num_return_sequences}.")
     if any(len(p) == 0 for p in prompt_ids):
         raise ThriftyError("a prompt is empty after tokenization; give at least one token.")
+    if plan is None:
+        plan = InferencePlan.build(model)
+    elif plan.model is not model:
+        raise ThriftyError("generate: the inference plan was built for another model.")
+    with plan.active():
+        return _generate(model, plan, prompt_ids, max_new_tokens, sampling, num_return_sequences, seed,
+                         stop_token_ids, pad_token_id, stop_checker, on_step, min_new_tokens, row_seeds)
+
+
+def _generate(model: CausalLM, plan: InferencePlan, prompt_ids: list[list[int]], max_new_tokens: int,
+              sampling: SamplingParams, num_return_sequences: int, seed: int | None, stop_token_ids: Sequence[int],
+              pad_token_id: int, stop_checker: Callable[[list[int]], bool] | None, on_step: StepCallback | None,
+              min_new_tokens: int, row_seeds: Sequence[int] | None) -> tuple[list[list[int]], list[FinishReason]]:
     device = model.device
     num_rows = len(prompt_ids) * num_return_sequences
     # The random numbers come from one generator, or from one per row; only the one in use
@@ -215,7 +231,7 @@ def generate_tokens(
     reasons: list[FinishReason] = ["length"] * num_rows
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), device=device, dtype=torch.long)
     done = [False] * num_rows  # per batch row: finished, its further tokens dropped
-    decoding_step = DecodingStep.for_model(model)
+    decoding_step = plan.decoding_step
 
     for step in range(max_new_tokens):
         if step < min_new_tokens and len(stop_ids):

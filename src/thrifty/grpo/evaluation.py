@@ -20,6 +20,7 @@ from thrifty.generation.engine import generate_tokens, render_prompt
 from thrifty.generation.sampling import SamplingParams
 from thrifty.grpo.tasks.common import Row, Task
 from thrifty.model.decoder import CausalLM
+from thrifty.model.inference_plan import InferencePlan
 from thrifty.model.tokenizer import Tokenizer
 
 # Prompts per generate_tokens call: bounds the KV cache, keeps decode batches efficient.
@@ -58,10 +59,13 @@ class EvalResult:
 
 def complete(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[Any], *, max_new_tokens: int,
              sampling: SamplingParams, num_return_sequences: int = 1, seed: int = 0,
-             system_prompt: str | None = None, max_prompt_length: int | None = None) -> list[tuple[str, list[int]]]:
+             system_prompt: str | None = None, max_prompt_length: int | None = None,
+             plan: InferencePlan | None = None) -> list[tuple[str, list[int]]]:
     """(text, token ids) of each completion, prompt-major, generated in batches. Prompts
-    longer than max_prompt_length keep their last tokens, as in training."""
+    longer than max_prompt_length keep their last tokens, as in training. plan: the
+    model's current InferencePlan (None: one is built for these batches)."""
     chat = tokenizer.chat_template is not None
+    plan = plan or InferencePlan.build(model)
     out: list[tuple[str, list[int]]] = []
     was_training = model.training
     model.eval()
@@ -70,7 +74,8 @@ def complete(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[Any], *, m
         ids = [render_prompt(tokenizer, p, chat, system_prompt, max_prompt_length) for p in batch]
         tokens, _ = generate_tokens(model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                     num_return_sequences=num_return_sequences, seed=seed + start,
-                                    stop_token_ids=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
+                                    stop_token_ids=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
+                                    plan=plan)
         out += [(tokenizer.decode(t, skip_special_tokens=True), t) for t in tokens]
     model.train(was_training)
     return out
@@ -80,12 +85,13 @@ def evaluate_rows(model: CausalLM, tokenizer: Tokenizer, task: Task, rows: Seque
                   max_new_tokens: int = 64, k: int = 0, num_samples_per_problem: int | None = None,
                   temperature: float = 0.7, top_p: float = 1.0, seed: int = 0,
                   system_prompt: str | None = None, num_examples: int = 3,
-                  max_prompt_length: int | None = None) -> EvalResult:
+                  max_prompt_length: int | None = None, plan: InferencePlan | None = None) -> EvalResult:
     """Greedy accuracy on `rows`, plus pass@k from sampled completions when k > 0."""
     started = time.perf_counter()
+    plan = plan or InferencePlan.build(model)
     prompts = [row["prompt"] for row in rows]
     greedy = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=SamplingParams(),
-                      seed=seed, system_prompt=system_prompt, max_prompt_length=max_prompt_length)
+                      seed=seed, system_prompt=system_prompt, max_prompt_length=max_prompt_length, plan=plan)
     correct = [task.check(text, row) for (text, _), row in zip(greedy, rows)]
     result = EvalResult(num_problems=len(rows), accuracy=sum(correct) / max(len(rows), 1),
                         mean_length=sum(len(ids) for _, ids in greedy) / max(len(rows), 1))
@@ -99,7 +105,7 @@ def evaluate_rows(model: CausalLM, tokenizer: Tokenizer, task: Task, rows: Seque
         sampled = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                            sampling=SamplingParams(temperature=temperature, top_p=top_p),
                            num_return_sequences=n, seed=seed + 1, system_prompt=system_prompt,
-                           max_prompt_length=max_prompt_length)
+                           max_prompt_length=max_prompt_length, plan=plan)
         scores = []
         for i, row in enumerate(rows):
             c = sum(task.check(text, row) for text, _ in sampled[i * n:(i + 1) * n])

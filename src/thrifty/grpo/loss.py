@@ -6,8 +6,9 @@ so a user moving from TRL gets the same numbers for the same config. The trainer
 the loop; these functions know nothing of models, ranks or optimizers: whatever depends
 on them (gradient accumulation, world size) comes in as an argument.
 
-Shapes: B completions in a micro-batch, T completion tokens (right-padded), G completions
-per prompt (`num_generations`), completions of one prompt adjacent (group-major order).
+Shapes: rewards and advantages come in groups, [groups, G] (G completions per prompt,
+`num_generations`), as the trainer's Group records hold them, so nothing re-groups a flat
+list; the loss runs on micro-batches of B completions and T completion tokens (right-padded).
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ ADVANTAGE_EPS = 1e-4
 def combine_rewards(per_function: torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
     """Weighted sum of the reward functions' outputs, one reward per completion.
 
-    per_function: [num_funcs, N], NaN where a function returned None ("does not apply").
+    per_function: [num_funcs, ...] (e.g. [num_funcs, groups, G]), NaN where a function
+    returned None ("does not apply"); the result has the shape after num_funcs.
     As TRL: NaNs are skipped (nansum), and a completion that *every* function skipped is
     unscorable and stays NaN, so `group_advantages` leaves it out of its group's baseline
     and gives it a zero advantage (nansum alone would make it a spurious 0 reward).
     """
-    per_function = _as_2d_rewards(per_function)
+    per_function = _per_function(per_function)
     w = _weights(weights, per_function.shape[0], per_function.device)
-    rewards = (per_function * w[:, None]).nansum(dim=0)
+    rewards = (per_function * w.view(-1, *[1] * (per_function.dim() - 1))).nansum(dim=0)
     rewards[torch.isnan(per_function).all(dim=0)] = math.nan
     return rewards
 
@@ -57,11 +59,11 @@ def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.sqrt(var * correction)
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: ScaleRewards | bool = "group") -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, scale_rewards: ScaleRewards | bool = "group") -> torch.Tensor:
     """Advantage of each completion: its reward minus its group's mean, optionally scaled.
 
-    rewards: [num_prompts * G] combined rewards of the *whole* generation batch (all ranks:
-    groups must be complete), NaN for unscorable completions. scale_rewards:
+    rewards: [groups, G] combined rewards of the *whole* generation batch (all ranks: groups
+    must be complete), NaN for unscorable completions; the advantages have its shape. scale_rewards:
     "group" (or True) divides by each group's std + 1e-4; "batch" by the std of all rewards
     + 1e-4 (PPO-Lite); "none" (or False) not at all (Dr. GRPO). Stds are unbiased, as TRL's.
     Unscorable completions, and groups with fewer than two scorable ones, get advantage 0.
@@ -69,39 +71,39 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     scale = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)  # type: ignore[call-overload]
     if scale not in SCALE_REWARDS:
         raise ThriftyError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}; got {scale_rewards!r}.")
-    grouped = _grouped(rewards, num_generations)
-    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
-    advantages = rewards.float() - mean
+    grouped = _grouped(rewards)
+    advantages = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
     if scale == "group":
-        std = nanstd(grouped, dim=1).repeat_interleave(num_generations) if num_generations > 1 else torch.zeros_like(advantages)
+        std = nanstd(grouped, dim=1)[:, None] if grouped.shape[1] > 1 else torch.zeros_like(advantages)
         advantages = advantages / (std + ADVANTAGE_EPS)
     elif scale == "batch":
-        std = nanstd(rewards.float()).expand_as(advantages) if rewards.numel() > 1 else torch.zeros_like(advantages)
+        std = nanstd(grouped).expand_as(advantages) if grouped.numel() > 1 else torch.zeros_like(advantages)
         advantages = advantages / (std + ADVANTAGE_EPS)
     return torch.nan_to_num(advantages, nan=0.0)
 
 
-def reward_metrics(per_function: torch.Tensor, names: Sequence[str], num_generations: int,
+def reward_metrics(per_function: torch.Tensor, names: Sequence[str],
                    weights: Sequence[float] | torch.Tensor | None = None) -> dict[str, float]:
     """TRL's reward log lines: rewards/<name>/mean|std per function (over the completions it
     scored), reward and reward_std (combined, scorable completions), frac_reward_zero_std.
+    per_function: [num_funcs, groups, G].
 
     Deviation: TRL's frac_reward_zero_std with scale_rewards="batch" tests the batch std; here
     it is always the fraction of groups whose rewards are all equal (no learning signal),
     which is the number a user tuning a task needs.
     """
-    per_function = _as_2d_rewards(per_function)
-    if len(names) != per_function.shape[0]:
-        raise ValueError(f"{len(names)} names for {per_function.shape[0]} reward functions.")
+    per_function = _per_function(per_function)
+    if len(names) != per_function.shape[0] or per_function.dim() != 3:
+        raise ValueError(f"{len(names)} names for rewards of shape {tuple(per_function.shape)}; expected "
+                         "[num_funcs, groups, G].")
     metrics: dict[str, float] = {}
     for name, row in zip(names, per_function):
         metrics[f"rewards/{name}/mean"] = torch.nanmean(row).item()
-        metrics[f"rewards/{name}/std"] = nanstd(row).item()
+        metrics[f"rewards/{name}/std"] = nanstd(row.flatten()).item()
     rewards = combine_rewards(per_function, weights)
     metrics["reward"] = torch.nanmean(rewards).item()
-    metrics["reward_std"] = nanstd(rewards).item()
-    group_std = nanstd(_grouped(rewards, num_generations), dim=1) if num_generations > 1 else torch.zeros(
-        rewards.numel() // max(num_generations, 1))
+    metrics["reward_std"] = nanstd(rewards.flatten()).item()
+    group_std = nanstd(rewards, dim=1) if rewards.shape[1] > 1 else torch.zeros(rewards.shape[0])
     # NaN std (fewer than two scorable completions) counts as zero: no signal either way.
     metrics["frac_reward_zero_std"] = torch.isclose(torch.nan_to_num(group_std, nan=0.0),
                                                     torch.zeros_like(group_std)).float().mean().item()
@@ -264,15 +266,16 @@ def _nan_extreme(x: torch.Tensor, op) -> float:  # type: ignore[no-untyped-def]
 # --------------------------------------------------------------------------- dynamic sampling
 
 
-def dynamic_sampling_filter(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """[num_groups] bool: True for groups whose (combined) rewards are not all equal.
+def dynamic_sampling_filter(rewards: torch.Tensor) -> torch.Tensor:
+    """[groups] bool, for combined rewards [groups, G]: True for groups whose rewards are
+    not all equal.
 
     DAPO's dynamic sampling: a group where every completion got the same reward has zero
     advantages, so it only dilutes the batch. NaN (unscorable) rewards are ignored; a group
     with fewer than two scorable completions is uninformative too. (DAPO filters on accuracy;
     this filters on the combined reward, which is what the advantages are computed from.)
     """
-    grouped = _grouped(rewards, num_generations)
+    grouped = _grouped(rewards)
     valid = ~torch.isnan(grouped)
     hi = torch.where(valid, grouped, torch.full_like(grouped, -math.inf)).amax(dim=1)
     lo = torch.where(valid, grouped, torch.full_like(grouped, math.inf)).amin(dim=1)
@@ -288,7 +291,7 @@ class InformativeGroups(Generic[T]):
 
     wanted: int
     groups: list[T] = field(default_factory=list)  # at most `wanted`, in draw order
-    rewards: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [len(groups) * G]
+    rewards: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [len(groups), G]
     num_discarded: int = 0  # uninformative groups thrown away
     num_surplus: int = 0  # informative groups beyond `wanted` in the last draw, dropped
     num_draws: int = 0  # candidate batches drawn (each costs a round of generation)
@@ -300,14 +303,13 @@ class InformativeGroups(Generic[T]):
 
 def collect_informative_groups(
     candidates: Iterable[tuple[Sequence[T], torch.Tensor]],
-    num_generations: int,
     wanted: int,
     max_draws: int,
 ) -> InformativeGroups[T]:
     """Draw candidate batches until `wanted` informative groups are collected or `max_draws` is hit.
 
     candidates yields (groups, rewards): a batch of groups (whatever the trainer keeps per
-    prompt: completions, ids, log-probs...) and their combined rewards, [len(groups) * G].
+    prompt: completions, ids, log-probs...) and their combined rewards, [len(groups), G].
     It is consumed lazily, so generation happens only while groups are still missing.
     When max_draws runs out first the result holds fewer groups (check `.complete`): DAPO
     would keep sampling, but on a CPU an unbounded loop is worse than a smaller batch.
@@ -318,11 +320,10 @@ def collect_informative_groups(
     kept_rewards: list[torch.Tensor] = []
     for groups, rewards in candidates:
         out.num_draws += 1
-        if rewards.numel() != len(groups) * num_generations:
-            raise ValueError(f"{rewards.numel()} rewards for {len(groups)} groups of {num_generations}.")
-        keep = dynamic_sampling_filter(rewards, num_generations)
-        grouped = rewards.view(-1, num_generations)
-        for group, group_rewards, informative in zip(groups, grouped, keep.tolist()):
+        if rewards.dim() != 2 or rewards.shape[0] != len(groups):
+            raise ValueError(f"rewards of shape {tuple(rewards.shape)} for {len(groups)} groups; expected [groups, G].")
+        keep = dynamic_sampling_filter(rewards)
+        for group, group_rewards, informative in zip(groups, rewards, keep.tolist()):
             if not informative:
                 out.num_discarded += 1
             elif len(out.groups) < wanted:
@@ -332,18 +333,16 @@ def collect_informative_groups(
                 out.num_surplus += 1
         if len(out.groups) >= wanted or out.num_draws >= max_draws:
             break
-    out.rewards = torch.cat(kept_rewards) if kept_rewards else torch.empty(0)
+    out.rewards = torch.stack(kept_rewards) if kept_rewards else torch.empty(0, 0)
     return out
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_2d_rewards(per_function: torch.Tensor) -> torch.Tensor:
-    if per_function.dim() == 1:
-        per_function = per_function[None, :]
-    if per_function.dim() != 2:
-        raise ValueError(f"per-function rewards must be [num_funcs, N]; got {tuple(per_function.shape)}.")
+def _per_function(per_function: torch.Tensor) -> torch.Tensor:
+    if per_function.dim() < 2:
+        raise ValueError(f"per-function rewards must be [num_funcs, ...]; got {tuple(per_function.shape)}.")
     return per_function.float()
 
 
@@ -359,7 +358,7 @@ def _weights(weights: Sequence[float] | torch.Tensor | None, num_funcs: int, dev
     return w
 
 
-def _grouped(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
-    if num_generations < 1 or rewards.dim() != 1 or rewards.numel() % num_generations:
-        raise ValueError(f"{tuple(rewards.shape)} rewards do not split into groups of {num_generations}.")
-    return rewards.float().view(-1, num_generations)
+def _grouped(rewards: torch.Tensor) -> torch.Tensor:
+    if rewards.dim() != 2 or rewards.shape[1] < 1:
+        raise ValueError(f"rewards must be [groups, G]; got {tuple(rewards.shape)}.")
+    return rewards.float()

@@ -29,7 +29,7 @@ def describe_run(trainer: Any) -> str:
     """The plan of a run, from a GRPOTrainer."""
     cfg = trainer.config
     source = f"task {cfg.task!r}" if trainer.task is not None else "prompts"
-    return (f"GRPO ({trainer.run.method}) of {trainer.run.base_model_name} [{cfg.dtype}, base weights "
+    return (f"GRPO ({trainer.run.method.name}) of {trainer.run.base_model_name} [{cfg.dtype}, base weights "
             f"{weight_memory_bytes(trainer.model) / 2**20:.0f} MB]: {trainable_parameters(trainer.model)}\n"
             f"  {len(trainer.rows)} train {source}, {len(trainer.eval_rows)} held out; {trainer.total_steps} "
             f"optimizer steps; each generation {cfg.prompts_per_generation} prompts x {cfg.num_generations} "

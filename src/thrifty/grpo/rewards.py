@@ -3,7 +3,7 @@
 Signature (TRL's): `f(prompts, completions, completion_ids=None, **columns) -> list[float | None]`,
 one reward per completion; `columns` are the dataset's other columns (e.g. `answer`),
 one value per completion. None means "does not apply to this sample": it is left out of
-that function's statistics and of the weighted sum (see grpo_loss.combine_rewards).
+that function's statistics and of the weighted sum (see grpo/loss.py, combine_rewards).
 Completions are strings, or TRL's conversational form, a list of messages
 `[{"role": "assistant", "content": "..."}]`; every function here accepts both.
 

@@ -14,7 +14,7 @@ Each generation (see `_generation`; the batch fields count as in TRL, see grpo/c
      by sampling more prompts;
   4. update: the completions, in order, make steps_per_generation micro-batches of
      per_device_train_batch_size that hold each prompt once, followed by its
-     completions (grpo_batches); every gradient_accumulation_steps of them make one
+     completions (grpo/batches.py); every gradient_accumulation_steps of them make one
      optimizer step of the clipped-surrogate loss (grpo_loss), num_iterations times
      over. The log-probs come from the final hidden states through selective_log_probs,
      so the [tokens x vocab] logits never exist; old log-probs are computed only when a
@@ -88,8 +88,7 @@ from thrifty.training.metrics import (
 )
 from thrifty.training.rows import DataOrder, load_rows
 from thrifty.training.run import TrainingRun
-from thrifty.training.schedule import lr_factor, warmup_steps_for
-from thrifty.training.setup import has_lora
+from thrifty.layers.lora import has_lora
 
 # Wall-clock measurements in metrics.jsonl: not reproducible between runs.
 TIMING_KEYS = ("time/generation", "time/scoring", "time/training", "time/step", "rss_mb")
@@ -150,7 +149,8 @@ class GRPOTrainer:
             if self.task is not None and cfg.num_eval_samples > 0 else [])
         self.chat = tokenizer.chat_template is not None
         self.run = TrainingRun(model, tokenizer, cfg, RESUME_MUST_MATCH, self.log)
-        self.log, self.dist = self.run.log, self.run.dist
+        self.log, self.dist, self.config = self.run.log, self.run.dist, self.run.config
+        cfg = self.config
         self.model, self.optimizer, self.output_dir = self.run.model, self.run.optimizer, self.run.output_dir
         # The KL reference: with LoRA the same model with adapters off (no copy); for full
         # fine-tuning a frozen copy of the starting weights.
@@ -159,7 +159,7 @@ class GRPOTrainer:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.order = DataOrder(len(self.rows), cfg.prompts_per_generation, seed=cfg.seed)
         self.total_steps = self._total_steps()
-        self.warmup_steps = warmup_steps_for(self.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
+        self.run.set_total_steps(self.total_steps)
         self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.run.tensorboard_dir, self.dist.is_main)
         self.completions_log = MetricsLog(self.output_dir / "completions.jsonl", writes=self.dist.is_main)
@@ -234,7 +234,7 @@ class GRPOTrainer:
                                           row_seeds=[self._sample_seed(draw, p, j) for p in positions for j in range(G)],
                                           stop_token_ids=self.tokenizer.stop_token_ids,
                                           pad_token_id=self.tokenizer.pad_token_id,
-                                          min_new_tokens=cfg.min_completion_length)
+                                          min_new_tokens=cfg.min_completion_length, plan=self.run.inference_plan())
         self.model.train()
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         scored = time.perf_counter()
@@ -268,7 +268,8 @@ class GRPOTrainer:
         return out
 
     def _combined(self, groups: list[Group]) -> torch.Tensor:
-        return combine_rewards(torch.cat([g.rewards for g in groups], dim=1), self.reward_weights)
+        """[groups, G] weighted sums of the reward functions' values."""
+        return combine_rewards(_per_function(groups), self.reward_weights)
 
     def collect_groups(self) -> tuple[list[Group], list[Group], dict[str, float]]:
         """(groups to train on, every group sampled this step, dynamic-sampling stats)."""
@@ -284,8 +285,7 @@ class GRPOTrainer:
                 drawn.extend(groups)
                 yield groups, self._combined(groups)
 
-        got = collect_informative_groups(candidates(), cfg.num_generations, cfg.prompts_per_generation,
-                                         cfg.max_dynamic_sampling_draws)
+        got = collect_informative_groups(candidates(), cfg.prompts_per_generation, cfg.max_dynamic_sampling_draws)
         stats = {"dynamic_sampling/draws": got.num_draws, "dynamic_sampling/discarded_groups": got.num_discarded,
                  "dynamic_sampling/kept_groups": len(got.groups)}
         return got.groups, drawn, stats
@@ -293,9 +293,10 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ log-probs and update
 
     def micro_batches(self, groups: list[Group], advantages: torch.Tensor) -> list[RankSlice]:
-        """The generation's completions, in order, in steps_per_generation micro-batches,
-        each split among the ranks: this rank's slices."""
+        """The generation's completions (advantages [groups, G]), in order, in
+        steps_per_generation micro-batches, each split among the ranks: this rank's slices."""
         cfg = self.config
+        advantages = advantages.flatten()  # group-major, as the completions below
         prompts = [g.prompt_ids for g in groups for _ in g.completion_ids]
         completions = [c for g in groups for c in g.completion_ids]
         truncated = torch.tensor([t for g in groups for t in g.truncated])
@@ -355,8 +356,6 @@ class GRPOTrainer:
         for window in [w for _ in range(cfg.num_iterations) for w in windows]:
             if self.step >= self.total_steps:
                 break
-            lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.lr_scheduler_type)
-            self.optimizer.set_lr(lr)
             for i in window:
                 logp = self.run.forward(completion_log_probs, batches[i], cfg.temperature, sync=i == window[-1])
                 loss, metrics = grpo_loss(
@@ -368,7 +367,8 @@ class GRPOTrainer:
                 # DDP averages the ranks' gradients; each rank's loss is its part of the sum.
                 (loss * (world * slices[i].weight)).backward()
                 micro_batch_metrics.append(metrics if slices[i].weight else None)
-            grad_norm = self.run.optimizer_step(self.step + 1)
+            applied = self.run.optimizer_step(self.step + 1)
+            grad_norm, lr = applied.grad_norm, applied.lr
             self.step += 1
         out = average_micro_batch_metrics(self.dist.gather(micro_batch_metrics))
         out["loss"] = out.pop("policy_loss", 0.0)
@@ -405,7 +405,7 @@ class GRPOTrainer:
             records = self.dist.broadcast(self.metrics.read())
             if self.dist.is_main:
                 plot_metrics(records, self.output_dir / "rewards.png", ["reward", "accuracy", "eval_accuracy"],
-                             title=f"GRPO: {self.run.method}", ylabel="reward / accuracy")
+                             title=f"GRPO: {self.run.method.name}", ylabel="reward / accuracy")
             output = self.run.save_model()
             final_eval = self._last_eval
             rewards = [r["reward"] for r in records if "reward" in r]
@@ -431,19 +431,19 @@ class GRPOTrainer:
     def _generation(self) -> dict[str, Any]:
         """One generation: rollout, score, advantages, and the optimizer steps it feeds;
         returns the metrics record (its "step": the optimizer steps done after it)."""
-        cfg, G = self.config, self.config.num_generations
+        cfg = self.config
         started, first_step = time.perf_counter(), self.step
         before = dict(self.seconds)
         groups, drawn, stats = self.collect_groups()
-        drawn_rewards = torch.cat([g.rewards for g in drawn], dim=1)  # [functions, completions]
+        drawn_rewards = _per_function(drawn)  # [functions, groups, G]
         self._check_reward_signal(drawn_rewards)
-        record: dict[str, Any] = reward_metrics(drawn_rewards, self.reward_names, G, self.reward_weights)
+        record: dict[str, Any] = reward_metrics(drawn_rewards, self.reward_names, self.reward_weights)
         record.update(self._completion_stats(drawn))
         record.update(stats)
         train_started = time.perf_counter()
         if groups:
             rewards = self._combined(groups)
-            advantages = group_advantages(rewards, G, cfg.scale_rewards)
+            advantages = group_advantages(rewards, cfg.scale_rewards)
             record.update(self.update(self.micro_batches(groups, advantages)))
             self._log_completions(groups, rewards, advantages, first_step + 1)
         else:  # the steps still count, or a run whose groups all tie would never end
@@ -479,16 +479,16 @@ class GRPOTrainer:
 
     def _log_completions(self, groups: list[Group], rewards: torch.Tensor, advantages: torch.Tensor,
                          step: int) -> None:
-        G, n = self.config.num_generations, min(self.config.log_completions, len(groups) * self.config.num_generations)
+        n = min(self.config.log_completions, len(groups) * self.config.num_generations)
         for i in range(n):
             g, j = i % len(groups), i // len(groups)  # the first completion of each group, then the second...
-            group, flat = groups[g], g * G + j
+            group = groups[g]
             prompt = group.row["prompt"]
             self.completions_log.write({
                 "step": step, "prompt": prompt if isinstance(prompt, str) else str(prompt[-1].get("content", "")),
-                "completion": group.texts[j], "reward": nan_to_none(rewards[flat].item()),
+                "completion": group.texts[j], "reward": nan_to_none(rewards[g, j].item()),
                 "rewards": {name: nan_to_none(group.rewards[f, j].item()) for f, name in enumerate(self.reward_names)},
-                "advantage": round(advantages[flat].item(), 4),
+                "advantage": round(advantages[g, j].item(), 4),
                 **({"correct": group.correct[j]} if group.correct is not None else {})})
 
     def evaluate(self) -> EvalResult | None:
@@ -499,7 +499,8 @@ class GRPOTrainer:
         mine = evaluate_rows(self.model, self.tokenizer, self.task, rows,
                              max_new_tokens=self.config.max_completion_length, seed=self.config.seed,
                              system_prompt=self.config.system_prompt,
-                             max_prompt_length=self.config.max_prompt_length) if rows else None
+                             max_prompt_length=self.config.max_prompt_length,
+                             plan=self.run.inference_plan()) if rows else None
         result = merge_eval_results([r for r in self.dist.gather(mine) if r is not None])
         self.model.train()
         self._last_eval = result
@@ -582,6 +583,11 @@ def average_micro_batch_metrics(per_rank: list[list[dict[str, float] | None]]) -
             totals[key] = totals.get(key, 0.0) + value
             counts[key] = counts.get(key, 0) + 1
     return {key: totals[key] / counts[key] for key in totals}
+
+
+def _per_function(groups: list[Group]) -> torch.Tensor:
+    """[num_funcs, groups, G]: each reward function's values, group by group."""
+    return torch.stack([g.rewards for g in groups], dim=1)
 
 
 def _crossed(before: int, after: int, every: int | None) -> bool:

@@ -305,6 +305,10 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
             yield name, module
 
 
+def has_lora(model: nn.Module) -> bool:
+    return any(True for _ in lora_layers(model))
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Names of the layers LoRA can wrap (not inside an existing LoRA layer)."""
     names = []

@@ -11,7 +11,7 @@ gate/up 1.37x, down 1.09x, o 1.04x faster.
 
 The arithmetic is LoraLinear's: base output plus (x @ A^T * scaling) @ B^T, the branch
 in the activation dtype, fp32 master weights receiving fp32 gradients. Layers that
-need more than that (dropout, DoRA, a quantized base, a merged or disabled adapter) keep their own forward; see `fusable_for_training`.
+need more than that (dropout, DoRA, a quantized base, a merged or disabled adapter) keep their own forward; see `fusable_lora_group`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from thrifty.layers.lora import LoraLinear
 
 
-def fusable_for_training(layers: list[nn.Module], x: torch.Tensor) -> bool:
+def fusable_lora_group(layers: list[nn.Module], x: torch.Tensor) -> bool:
     """Whether lora_group_forward computes exactly what the layers' own forwards would."""
     return all(
         isinstance(layer, LoraLinear)

@@ -26,16 +26,16 @@ Every floating-point statistic is stored as the int32 bit pattern of an fp32 val
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from thrifty.errors import ThriftyError
+from thrifty.kernels import matmul
 
 # The NormalFloat4 code (QLoRA, Dettmers et al. 2023, appendix E; bitsandbytes
 # get_4bit_type("nf4")): quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0.
@@ -222,7 +222,7 @@ class _FrozenQuantizedMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "NF4Linear | Int8Linear") -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:  # type: ignore[override]
         ctx.layer = layer
         return layer.matmul(x)
 
@@ -231,9 +231,11 @@ class _FrozenQuantizedMatmul(torch.autograd.Function):
         return ctx.layer.input_grad(grad), None
 
 
-class _QuantizedLinearBase(nn.Module):
-    """What NF4Linear and Int8Linear share: the nn.Linear-like surface and forward."""
+class QuantizedLinear(nn.Module):
+    """What the frozen quantized linear layers (NF4Linear, Int8Linear, and GGUFLinear in
+    gguf_quant.py) share: the nn.Linear-like surface and forward."""
 
+    method: str  # "nf4", "int8", "gguf": how the weight is stored
     in_features: int
     out_features: int
     compute_dtype: torch.dtype  # dtype of the weight before quantization
@@ -260,13 +262,6 @@ class _QuantizedLinearBase(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dequantized weight in `dtype`: the one cache_dequantized() holds, if any."""
-        cached = self.__dict__.get("_dequantized")
-        if cached is not None and cached.dtype == dtype:
-            return cached
-        return self.dequantize(dtype)
-
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain nn.Linear holding the dequantized weight (for merging / export)."""
         dtype = dtype or self.compute_dtype
@@ -286,12 +281,14 @@ class _QuantizedLinearBase(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class NF4Linear(_QuantizedLinearBase):
+class NF4Linear(QuantizedLinear):
     """A frozen Linear whose weight is stored in NF4 (QLoRA) and dequantized on the fly.
 
     Resident weight memory: in*out/2 bytes of codes + in*out/64 bytes of 8-bit scales
     (+4 bytes per 256 scales) with double quantization, in*out/16 without.
     """
+
+    method = "nf4"
 
     def __init__(self, q: NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
         super().__init__()
@@ -333,10 +330,10 @@ class NF4Linear(_QuantizedLinearBase):
         return dequantize_nf4(self.quantized_weight(), dtype or self.compute_dtype, self.pair_table, code)
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        return x2d @ self.weight_for(x2d.dtype).t()
+        return matmul.mm(x2d, self.dequantize(x2d.dtype).t())
 
     def input_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad @ self.weight_for(grad.dtype)
+        return matmul.mm(grad, self.dequantize(grad.dtype))
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,9 +344,11 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-class Int8Linear(_QuantizedLinearBase):
+class Int8Linear(QuantizedLinear):
     """A frozen Linear with int8 weights and one fp32 scale per output row.
     Resident weight memory: in*out bytes + 4*out."""
+
+    method = "int8"
 
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  compute_dtype: torch.dtype) -> None:
@@ -377,48 +376,30 @@ class Int8Linear(_QuantizedLinearBase):
         # (x @ q.T) * s instead of x @ (q * s).T: int8 -> bf16 is exact, and scaling the
         # [rows, out] result skips an fp32 weight temporary (1.5x faster at 512 rows,
         # same error: the bf16 rounding of the result dominates).
-        cached = self.__dict__.get("_dequantized")
-        if cached is not None and cached.dtype == x2d.dtype:
-            return x2d @ cached.t()
-        return (x2d @ self.weight_int8.to(x2d.dtype).t()) * scales
+        return matmul.mm(x2d, self.weight_int8.to(x2d.dtype).t()) * scales
 
     def input_grad(self, grad: torch.Tensor) -> torch.Tensor:
         scales = _bits_float(self.scales).to(grad.dtype)
-        return (grad * scales) @ self.weight_int8.to(grad.dtype)
+        return matmul.mm(grad * scales, self.weight_int8.to(grad.dtype))
 
 
-QUANTIZED_LINEAR_TYPES = (NF4Linear, Int8Linear)
+QUANTIZED_LINEAR_TYPES = (QuantizedLinear,)
 
 
-@contextlib.contextmanager
-def cache_dequantized(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
-    """Keep every quantized layer's weight dequantized (in `dtype`, default the model's
-    dtype) for the duration, e.g. around generation:
-
-        with cache_dequantized(model), torch.no_grad():
-            completions = generate(model, ...)
-
-    NF4 dequantizes the whole weight on every call, whatever the batch: fine for
-    training on long sequences, but a decoding step on one token pays it for every
-    layer (~3x slower than bf16 for SmolLM2-135M). Inside this context weight memory
-    goes back up to the unquantized size; it drops again on exit.
-    """
-    layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LINEAR_TYPES)]
-    if dtype is None and isinstance(getattr(model, "dtype", None), torch.dtype):
-        dtype = model.dtype  # CausalLM.dtype: the (unquantized) lm_head's, i.e. the activations'
-    try:
-        for layer in layers:
-            with torch.no_grad():
-                layer.__dict__["_dequantized"] = layer.dequantize(dtype or layer.compute_dtype)
-        yield model
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("_dequantized", None)
 QuantMethod = Literal["nf4", "int8"]
 
 
 def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, QUANTIZED_LINEAR_TYPES)
+
+
+def quantization_of(model: nn.Module) -> str | None:
+    """How `model`'s quantized layers store their weights ("nf4", "int8" or "gguf"), or
+    None if it has none."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            return module.method
+    return None
 
 
 def _matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:

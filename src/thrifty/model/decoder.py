@@ -160,13 +160,15 @@ class CausalLM(nn.Module):
         # and RoPE at long positions needs them in float32 (as the reference keeps them).
         self.inv_freq = rope_inverse_frequencies(config)
 
+    # The final norm's weight: a plain tensor in the activations' dtype, whatever the
+    # head's storage (it may be quantized).
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.norm.weight.dtype
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape [batch, 1, seq, head_dim] for integer positions [batch, seq]."""

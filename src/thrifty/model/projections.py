@@ -2,33 +2,59 @@
 `attention` for scaled dot-product attention. Which implementation runs is decided
 here, once, from the state of the call, so the decoder's arithmetic is written once:
 
-* no gradients (generation, scoring): the group's fused, pre-packed matmul
-  (fused_linear.py), or Thrifty's native decoding kernels;
-* training with a group of plain LoRA layers: one autograd node for the group
-  (layers/lora_group.py), reusing the outputs a checkpointed layer kept
-  (activation_checkpointing.py) when it is recomputed;
+* no gradients, inside an InferencePlan's `active()` block (generation): the plan's
+  fused, pre-packed matmuls for the group (fused_linear.py);
+* a group of plain LoRA layers (training, or scoring without gradients): one autograd
+  node for the group (layers/lora_group.py), reusing the outputs a checkpointed layer
+  kept (activation_checkpointing.py) when it is recomputed;
 * anything else (dropout, DoRA, a quantized or merged base): the layers' own forwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Protocol
+
 import torch
 from torch import nn
 
 from thrifty.kernels.attention import attention_with_logsumexp, scaled_dot_product_attention
-from thrifty.layers.lora_group import fusable_for_training, lora_group_forward
+from thrifty.layers.lora_group import fusable_lora_group, lora_group_forward
 from thrifty.model.activation_checkpointing import current_layer_call
-from thrifty.model.fused_linear import fused_for_inference
+from thrifty.model.fused_linear import FusedLinear
+
+
+class ProjectionPlan(Protocol):
+    """What the seam needs of an InferencePlan (inference_plan.py)."""
+
+    def group(self, owner: nn.Module, name: str) -> FusedLinear | None: ...
+
+
+# The plan whose copies no-gradient forwards use (InferencePlan.active sets it).
+_plan_in_force: contextvars.ContextVar[ProjectionPlan | None] = contextvars.ContextVar("plan", default=None)
+
+
+@contextlib.contextmanager
+def computing_with(plan: ProjectionPlan) -> Iterator[None]:
+    token = _plan_in_force.set(plan)
+    try:
+        yield
+    finally:
+        _plan_in_force.reset(token)
 
 
 def project(owner: nn.Module, name: str, layers: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(layer(x) for layer in layers), for the group `name` of `owner` (e.g. "qkv")."""
-    if not torch.is_grad_enabled():
-        fused = fused_for_inference(owner, name, layers)
+    grad = torch.is_grad_enabled()
+    plan = None if grad else _plan_in_force.get()
+    if plan is not None:
+        fused = plan.group(owner, name)
         if fused is not None:
             return fused.split(x)
-    elif fusable_for_training(layers, x):
-        call = current_layer_call()
+    if fusable_lora_group(layers, x):
+        call = current_layer_call() if grad else None
         known = call.known_outputs(name, layers, x) if call is not None else None
         outputs = lora_group_forward(layers, x, known_outputs=known)  # type: ignore[arg-type]
         if call is not None:

@@ -46,8 +46,7 @@ from thrifty.training.losses import chunked_cross_entropy
 from thrifty.training.distributed import split_evenly
 from thrifty.training.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
 from thrifty.training.rows import DataOrder
-from thrifty.training.run import TrainingRun
-from thrifty.training.schedule import lr_factor, warmup_steps_for
+from thrifty.training.run import AppliedStep, TrainingRun
 
 # Settings a resumed run must share with the checkpoint, or it would not continue
 # the same training (the data order itself is checked separately).
@@ -128,7 +127,7 @@ class SFTTrainer:
         self.tokenizer = tokenizer
         self.log = log or _print_now
         self.run = TrainingRun(model, tokenizer, self.config, RESUME_MUST_MATCH, self.log)
-        self.log, self.dist = self.run.log, self.run.dist
+        self.log, self.dist, self.config = self.run.log, self.run.dist, self.run.config
         self.model, self.optimizer, self.output_dir = self.run.model, self.run.optimizer, self.run.output_dir
         self.data: SFTData = load_sft_data(self.config, tokenizer, train_dataset, eval_dataset,
                                            model.config.sliding_window)
@@ -139,7 +138,7 @@ class SFTTrainer:
         if self.config.max_steps == 0:
             self.log(f"max_steps = 0 sets no step limit (as in transformers): {self.config.num_train_epochs:g} "
                      f"epochs of num_train_epochs, {self.total_steps} steps.")
-        self.warmup_steps = warmup_steps_for(self.total_steps, self.config.warmup_steps, self.config.warmup_ratio)
+        self.schedule = self.run.set_total_steps(self.total_steps)
         self.step = 0
         self.window = LogWindow()
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.run.tensorboard_dir, self.dist.is_main)
@@ -167,21 +166,18 @@ class SFTTrainer:
             with self.run.checkpointed_layers(), ProgressBar(self.total_steps, self.step, cfg.disable_tqdm, desc="sft", shown=self.dist.is_main) as progress:
                 while self.step < self.total_steps:
                     started = time.perf_counter()
-                    lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps,
-                                                       cfg.lr_scheduler_type)
-                    self.optimizer.set_lr(lr)
                     batches = self.micro_batches(self.order.next_batch())
-                    loss_sum, grad_norm = self.training_step(batches)
+                    loss_sum, applied = self.training_step(batches)
                     self.step += 1
                     loss_sum, labels, tokens = self.dist.sum(  # all ranks' (the same numbers in a world of one)
                         [loss_sum, sum(b.num_labels for b in batches if b), sum(b.num_tokens for b in batches if b)])
                     labels, tokens = int(labels), int(tokens)
                     seconds = time.perf_counter() - started
                     train_tokens, train_seconds = train_tokens + tokens, train_seconds + seconds
-                    progress.update(loss_sum / max(labels, 1), tokens / seconds, lr)
+                    progress.update(loss_sum / max(labels, 1), tokens / seconds, applied.lr)
                     self.window.add(loss_sum, labels, tokens, seconds)
 
-                    record = self._log_and_evaluate(lr, grad_norm)
+                    record = self._log_and_evaluate(applied.lr, applied.grad_norm)
                     last_loss = record.get("loss", last_loss)
                     eval_loss = record.get("eval_loss", eval_loss)
                     if "eval_loss" in record:
@@ -190,7 +186,7 @@ class SFTTrainer:
             model.eval()
             if self.dist.is_main:
                 plot_metrics(self.metrics.read(), self.output_dir / "loss.png", ["loss", "eval_loss"],
-                             title=f"SFT: {self.run.method}", ylabel="cross-entropy (nats/token)")
+                             title=f"SFT: {self.run.method.name}", ylabel="cross-entropy (nats/token)")
             output = self.run.save_model()
             after = self._sample("after training")
             self._save_samples(before, after)
@@ -222,11 +218,10 @@ class SFTTrainer:
         chunks = [chunk for chunk in split_evenly(items, self.config.gradient_accumulation_steps) if chunk]
         return [self.data.train_batch(mine) if (mine := self.dist.shard(chunk)) else None for chunk in chunks]
 
-    def training_step(self, batches: list[Batch | None]) -> tuple[float, float]:
-        """One optimizer step over the micro-batches; returns (this rank's summed loss, grad norm)."""
+    def training_step(self, batches: list[Batch | None]) -> tuple[float, AppliedStep]:
+        """One optimizer step over the micro-batches; returns (this rank's summed loss, the step)."""
         loss_sum = self.accumulate_gradients(batches)
-        grad_norm = self.run.optimizer_step(self.step + 1)
-        return loss_sum, grad_norm
+        return loss_sum, self.run.optimizer_step(self.step + 1)
 
     def accumulate_gradients(self, batches: list[Batch | None]) -> float:
         """Forward and backward over the micro-batches of one step; returns this rank's
@@ -287,7 +282,7 @@ class SFTTrainer:
         """What a checkpoint keeps of this trainer, for an exact resume."""
         return {"step": self.step, "epoch": self.epoch, "total_steps": self.total_steps,
                 "data_order": self.order.state_dict(), "log_window": self.window.state_dict(),
-                "schedule": {"type": self.config.lr_scheduler_type, "warmup_steps": self.warmup_steps}}
+                "schedule": {"type": self.schedule.kind, "warmup_steps": self.schedule.warmup_steps}}
 
     # ------------------------------------------------------------------ resuming
 
@@ -315,7 +310,7 @@ class SFTTrainer:
     def _describe_run(self) -> str:
         cfg = self.config
         items = "packed sequences" if self.data.packed else "examples"
-        return (f"SFT ({self.run.method}) of {self.run.base_model_name} [{str(self.model.dtype).removeprefix('torch.')}, base weights "
+        return (f"SFT ({self.run.method.name}) of {self.run.base_model_name} [{str(self.model.dtype).removeprefix('torch.')}, base weights "
                 f"{weight_memory_bytes(self.model) / 2**20:.0f} MB]: {trainable_parameters(self.model)}\n"
                 f"  {len(self.data.train_items)} train {items}, {len(self.data.eval_examples)} eval examples; "
                 f"{self.total_steps} steps of {cfg.per_device_train_batch_size} x "

@@ -40,7 +40,7 @@ from thrifty.formats.hf_export import save_hf_model, write_hf_files
 from thrifty.formats.peft_adapter import KEY_PREFIX, save_adapter
 from thrifty.formats.peft_adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from thrifty.training.distributed import shard_like
-from thrifty.training.setup import has_lora
+from thrifty.layers.lora import has_lora
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"

@@ -83,7 +83,8 @@ class TrainingConfig:
     lora_target_modules: list[str] | str = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
-    quantize: Literal["nf4", "int8"] | None = None  # quantized frozen base (nf4 + LoRA = QLoRA)
+    # The frozen base under LoRA: nf4 (QLoRA), int8, or gguf (a GGUF file's own blocks, as it is)
+    quantize: Literal["nf4", "int8", "gguf"] | None = None
     # A LoRA adapter (PEFT directory) to continue training, e.g. GRPO after an SFT cold start;
     # it brings its own rank and targets (the lora_* fields are then unused).
     adapter: str | None = None

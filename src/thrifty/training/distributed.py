@@ -45,7 +45,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from thrifty.errors import ThriftyError
-from thrifty.model.fused_linear import never_fuse
 from thrifty.training.config import launched_world_size
 
 T = TypeVar("T")
@@ -124,7 +123,6 @@ class Distributed:
             fully_shard(layer)
         fully_shard(model)
         register_fsdp_forward_method(model, "hidden_states")
-        never_fuse(model)
         self._sharded = True
 
     @property

@@ -1,20 +1,24 @@
 """TrainingRun: what an SFT and a GRPO run do around their loops, written once.
 
-The model prepared as the config says (full, LoRA or QLoRA, seeded first so adapters
-start the same in every run), its optimizer, the output directory held by one run at a
-time, checkpoints saved and resumed, activation checkpointing switched on for the loop,
-and optimizer steps that refuse to apply NaN or infinite gradients; under torchrun, the
-process group (`dist`), with rank 0 alone printing and writing. The trainers own their
-loops and their own state; this object owns the rest.
+The model prepared as the config says (the method decided once: full, LoRA or QLoRA,
+seeded first so adapters start the same in every run), its optimizer and learning-rate
+schedule, the output directory held by one run at a time, checkpoints saved and resumed,
+activation checkpointing switched on for the loop, and the whole optimizer step: the
+step's learning rate, clipping, a refusal to apply NaN or infinite gradients, and the
+weights epoch it advances; with it the inference plan generation runs on. Under
+torchrun, the process group (`dist`), with rank 0 alone printing and writing. The
+trainers own their loops and their own state; this object owns the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,8 +29,10 @@ from thrifty.errors import ThriftyError
 from thrifty.formats.atomic import remove_stale_temporaries
 from thrifty.formats.default_model import DEFAULT_MODEL_NAME
 from thrifty.formats.hf_export import hf_state_dict
-from thrifty.layers.quant import quantize_model
+from thrifty.formats.open_model import attach_adapter
 from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
+from thrifty.model.inference_plan import InferencePlan
+from thrifty.model.weights_epoch import advance_weights_epoch
 from thrifty.training.checkpoint import (
     checkpoint_dir, find_latest_checkpoint, list_checkpoints, resume_from, rng_state, save_checkpoint,
     save_trained_model,
@@ -35,15 +41,35 @@ from thrifty.training.checkpoint import (
 from thrifty.training.config import TrainingConfig
 from thrifty.training.distributed import Distributed
 from thrifty.training.optim import MasterWeightAdamW, NonFiniteGradients
-from thrifty.training.setup import method_name, prepare_model, set_seed
+from thrifty.training.schedule import lr_factor, warmup_steps_for
+from thrifty.training.setup import TrainingMethod, decide_method, prepare_model, set_seed
 
 LOCK_NAME = ".thrifty-run.lock"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of every optimizer step of a run of `total_steps`."""
+
+    learning_rate: float
+    total_steps: int
+    warmup_steps: int
+    kind: str
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (1-based)."""
+        return self.learning_rate * lr_factor(step - 1, self.total_steps, self.warmup_steps, self.kind)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class AppliedStep:
+    grad_norm: float  # before clipping
+    lr: float
 
 
 class TrainingRun:
     def __init__(self, model: nn.Module, tokenizer: Any, config: TrainingConfig, must_match: Sequence[str],
                  log: Callable[[str], None]) -> None:
-        self.config = config
         self.dist = Distributed.from_env()
         self.log = log if self.dist.is_main else _quiet
         log = self.log
@@ -51,12 +77,15 @@ class TrainingRun:
         self.must_match = tuple(must_match)
         for notice in config.notices():
             log(notice)
+        self.method: TrainingMethod = decide_method(model, config)
+        if config.quantize != self.method.quantize:  # a base quantized before the run: record how
+            config = dataclasses.replace(config, quantize=self.method.quantize)
+        self.config = config
         set_seed(config.seed)  # before LoRA init, so adapters start the same in every run
-        if config.adapter is not None:
-            if config.quantize is not None:  # QLoRA: the adapter wraps the quantized layers
-                quantize_model(model, config.quantize)
-            start_from_adapter(model, config.adapter, self.base_model_name, log)
-        self.model = prepare_model(model, config)
+        self.model = prepare_model(model, config, self.method, self._continue_from_adapter)
+        advance_weights_epoch(self.model)
+        self._plan: InferencePlan | None = None
+        self.schedule: Schedule | None = None
         if getattr(config, "fsdp", ""):
             if self.dist.enabled:
                 self.dist.shard_model(self.model)
@@ -76,10 +105,28 @@ class TrainingRun:
     def base_model_name(self) -> str:
         return self.config.model_name_or_path or DEFAULT_MODEL_NAME
 
-    @property
-    def method(self) -> str:
-        """LoRA, QLoRA (nf4) or full fine-tuning, for logs and plot titles."""
-        return method_name(self.model, self.config.quantize)
+    def _continue_from_adapter(self, model: nn.Module) -> None:
+        attach_adapter(model, self.config.adapter, self.base_model_name, self.log)
+        self.log(f"continuing from the adapter {self.config.adapter} (its rank and targets; the lora_* settings "
+                 "are unused)")
+
+    def set_total_steps(self, total_steps: int) -> Schedule:
+        """The run's length in optimizer steps, which fixes its learning-rate schedule."""
+        config = self.config
+        self.schedule = Schedule(config.learning_rate, total_steps,
+                                 warmup_steps_for(total_steps, config.warmup_steps, config.warmup_ratio),
+                                 config.lr_scheduler_type)
+        return self.schedule
+
+    def inference_plan(self) -> InferencePlan:
+        """What generation inside the run (rollouts, evaluation) runs on: one plan, rebuilt
+        when the weights have changed since (reusing the frozen base's packed weights).
+        FSDP2's sharded weights exist whole only inside each layer's forward, so a sharded
+        model's plan runs the modules themselves."""
+        if self._plan is None:
+            self._plan = InferencePlan.build(self.model, fuse=not self.dist.sharded)
+        self._plan = self._plan.for_current_weights()
+        return self._plan
 
     # ------------------------------------------------------------------ the output directory
 
@@ -136,10 +183,15 @@ class TrainingRun:
         every micro-batch of an optimizer step but the last)."""
         return self.dist.ddp_forward(self.model, fn, *args, sync=sync)
 
-    def optimizer_step(self, step: int) -> float:
-        """Clip and apply the accumulated gradients of optimizer step `step` (1-based);
-        returns the gradient norm. Stops the run, updating nothing, when the gradients are
-        NaN or infinite: training on from there only spreads them into every weight."""
+    def optimizer_step(self, step: int) -> AppliedStep:
+        """Clip and apply the accumulated gradients of optimizer step `step` (1-based) at
+        the schedule's learning rate, advancing the weights epoch. Stops the run, updating
+        nothing, when the gradients are NaN or infinite: training on from there only
+        spreads them into every weight."""
+        if self.schedule is None:
+            raise RuntimeError("set_total_steps() before the first optimizer step")
+        lr = self.schedule.lr(step)
+        self.optimizer.set_lr(lr)
         try:
             grad_norm = self.optimizer.step(self.config.max_grad_norm)
         except NonFiniteGradients as error:
@@ -151,7 +203,8 @@ class TrainingRun:
             ) from error
         finally:
             self.optimizer.zero_grad()
-        return grad_norm
+        advance_weights_epoch(self.model, trainable_only=True)
+        return AppliedStep(grad_norm, lr)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -196,6 +249,7 @@ class TrainingRun:
                                  settings_must_match(self.config, self.must_match), rank=self.dist.rank)
         if checkpoint is None:
             return False
+        advance_weights_epoch(self.model)
         changed = setting_differences(checkpoint.config_yaml, self.config)
         if changed:
             self.log(f"resuming {checkpoint.path} with changed settings, which apply from here on: {'; '.join(changed)}")
@@ -205,31 +259,6 @@ class TrainingRun:
 
 def _quiet(text: str) -> None:
     """The log of every rank but 0."""
-
-
-def start_from_adapter(model: nn.Module, adapter: str, base_model_name: str, log: Callable[[str], None]) -> None:
-    """Load `adapter` onto `model` to train it further, after checking it was trained on
-    this base model (the same name, or names of the same files)."""
-    from thrifty.formats.default_model import resolve_model_path
-    from thrifty.formats.peft_adapter import load_adapter, read_adapter_config
-
-    directory = Path(adapter)
-    if not (directory / "adapter_config.json").is_file():
-        raise ThriftyError(f"adapter = {adapter}: no adapter_config.json there; give a LoRA adapter directory "
-                           "(e.g. out/sft/adapter).")
-    trained_on = read_adapter_config(directory)[1].get("base_model_name_or_path") or base_model_name
-
-    def same_model(a: str, b: str) -> bool:
-        try:
-            return a == b or resolve_model_path(a).resolve() == resolve_model_path(b).resolve()
-        except ThriftyError:
-            return False
-
-    if not same_model(trained_on, base_model_name):
-        raise ThriftyError(f"adapter = {adapter} was trained on {trained_on}, but this run's model is "
-                           f"{base_model_name}; set model_name_or_path: {trained_on}.")
-    load_adapter(model, directory)
-    log(f"continuing from the adapter {adapter} (its rank and targets; the lora_* settings are unused)")
 
 
 def _make_output_dir(path: Path) -> Path:

@@ -1,13 +1,17 @@
 """Turn a loaded model into the thing a trainer trains: full, LoRA or QLoRA.
 
-Shared by the SFT and GRPO trainers; `config` is any object with the method fields
-of SFTConfig (use_lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
-use_rslora, use_dora, quantize).
+How a run trains is decided once (`decide_method`), from the config and the model as
+it arrives (it may be quantized already, or carry adapters, when it comes through the
+Unsloth / PEFT names), and applied once (`prepare_model`). `config` is any object with
+the method fields of SFTConfig (use_lora, lora_r, lora_alpha, lora_dropout,
+lora_target_modules, use_rslora, use_dora, quantize, adapter).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,8 +19,9 @@ import torch
 from torch import nn
 
 from thrifty.errors import ThriftyError
-from thrifty.layers.lora import LoraConfig, LoraLinear, apply_lora, lora_layers
-from thrifty.layers.quant import is_quantized, quantize_model
+from thrifty.layers.gguf_quant import GGUFEmbedding, GGUFLinear
+from thrifty.layers.lora import LoraConfig, LoraLinear, apply_lora, has_lora
+from thrifty.layers.quant import is_quantized, quantization_of, quantize_model
 
 
 def set_seed(seed: int) -> None:
@@ -33,41 +38,76 @@ def lora_config_from(config: Any) -> LoraConfig:
                       use_rslora=config.use_rslora, use_dora=config.use_dora)
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(True for _ in lora_layers(model))
+@dataclass(frozen=True)
+class TrainingMethod:
+    """What a run trains: adapters (LoRA, over a base stored as `quantize` says) or every weight."""
+
+    use_lora: bool
+    quantize: str | None  # "nf4" / "int8": QLoRA's frozen base; None: the base as loaded
+
+    @property
+    def name(self) -> str:
+        """For logs and plot titles."""
+        if not self.use_lora:
+            return "full fine-tuning"
+        return f"QLoRA ({self.quantize})" if self.quantize else "LoRA"
 
 
-def prepare_model(model: nn.Module, config: Any) -> nn.Module:
-    """Quantize the base (if asked) and add LoRA adapters (if asked), in place; or, for
-    full fine-tuning, make every weight trainable. A model that already has LoRA
-    layers (e.g. from load_adapter, to continue training) is trained as it is.
-
-    Call after seeding: the LoRA A matrices are initialised from torch's RNG.
-    """
-    if isinstance(getattr(model, "lm_head", None), (LoraLinear,)) or is_quantized(getattr(model, "lm_head", nn.Identity())):
+def decide_method(model: nn.Module, config: Any) -> TrainingMethod:
+    """The method for `config` and `model` as given: a model that carries adapters
+    already trains them; a base quantized already keeps its quantization (and a config
+    that asks for another one is refused)."""
+    head = getattr(model, "lm_head", nn.Identity())
+    stored = quantization_of(model)
+    if isinstance(head, LoraLinear) or (is_quantized(head) and not isinstance(head, GGUFLinear)):
         raise ThriftyError("the output head (lm_head) has a LoRA adapter or is quantized; the trainer's chunked "
                            "loss needs a plain lm_head. Leave lm_head out of lora_target_modules.")
+    if config.quantize == "gguf" and stored != "gguf":
+        raise ThriftyError("quantize: gguf trains on a GGUF file's own blocks: set model_name_or_path to a .gguf file "
+                           "(loaded with quantize='gguf' in Python), or use quantize: nf4.")
+    if stored is not None and config.quantize not in (None, stored):
+        raise ThriftyError(f"quantize: {config.quantize}, but the model's base is quantized as {stored} already; "
+                           f"set quantize: {stored} or load the model unquantized.")
+    use_lora = has_lora(model) or config.adapter is not None or config.use_lora
+    if not use_lora and stored is not None:
+        raise ThriftyError(f"full fine-tuning (use_lora: false) cannot train quantized ({stored}) layers; load "
+                           "the model unquantized or set use_lora: true.")
+    return TrainingMethod(use_lora=use_lora, quantize=stored or (config.quantize if use_lora else None))
+
+
+def prepare_model(model: nn.Module, config: Any, method: TrainingMethod,
+                  load_adapter: Callable[[nn.Module], None]) -> nn.Module:
+    """Apply `method` to `model`, in place: quantize the base if asked, then train the
+    adapters it carries, the ones `load_adapter` loads (config.adapter), or new ones; or
+    make every weight trainable. Call after seeding: LoRA's A matrices are random."""
+    if not method.use_lora:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method.quantize is not None and quantization_of(model) is None:
+        quantize_model(model, method.quantize)  # QLoRA: the adapters wrap the quantized layers
+    dense_embeddings_and_head(model)
     if has_lora(model):
-        return model
-    if config.use_lora:
-        if config.quantize is not None:
-            if any(is_quantized(m) for m in model.modules()):
-                pass  # quantized already (e.g. by the caller)
-            else:
-                quantize_model(model, config.quantize)
+        return model  # e.g. from get_peft_model: trained as they are
+    if config.adapter is not None:
+        load_adapter(model)
+    else:
         apply_lora(model, lora_config_from(config))  # freezes the base, adapters trainable
-        return model
-    quantized = [name for name, m in model.named_modules() if is_quantized(m)]
-    if quantized:
-        raise ThriftyError(f"full fine-tuning (use_lora: false) cannot train quantized layers such as "
-                           f"{quantized[0]!r}; load the model unquantized or set use_lora: true.")
-    for p in model.parameters():
-        p.requires_grad_(True)
     return model
 
 
-def method_name(model: nn.Module, quantize: str | None) -> str:
-    """How a run trains, for logs and plot titles: LoRA, QLoRA (nf4) or full fine-tuning."""
-    if not has_lora(model):
-        return "full fine-tuning"
-    return f"QLoRA ({quantize})" if quantize else "LoRA"
+def dense_embeddings_and_head(model: nn.Module) -> None:
+    """The chunked loss multiplies by the head's weight as a tensor: a model loaded with
+    its GGUF blocks trains with the embedding and head dequantized (tied again if they
+    were); its decoder layers stay in their blocks under the adapters."""
+    embed, head = model.model.embed_tokens, model.lm_head
+    if isinstance(embed, GGUFEmbedding):
+        model.model.embed_tokens = nn.Embedding.from_pretrained(embed.dequantize(), freeze=True)
+    if isinstance(head, GGUFLinear):
+        if model.config.tie_word_embeddings:
+            model.lm_head = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+            model.lm_head.weight = model.model.embed_tokens.weight
+        else:
+            dense = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+            dense.weight = nn.Parameter(head.dequantize(), requires_grad=False)
+            model.lm_head = dense

@@ -11,7 +11,7 @@
 //
 // Key blocks are skipped by a table of which 64-key blocks each 64-query block sees at
 // all (built once per call from the mask), not just past the last visible key: a GRPO
-// row ([prompt | completion 1 | completion 2 | ...], grpo_batches.py) lets a completion
+// row ([prompt | completion 1 | completion 2 | ...], grpo/batches.py) lets a completion
 // see the prompt and itself only, so a late completion's block used to run through every
 // other completion's keys. Runs of consecutive visible blocks go to the matmul as one
 // call each. At the GRPO benchmark shape (4 x 576 tokens: a 38-token prompt and 8

@@ -3,7 +3,7 @@
 //
 // PyTorch's CPU flash-attention forward works through every key block up to the last
 // visible one, and takes the mask as an additive bf16 tensor that the caller built on
-// every call. A GRPO row ([prompt | completion 1 | completion 2 | ...], grpo_batches.py)
+// every call. A GRPO row ([prompt | completion 1 | completion 2 | ...], grpo/batches.py)
 // lets a completion see the prompt and itself only, so most of that work is on hidden
 // keys. This one visits only the 64-key blocks a 64-query block sees (the backward's
 // block table, attention_blocks.h), one matmul call per run of consecutive blocks, and

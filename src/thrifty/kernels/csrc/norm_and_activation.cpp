@@ -1,6 +1,6 @@
 // RMSNorm and SwiGLU forward and backward for bf16 training, one pass over memory each.
 //
-// lean_ops.py's PyTorch versions chain 5-8 elementwise ops (float copies, square, mean,
+// elementwise.py's PyTorch versions chain 5-8 elementwise ops (float copies, square, mean,
 // multiplies, casts), each a trip through memory: at 4 x 512 tokens of the default model,
 // RMSNorm forward+backward took 4.9 ms and SwiGLU 6.5 ms per layer, ~12% of a LoRA SFT
 // step. These kernels round where those ops round (to bf16 after the normalisation, after

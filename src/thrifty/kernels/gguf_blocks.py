@@ -1,0 +1,70 @@
+"""Matmuls with weights kept in GGUF's own quantized blocks (Q4_0/1, Q5_0/1, Q8_0, Q4_K,
+Q5_K, Q6_K): the one door to gguf_csrc/gguf_blocks.cpp, with numpy's dequantizer (the
+`gguf` package) beside it where the kernels cannot be built.
+
+* A few rows (decoding): each weight row is dequantized into an L1-sized float buffer
+  and dotted with every input row, so the weight streams from memory at its quantized
+  size (4.5 bits a value for Q4_K against bf16's 16); nothing the size of the weight is
+  ever made.
+* Many rows (prefill, scoring, training): panels of PANEL_ROWS weight rows are
+  dequantized to the activations' dtype and multiplied by oneDNN, panel by panel; a
+  panel is the only dequantized copy alive (tens of MB, not the model).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+
+from thrifty.kernels.matmul import mm
+from thrifty.kernels.native import native_kernel
+
+# Input rows up to which the dequantize-and-dot kernel runs; beyond, dequantized panels
+# feed oneDNN's matmul, which reuses each weight for many rows.
+MATVEC_ROWS = 16
+PANEL_ROWS = 512
+
+# What each block type holds: (values, bytes) per block.
+BLOCK_LAYOUTS = {int(t): gguf.GGML_QUANT_SIZES[t] for t in (
+    gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q5_0,
+    gguf.GGMLQuantizationType.Q5_1, gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_K,
+    gguf.GGMLQuantizationType.Q5_K, gguf.GGMLQuantizationType.Q6_K)}
+
+
+def row_bytes(qtype: int, in_features: int) -> int:
+    values, nbytes = BLOCK_LAYOUTS[qtype]
+    return in_features // values * nbytes
+
+
+def dequantize(blocks: torch.Tensor, qtype: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, in_features] in dtype from blocks [rows, bytes per row]."""
+    module = native_kernel("gguf_blocks")
+    if module is not None and dtype in (torch.float32, torch.bfloat16) and blocks.device.type == "cpu":
+        return module.gguf_dequantize(blocks.contiguous(), qtype, in_features, dtype)
+    values = gguf.quants.dequantize(blocks.cpu().numpy(), gguf.GGMLQuantizationType(qtype))
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(blocks.device, dtype)
+
+
+def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
+    """x [n, in] @ W^T -> [n, out] in x's dtype, W [out, in] in blocks."""
+    module = native_kernel("gguf_blocks")
+    if module is not None and x.shape[0] <= MATVEC_ROWS and x.device.type == "cpu":
+        return module.gguf_matvec(x.contiguous(), blocks, qtype)
+    parts = [mm(x, dequantize(blocks[start:start + PANEL_ROWS], qtype, in_features, x.dtype).t())
+             for start in range(0, blocks.shape[0], PANEL_ROWS)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def input_grad(grad: torch.Tensor, blocks: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
+    """grad [n, out] @ W -> [n, in]: the gradient of matmul's input, panel by panel, the
+    panels' products summed in float32 and rounded once to grad's dtype."""
+    total = None
+    for start in range(0, blocks.shape[0], PANEL_ROWS):
+        panel = dequantize(blocks[start:start + PANEL_ROWS], qtype, in_features, grad.dtype)
+        part = mm(grad[:, start:start + panel.shape[0]], panel)
+        if blocks.shape[0] <= PANEL_ROWS:
+            return part
+        total = part.float() if total is None else total.add_(part.float())
+    assert total is not None
+    return total.to(grad.dtype)

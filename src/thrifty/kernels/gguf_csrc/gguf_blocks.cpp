@@ -1,0 +1,352 @@
+// GGUF weight blocks, read where they lie: dequantized row by row inside the matmul
+// instead of as a whole bf16 copy of the weight (kernels/gguf_blocks.py says when).
+//
+// The block layouts and the arithmetic are ggml's (ggml-common.h, dequantize_row_* in
+// ggml-quants.c): each value is d * q (- m), with d and m float16 (or 6-bit sub-scales of
+// them for the K-quants), computed in float32 in ggml's order.
+//
+// Dequantizing is plain C++ that g++ -O3 -march=native vectorizes for whatever vector
+// unit this CPU has. The decoding matvec multiplies as llama.cpp's CPU backend does: the
+// input rows are quantized to int8 in blocks of 32 (a float scale each, |x| / 127 at the
+// largest), and each block's products are summed exactly in integers, 32 at a time with
+// AVX2's multiply-add (every x86 CPU with AVX2 or AVX-512 takes the same instructions;
+// elsewhere a scalar loop computes the same integers). Only the float scaling and the
+// sums over blocks round.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ggml's type ids (gguf.GGMLQuantizationType).
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+struct Layout {
+  int64_t values;  // per block
+  int64_t bytes;   // per block
+};
+
+Layout layout(int64_t qtype) {
+  switch (qtype) {
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+  }
+  TORCH_CHECK(false, "GGUF block type ", qtype, " is not one Thrifty's kernels read");
+}
+
+inline float half(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(bits);
+}
+
+// Every block type as one layout: integers q (int8) and, per sub-block of `sub` values, a
+// float scale and offset, value = scale * q + offset, computed in float32 as ggml does
+// (d * q, d * q + m, (d * sc) * q - dmin * mn). The dequantizer and the dot products
+// below read only this form, so each layout is written once.
+struct Unpacked {
+  int8_t q[256];
+  float scale[16];
+  float offset[16];
+  int sub;    // values per sub-block
+  int count;  // sub-blocks
+};
+
+inline void unpack_q8_0(const uint8_t* b, Unpacked* u) {
+  u->sub = 32, u->count = 1, u->scale[0] = half(b), u->offset[0] = 0.0f;
+  std::memcpy(u->q, b + 2, 32);
+}
+
+inline void unpack_q4(const uint8_t* b, Unpacked* u, bool with_min) {
+  u->sub = 32, u->count = 1, u->scale[0] = half(b), u->offset[0] = with_min ? half(b + 2) : 0.0f;
+  const uint8_t* q = b + (with_min ? 4 : 2);
+  const int centre = with_min ? 0 : 8;
+  for (int i = 0; i < 16; ++i) {
+    u->q[i] = static_cast<int8_t>((q[i] & 0x0F) - centre);
+    u->q[i + 16] = static_cast<int8_t>((q[i] >> 4) - centre);
+  }
+}
+
+inline void unpack_q5(const uint8_t* b, Unpacked* u, bool with_min) {
+  u->sub = 32, u->count = 1, u->scale[0] = half(b), u->offset[0] = with_min ? half(b + 2) : 0.0f;
+  const uint8_t* h = b + (with_min ? 4 : 2);
+  uint32_t qh;
+  std::memcpy(&qh, h, 4);
+  const uint8_t* q = h + 4;
+  const int centre = with_min ? 0 : 16;
+  for (int j = 0; j < 16; ++j) {
+    const int high0 = ((qh >> j) << 4) & 0x10;
+    const int high1 = (qh >> (j + 12)) & 0x10;
+    u->q[j] = static_cast<int8_t>(((q[j] & 0x0F) | high0) - centre);
+    u->q[j + 16] = static_cast<int8_t>(((q[j] >> 4) | high1) - centre);
+  }
+}
+
+// get_scale_min_k4: the 6-bit scale and min of sub-block j from the 12 packed bytes.
+inline void scale_min_k4(int j, const uint8_t* s, int* scale, int* min) {
+  if (j < 4) {
+    *scale = s[j] & 63;
+    *min = s[j + 4] & 63;
+  } else {
+    *scale = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    *min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+inline void unpack_k(const uint8_t* b, Unpacked* u, bool five_bits) {
+  u->sub = 32, u->count = 8;
+  const float d = half(b), dmin = half(b + 2);
+  for (int j = 0; j < 8; ++j) {
+    int sc, mn;
+    scale_min_k4(j, b + 4, &sc, &mn);
+    u->scale[j] = d * sc;
+    u->offset[j] = -(dmin * mn);
+  }
+  const uint8_t* qh = b + 16;
+  const uint8_t* ql = b + (five_bits ? 48 : 16);
+  for (int chunk = 0; chunk < 4; ++chunk) {  // 64 values: two sub-blocks of 32
+    const int u1 = 1 << (2 * chunk), u2 = 2 << (2 * chunk);
+    int8_t* q = u->q + 64 * chunk;
+    for (int l = 0; l < 32; ++l) {
+      q[l] = static_cast<int8_t>((ql[l] & 0x0F) + (five_bits && (qh[l] & u1) ? 16 : 0));
+      q[l + 32] = static_cast<int8_t>((ql[l] >> 4) + (five_bits && (qh[l] & u2) ? 16 : 0));
+    }
+    ql += 32;
+  }
+}
+
+inline void unpack_q6_k(const uint8_t* b, Unpacked* u) {
+  u->sub = 16, u->count = 16;
+  const float d = half(b + 208);
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  // Sub-block i (16 values) has scale sc[i]: value index 128*h + 32*k + l uses sc[8h + 2k + l/16].
+  for (int i = 0; i < 16; ++i) u->scale[i] = d * sc[i], u->offset[i] = 0.0f;
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  for (int h = 0; h < 2; ++h) {
+    int8_t* q = u->q + 128 * h;
+    for (int l = 0; l < 32; ++l) {
+      q[l] = static_cast<int8_t>(((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32);
+      q[l + 32] = static_cast<int8_t>(((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32);
+      q[l + 64] = static_cast<int8_t>(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+      q[l + 96] = static_cast<int8_t>(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+    }
+    ql += 64;
+    qh += 32;
+  }
+}
+
+inline void unpack(const uint8_t* b, int64_t qtype, Unpacked* u) {
+  switch (qtype) {
+    case Q4_0: unpack_q4(b, u, false); break;
+    case Q4_1: unpack_q4(b, u, true); break;
+    case Q5_0: unpack_q5(b, u, false); break;
+    case Q5_1: unpack_q5(b, u, true); break;
+    case Q8_0: unpack_q8_0(b, u); break;
+    case Q4_K: unpack_k(b, u, false); break;
+    case Q5_K: unpack_k(b, u, true); break;
+    case Q6_K: unpack_q6_k(b, u); break;
+  }
+}
+
+// One row of `in_features` values from its blocks.
+void dequantize_row(const uint8_t* row, int64_t qtype, int64_t in_features, float* y) {
+  const Layout l = layout(qtype);
+  Unpacked u;
+  for (int64_t i = 0; i < in_features / l.values; ++i, row += l.bytes, y += l.values) {
+    unpack(row, qtype, &u);
+    for (int s = 0; s < u.count; ++s) {
+      const float scale = u.scale[s], offset = u.offset[s];
+      const int8_t* q = u.q + s * u.sub;
+      float* ys = y + s * u.sub;
+      for (int v = 0; v < u.sub; ++v) ys[v] = scale * q[v] + offset;
+    }
+  }
+}
+
+void check_blocks(const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
+  const Layout l = layout(qtype);
+  TORCH_CHECK(blocks.dtype() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous(),
+              "GGUF blocks must be a contiguous uint8 [rows, bytes per row] tensor");
+  TORCH_CHECK(in_features % l.values == 0 && blocks.size(1) == in_features / l.values * l.bytes,
+              "GGUF rows of ", in_features, " values take ", in_features / l.values * l.bytes, " bytes, not ",
+              blocks.size(1));
+}
+
+}  // namespace
+
+// [rows, in_features] in `dtype` (float32 or bfloat16) from the blocks of each row.
+at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
+  check_blocks(blocks, qtype, in_features);
+  const int64_t rows = blocks.size(0), row_bytes = blocks.size(1);
+  at::Tensor out = at::empty({rows, in_features}, blocks.options().dtype(dtype));
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  if (dtype == at::kFloat) {
+    float* dst = out.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) dequantize_row(src + r * row_bytes, qtype, in_features, dst + r * in_features);
+    });
+    return out;
+  }
+  TORCH_CHECK(dtype == at::kBFloat16, "gguf_dequantize writes float32 or bfloat16");
+  c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(in_features);
+    for (int64_t r = begin; r < end; ++r) {
+      dequantize_row(src + r * row_bytes, qtype, in_features, buffer.data());
+      c10::BFloat16* row = dst + r * in_features;
+      for (int64_t i = 0; i < in_features; ++i) row[i] = c10::BFloat16(buffer[i]);  // round to nearest even
+    }
+  });
+  return out;
+}
+
+namespace {
+
+// sum(a[i] * b[i]) over 32 int8 pairs, exactly, as 8 int32 partial sums (AVX2) or one.
+#if defined(__AVX2__)
+inline __m256i dot32(const int8_t* a, const int8_t* b) {
+  const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+  // maddubs multiplies unsigned by signed bytes: |a| times b with a's sign moved onto b.
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(va, va), _mm256_sign_epi8(vb, va));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+#endif
+
+inline int32_t dot_scalar(const int8_t* a, const int8_t* b, int count) {
+  int32_t sum = 0;
+  for (int i = 0; i < count; ++i) sum += int32_t(a[i]) * int32_t(b[i]);
+  return sum;
+}
+
+// The input rows as int8 blocks of 32 with one float scale each (llama.cpp's Q8_0 of the
+// activations), and the exact float sum of x over each weight sub-block (for the offsets).
+struct QuantizedRows {
+  std::vector<int8_t> q;      // [n, in]
+  std::vector<float> scale;   // [n, in / 32]
+  std::vector<float> sums;    // [n, in / sub]
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t n, int64_t in_features, int sub) {
+  QuantizedRows r;
+  r.q.resize(n * in_features);
+  r.scale.resize(n * in_features / 32);
+  r.sums.resize(n * in_features / sub);
+  for (int64_t i = 0; i < n * in_features / 32; ++i) {
+    const float* v = x + 32 * i;
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+    const float d = amax / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
+    r.scale[i] = d;
+    for (int j = 0; j < 32; ++j) r.q[32 * i + j] = static_cast<int8_t>(std::nearbyint(v[j] * inverse));
+  }
+  for (int64_t i = 0; i < n * in_features / sub; ++i) {
+    float sum = 0.0f;
+    for (int j = 0; j < sub; ++j) sum += x[sub * i + j];
+    r.sums[i] = sum;
+  }
+  return r;
+}
+
+}  // namespace
+
+// x [n, in_features] @ W^T for a few rows n (decoding), W [out, in] in GGUF blocks, never
+// dequantized: each weight block is unpacked to int8 once and multiplied with every input
+// row's int8 block. Per 32 values: scale_w * scale_x * sum(q_w q_x) + offset_w * sum(x).
+// Summed in float32, rounded once to x's dtype.
+at::Tensor gguf_matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype) {
+  TORCH_CHECK(x.dim() == 2, "gguf_matvec takes x [rows, in_features]");
+  const int64_t n = x.size(0), in_features = x.size(1), out_features = blocks.size(0);
+  check_blocks(blocks, qtype, in_features);
+  const Layout l = layout(qtype);
+  const int sub = qtype == Q6_K ? 16 : 32;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const QuantizedRows rows = quantize_rows(xf.data_ptr<float>(), n, in_features, sub);
+  at::Tensor out = at::empty({n, out_features}, x.options().dtype(at::kFloat));
+  float* ys = out.data_ptr<float>();
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  const int64_t row_bytes = blocks.size(1), per_row = in_features / l.values;
+  const int64_t x_blocks = in_features / 32, x_subs = in_features / sub;
+  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+    Unpacked u;
+    std::vector<float> offsets(n);
+#if defined(__AVX2__)
+    std::vector<__m256> acc(n);
+#else
+    std::vector<float> acc(n);
+#endif
+    for (int64_t o = begin; o < end; ++o) {
+      for (int64_t r = 0; r < n; ++r) {
+#if defined(__AVX2__)
+        acc[r] = _mm256_setzero_ps();
+#else
+        acc[r] = 0.0f;
+#endif
+        offsets[r] = 0.0f;
+      }
+      const uint8_t* row = src + o * row_bytes;
+      for (int64_t b = 0; b < per_row; ++b, row += l.bytes) {
+        unpack(row, qtype, &u);
+        const int64_t first = b * l.values;  // this block's first column
+        for (int c = 0; c < l.values / 32; ++c) {  // 32-value pieces: the input's blocks
+          const int8_t* qw = u.q + 32 * c;
+          const int64_t xb = first / 32 + c;
+          // The weight's scale of each half of the piece (sub-blocks of 16 in Q6_K).
+          const float s0 = u.scale[(32 * c) / u.sub], s1 = u.scale[(32 * c + 16) / u.sub];
+          for (int64_t r = 0; r < n; ++r) {
+            const int8_t* qx = rows.q.data() + r * in_features + first + 32 * c;
+            const float dx = rows.scale[r * x_blocks + xb];
+#if defined(__AVX2__)
+            const __m256 scales = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(qw, qx)), _mm256_mul_ps(scales, _mm256_set1_ps(dx)),
+                                     acc[r]);
+#else
+            acc[r] += s0 * dx * dot_scalar(qw, qx, 16) + s1 * dx * dot_scalar(qw + 16, qx + 16, 16);
+#endif
+          }
+        }
+        for (int s = 0; s < u.count; ++s) {
+          if (u.offset[s] == 0.0f) continue;
+          const int64_t xs = (first + s * u.sub) / sub;
+          for (int64_t r = 0; r < n; ++r) offsets[r] += u.offset[s] * rows.sums[r * x_subs + xs];
+        }
+      }
+      for (int64_t r = 0; r < n; ++r) {
+#if defined(__AVX2__)
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, acc[r]);
+        float sum = 0.0f;
+        for (float lane : lanes) sum += lane;
+#else
+        float sum = acc[r];
+#endif
+        ys[r * out_features + o] = sum + offsets[r];
+      }
+    }
+  });
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gguf_dequantize", &gguf_dequantize, "[rows, in] values of GGUF blocks [rows, bytes], float32 or bfloat16.",
+        py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("dtype"));
+  m.def("gguf_matvec", &gguf_matvec, "x [n, in] @ W^T for W in GGUF blocks [out, bytes], dequantized row by row.",
+        py::arg("x"), py::arg("blocks"), py::arg("qtype"));
+}
