@@ -25,3 +25,10 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.bfloat16 and a.device.type == "cpu" and not bf16_gemm_is_native():
         return torch.mm(a.float(), b.float()).to(torch.bfloat16)
     return a @ b
+
+
+def addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c + a @ b, rounded once to the operands' dtype (c broadcasts like torch.addmm's)."""
+    if a.dtype == torch.bfloat16 and a.device.type == "cpu" and not bf16_gemm_is_native():
+        return torch.addmm(c.float(), a.float(), b.float()).to(torch.bfloat16)
+    return torch.addmm(c, a, b)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from thrifty.kernels.matmul import addmm, mm
 from thrifty.layers.lora import LoraLinear
 
 
@@ -75,7 +76,7 @@ class _LoraGroup(torch.autograd.Function):
         else:
             outs = []
             for weight, bias, b, part in zip(weights, biases, b_cast, xa):
-                out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+                out = mm(x, weight.t()) if bias is None else addmm(bias, x, weight.t())
                 outs.append(out.addmm_(part, b.t()))
 
         ctx.save_for_backward(x, a_stacked, *weights, *b_cast, *xa)
@@ -100,5 +101,5 @@ class _LoraGroup(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(grad_xa_stacked, a_stacked)
             for weight, grad in zip(weights, grad_outs):
-                grad_x.addmm_(grad, weight)
+                grad_x = addmm(grad_x, grad, weight)
         return grad_x, None, None, None, None, *grad_a, *grad_b
