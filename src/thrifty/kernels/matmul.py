@@ -32,3 +32,37 @@ def addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.bfloat16 and a.device.type == "cpu" and not bf16_gemm_is_native():
         return torch.addmm(c.float(), a.float(), b.float()).to(torch.bfloat16)
     return torch.addmm(c, a, b)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias), differentiable; where bf16 products are not native (see
+    above), forward and backward multiply in float32 and round once to bf16 (measured
+    fwd + bwd of [1024, 576] x [1536, 576]: 2.3 s in bf16, 0.13 s this way)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not bf16_gemm_is_native():
+        return _Float32Linear.apply(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+class _Float32Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        flat = x.reshape(-1, x.shape[-1]).float()
+        out = torch.mm(flat, weight.float().t())
+        if bias is not None:
+            out += bias.float()
+        return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        x, weight = ctx.saved_tensors
+        flat_grad = grad.reshape(-1, grad.shape[-1]).float()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(flat_grad, weight.float()).to(x.dtype).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.mm(flat_grad.t(), x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat_grad.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b

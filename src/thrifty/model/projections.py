@@ -7,7 +7,9 @@ here, once, from the state of the call, so the decoder's arithmetic is written o
 * a group of plain LoRA layers (training, or scoring without gradients): one autograd
   node for the group (layers/lora_group.py), reusing the outputs a checkpointed layer
   kept (activation_checkpointing.py) when it is recomputed;
-* anything else (dropout, DoRA, a quantized or merged base): the layers' own forwards.
+* anything else (dropout, DoRA, a quantized or merged base): the layers' own forwards,
+  plain nn.Linear layers through kernels/matmul.py (float32 products where this CPU has
+  no native bf16 ones).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from thrifty.kernels import matmul
 from thrifty.kernels.attention import attention_with_logsumexp, scaled_dot_product_attention
 from thrifty.layers.lora_group import fusable_lora_group, lora_group_forward
 from thrifty.model.activation_checkpointing import current_layer_call
@@ -60,7 +63,8 @@ def project(owner: nn.Module, name: str, layers: list[nn.Module], x: torch.Tenso
         if call is not None:
             call.remember(name, outputs)
         return outputs
-    return tuple(layer(x) for layer in layers)
+    return tuple(matmul.linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
+                 for layer in layers)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

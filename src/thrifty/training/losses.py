@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from thrifty.errors import ThriftyError
+from thrifty.kernels.matmul import mm
 from thrifty.kernels.native import native_kernel
 
 IGNORE_INDEX = -100
@@ -155,7 +156,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            out[start:end] = _chunk_log_probs(hidden[start:end] @ weight.t(), targets[start:end], temperature)
+            out[start:end] = _chunk_log_probs(mm(hidden[start:end], weight.t()), targets[start:end], temperature)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return out
@@ -171,15 +172,15 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         for start in range(0, n, size):
             end = min(start + size, n)
             h = hidden[start:end]
-            g = h @ weight.t()  # becomes d loss / d logits in place
+            g = mm(h, weight.t())  # becomes d loss / d logits in place
             _chunk_log_probs(g, targets[start:end], temperature, grad_out[start:end] / temperature)
             if need_hidden:
-                grad_hidden[start:end] = g @ weight
+                grad_hidden[start:end] = mm(g, weight)
             if need_weight:
                 if g.dtype == torch.float32:
                     grad_weight.addmm_(g.t(), h)
                 else:
-                    grad_weight += (g.t() @ h).float()
+                    grad_weight += mm(g.t(), h).float()
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
@@ -196,10 +197,10 @@ class _FrozenHeadTokenLogProbs(torch.autograd.Function):
         row_grads = torch.empty_like(hidden)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            g = hidden[start:end] @ weight.t()  # becomes d log p / d logits in place
+            g = mm(hidden[start:end], weight.t())  # becomes d log p / d logits in place
             scale = torch.full((end - start,), 1.0 / temperature, device=hidden.device)
             out[start:end] = _chunk_log_probs(g, targets[start:end], temperature, scale)
-            torch.mm(g, weight, out=row_grads[start:end])
+            row_grads[start:end] = mm(g, weight)
         ctx.save_for_backward(row_grads)
         return out
 
