@@ -17,8 +17,8 @@ from thrifty.formats.open_model import open_model
 from thrifty.formats.peft_adapter import save_adapter
 from thrifty.layers.lora import LoraConfig, apply_lora, lora_state_dict
 
-from tiny_models import randomise_adapters
-from tiny_tokenizer import save_tiny_model_dir
+from tiny_models import make_hf_model, randomise_adapters
+from tiny_tokenizer import make_tiny_tokenizer, save_tiny_model_dir
 
 IDS = torch.tensor([[3, 26, 24, 10, 23, 43, 6, 7]])
 
@@ -54,8 +54,9 @@ def test_a_named_base_wins_with_a_notice_and_shapes_are_checked(tiny_dir: Path, 
     model, _, base = open_model(str(copy), tmp_path / "adapter", dtype="float32", log=notes.append)
     assert base == str(copy)
     assert len(notes) == 1 and "trained on some-org/the-original" in notes[0] and str(copy) in notes[0]
-    other = tmp_path / "qwen"
-    save_tiny_model_dir("qwen2", other, seed=1)  # another architecture: its layers do not fit
+    other = tmp_path / "wide"
+    make_hf_model("llama", hidden_size=128).save_pretrained(other)  # another size: its layers do not fit
+    make_tiny_tokenizer().save(other)
     with pytest.raises(ThriftyError, match="shape|does not have"):
         open_model(str(other), tmp_path / "adapter", dtype="float32", log=notes.append)
 
