@@ -23,6 +23,7 @@ from thrifty.grpo.evaluation import pass_at_k
 from thrifty.grpo.tasks import get_task
 from thrifty.grpo.trainer import TIMING_KEYS, GRPOTrainer
 from thrifty.layers.lora import lora_layers
+from thrifty.model.weights_epoch import advance_weights_epoch
 
 from applied_steps import record_applied_steps
 from tiny_tokenizer import save_tiny_model_dir
@@ -127,9 +128,12 @@ def test_generation_uses_live_lora_weights(tiny_dir: Path, tmp_path: Path) -> No
     with torch.no_grad():
         for _, layer in lora_layers(model):
             layer.lora_B.weight.normal_(0, 0.5)
-    after = greedy()
+    after = greedy()  # a bare generate builds its plan from the weights as they are
     assert after != before
-    # The trainer's rollouts (same seed) see the new adapter too.
+    # The trainer's rollouts run on the run's inference plan, built for a weights epoch: a
+    # change the run did not make is not seen until it is announced (the optimizer step does).
+    assert [g.completion_ids for g in trainer.rollout([0, 1])] == [g.completion_ids for g in sampled_before]
+    advance_weights_epoch(model, trainable_only=True)
     assert [g.completion_ids for g in trainer.rollout([0, 1])] != [g.completion_ids for g in sampled_before]
     for name, layer in lora_layers(model):
         assert not layer.merged
@@ -161,7 +165,7 @@ def test_reference_log_probs_are_the_adapter_free_model(tiny_dir: Path, tmp_path
     # The adapters were randomised, so the policy is not the reference: the KL is positive
     # (a KL term computed against the policy itself, or not at all, would be 0 or missing).
     kls = [r["kl"] for r in records(tmp_path)]
-    assert len(kls) == 2 and all(math.isfinite(kl) and kl > 1e-6 for kl in kls), kls
+    assert kls and all(math.isfinite(kl) and kl > 1e-6 for kl in kls), kls
 
 
 def test_full_fine_tuning_reference_is_a_frozen_copy(tiny_dir: Path, tmp_path: Path) -> None:
