@@ -103,7 +103,7 @@ def test_sft_config_checks_values_and_names_the_file(tmp_path: Path) -> None:
         load_sft_config(path)
     with pytest.raises(ThriftyError, match="quantize = 'nf4' needs use_lora: true"):
         load_sft_config(None, ["quantize=nf4", "use_lora=false"])
-    with pytest.raises(ThriftyError, match="quantize: expected one of 'nf4', 'int8' or null, got the string 'fp8'"):
+    with pytest.raises(ThriftyError, match="quantize: expected one of 'nf4', 'int8', 'gguf' or null, got the string 'fp8'"):
         load_sft_config(None, ["quantize=fp8"])
     assert load_sft_config(None, ["quantize=none"]).quantize is None
     assert load_sft_config(None, ["lora_target_modules=q_proj,v_proj"]).lora_target_modules == ["q_proj", "v_proj"]
