@@ -2,8 +2,9 @@
 against llama.cpp (llama-cpp-python) on the same file and prompt, 2 threads each.
 
 The model file has the exact configuration of a real model and random weights (memory
-and speed do not depend on the values); it is built once by Thrifty's own exporter and
-cached outside the repository (--cache-dir). The tokenizer is the default model's,
+and speed do not depend on the values); it is built once (Thrifty's exporter writes the
+f16 file, llama.cpp's quantizer makes it Q4_K_M, the same bytes Thrifty's own quantizer
+writes, only faster) and cached outside the repository (--cache-dir). The tokenizer is the default model's,
 padded to the configuration's vocabulary as llama.cpp's converter pads. Each measurement
 is its own subprocess (peak RSS belongs to one engine), engines interleaved, medians of
 --repeats. Every engine decodes exactly --new-tokens tokens, greedily, after the same
@@ -67,10 +68,28 @@ def model_file(name: str, cache_dir: Path) -> Path:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inverse_frequencies(config)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    return export_gguf(model, tokenizer, path, "q4_k_m", progress=True)
+    f16 = export_gguf(model, tokenizer, cache_dir / f"{name}-random-f16.gguf", "f16", progress=True)
+    del model
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 2
+    temporary = path.with_suffix(".tmp")
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(temporary).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError("llama.cpp could not quantize the f16 file")
+    temporary.rename(path)
+    f16.unlink()
+    return path
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: ru_maxrss would keep the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
