@@ -42,8 +42,9 @@ with tempfile.TemporaryDirectory() as out:
 from thrifty.grpo.config import GRPOConfig
 from thrifty.grpo.trainer import GRPOTrainer
 with tempfile.TemporaryDirectory() as out:
-    config = GRPOConfig(dtype=dtype, task="arithmetic", max_steps=2, num_generations=8, per_device_train_batch_size=32,
-                        max_completion_length=32, save_steps=0, output_dir=out, disable_tqdm=True, num_eval_samples=0)
+    config = GRPOConfig(dtype=dtype, task="arithmetic", num_train_prompts=64, max_steps=2, num_generations=8,
+                        per_device_train_batch_size=32, max_completion_length=32, save_steps=0, output_dir=out,
+                        disable_tqdm=True, num_eval_samples=0)
     start = time.perf_counter()
     GRPOTrainer(load_model(None, dtype=dtype)[0], tokenizer, config=config, log=lambda _: None).train()
     grpo = (time.perf_counter() - start) / 2
