@@ -70,7 +70,15 @@ def test_matmul_and_input_grad_against_float64(qtype: Q, rows: int, dtype: torch
     got = gguf_blocks.matmul(x, blocks, int(qtype), in_features)
     assert got.shape == (rows, out_features) and got.dtype == dtype
     size = np.abs(x64) @ np.abs(w).T  # sum |x w|: what the sum's roundings scale with
-    if dtype == torch.float32 or rows <= gguf_blocks.MATVEC_ROWS:
+    if rows <= gguf_blocks.MATVEC_ROWS and qtype in (Q.Q4_K, Q.Q6_K):
+        # Q4_K / Q6_K decode with x quantized to int16 in blocks of 32 (scale amax / 32767:
+        # each value off by at most half a step), exact integer sums, then float32 scaling
+        # and sums over blocks (roundings of terms of size |scale q x| + |offset x|).
+        step = np.repeat(np.abs(x64).reshape(rows, -1, 32).max(axis=2) / 32767, 32, axis=1)
+        bound = (0.5 + 1e-3) * step @ np.abs(w).T + U * (in_features / 8 + 32) * (np.abs(x64) @ magnitude.T)
+        if dtype == torch.bfloat16:
+            bound = bound + 2.0**-8 * np.abs(exact)  # half a bf16 ulp
+    elif dtype == torch.float32 or rows <= gguf_blocks.MATVEC_ROWS:
         # float32 sums (8 lanes, each summing in_features / 8 terms, then the lanes added;
         # or a float32 GEMM on float32 panels) of values computed in float32 (at most three
         # roundings of terms of size `magnitude`), rounded once to dtype.

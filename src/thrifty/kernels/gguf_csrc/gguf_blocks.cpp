@@ -228,6 +228,137 @@ at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_f
   return out;
 }
 
+#if defined(__AVX2__)
+namespace {
+
+// Q4_K and Q6_K (what a Q4_K_M file is made of) have a faster decoding path: the nibbles
+// are unpacked in registers and multiplied with the input rows quantized to int16 in
+// blocks of 32 (scale amax / 32767: a value moves by at most 1.5e-5 of its block's
+// largest, far below the 2^-9 a bf16 input carries), the products summed exactly in
+// int32, 16 pairs per vpmaddwd. (int8 inputs, llama.cpp's choice, moved the default
+// model's logits by up to 2.5 and changed greedy answers.)
+struct Int16Rows {
+  std::vector<int16_t> q;    // [n, in]
+  std::vector<float> scale;  // [n, in / 32]
+  std::vector<float> sum;    // [n, in / 32]: float sums of x, for the mins
+};
+
+Int16Rows int16_rows(const float* x, int64_t n, int64_t in_features) {
+  Int16Rows r;
+  r.q.resize(n * in_features);
+  r.scale.resize(n * in_features / 32);
+  r.sum.resize(n * in_features / 32);
+  for (int64_t i = 0; i < n * in_features / 32; ++i) {
+    const float* v = x + 32 * i;
+    float amax = 0.0f, sum = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j])), sum += v[j];
+    const float d = amax / 32767.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
+    r.scale[i] = d;
+    r.sum[i] = sum;
+    for (int j = 0; j < 32; ++j) r.q[32 * i + j] = static_cast<int16_t>(std::nearbyint(v[j] * inverse));
+  }
+  return r;
+}
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// sum(w * x) over 16 int16 pairs as 8 int32 lanes.
+inline __m256i madd16(__m256i w, const int16_t* x) { return _mm256_madd_epi16(w, load256(x)); }
+
+// y[r] += the row's dot product with every input row, for one Q4_K block at column `first`.
+inline void q4_k_block(const uint8_t* b, int64_t first, const Int16Rows& rows, int64_t n, int64_t in_features,
+                       __m256* acc, float* offsets) {
+  const float d = half(b), dmin = half(b + 2);
+  int sc[8], mn[8];
+  for (int j = 0; j < 8; ++j) scale_min_k4(j, b + 4, &sc[j], &mn[j]);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int chunk = 0; chunk < 4; ++chunk) {  // 64 values: sub-blocks 2 chunk (low nibbles) and 2 chunk + 1
+    const __m256i v = load256(b + 16 + 32 * chunk);
+    const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    const __m256i l0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)), l1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
+    const __m256i h0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)), h1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+    const int64_t column = first + 64 * chunk, xb = column / 32;
+    const float s_lo = d * sc[2 * chunk], s_hi = d * sc[2 * chunk + 1];
+    const float m_lo = dmin * mn[2 * chunk], m_hi = dmin * mn[2 * chunk + 1];
+    for (int64_t r = 0; r < n; ++r) {
+      const int16_t* x = rows.q.data() + r * in_features + column;
+      const int64_t block = r * (in_features / 32) + xb;
+      const __m256i p_lo = _mm256_add_epi32(madd16(l0, x), madd16(l1, x + 16));
+      const __m256i p_hi = _mm256_add_epi32(madd16(h0, x + 32), madd16(h1, x + 48));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p_lo), _mm256_set1_ps(s_lo * rows.scale[block]), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p_hi), _mm256_set1_ps(s_hi * rows.scale[block + 1]), acc[r]);
+      offsets[r] -= m_lo * rows.sum[block] + m_hi * rows.sum[block + 1];
+    }
+  }
+}
+
+inline void q6_k_block(const uint8_t* b, int64_t first, const Int16Rows& rows, int64_t n, int64_t in_features,
+                       __m256* acc) {
+  const float d = half(b + 208);
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03), centre = _mm256_set1_epi8(32);
+  for (int h = 0; h < 2; ++h) {  // 128 values each
+    const __m256i ql0 = load256(b + 64 * h), ql1 = load256(b + 64 * h + 32), qh = load256(b + 128 + 32 * h);
+    __m256i q[4];
+    q[0] = _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_slli_epi16(_mm256_and_si256(qh, two), 4));
+    q[1] = _mm256_or_si256(_mm256_and_si256(ql1, low),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two), 4));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two), 4));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two), 4));
+    for (int k = 0; k < 4; ++k) {  // values 128 h + 32 k + l, scales sc[8 h + 2 k] (l < 16) and the next
+      const __m256i centred = _mm256_sub_epi8(q[k], centre);
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(centred));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(centred, 1));
+      const int64_t column = first + 128 * h + 32 * k;
+      const float s0 = d * sc[8 * h + 2 * k], s1 = d * sc[8 * h + 2 * k + 1];
+      for (int64_t r = 0; r < n; ++r) {
+        const int16_t* x = rows.q.data() + r * in_features + column;
+        const float dx = rows.scale[r * (in_features / 32) + column / 32];
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(madd16(w0, x)), _mm256_set1_ps(s0 * dx), acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(madd16(w1, x + 16)), _mm256_set1_ps(s1 * dx), acc[r]);
+      }
+    }
+  }
+}
+
+at::Tensor k_quant_matvec(const float* xs, int64_t n, int64_t in_features, const at::Tensor& blocks, int64_t qtype,
+                          at::Tensor out) {
+  const Int16Rows rows = int16_rows(xs, n, in_features);
+  const Layout l = layout(qtype);
+  const int64_t out_features = blocks.size(0), row_bytes = blocks.size(1), per_row = in_features / l.values;
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  float* ys = out.data_ptr<float>();
+  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+    std::vector<__m256> acc(n);
+    std::vector<float> offsets(n);
+    for (int64_t o = begin; o < end; ++o) {
+      std::fill(acc.begin(), acc.end(), _mm256_setzero_ps());
+      std::fill(offsets.begin(), offsets.end(), 0.0f);
+      const uint8_t* row = src + o * row_bytes;
+      for (int64_t b = 0; b < per_row; ++b, row += l.bytes) {
+        if (qtype == Q4_K) {
+          q4_k_block(row, b * 256, rows, n, in_features, acc.data(), offsets.data());
+        } else {
+          q6_k_block(row, b * 256, rows, n, in_features, acc.data());
+        }
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, acc[r]);
+        float sum = 0.0f;
+        for (float lane : lanes) sum += lane;
+        ys[r * out_features + o] = sum + offsets[r];
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+#endif
+
 // x [n, in_features] @ W^T for a few rows n (decoding), W [out, in] in GGUF blocks, never
 // dequantized into memory: each weight block is unpacked once, and each piece of 32
 // values is dequantized in registers (scale * q + offset, one rounding) and multiplied
@@ -240,6 +371,12 @@ at::Tensor gguf_matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qt
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({n, out_features}, x.options().dtype(at::kFloat));
   const float* xs = xf.data_ptr<float>();
+#if defined(__AVX2__)
+  if (qtype == Q4_K || qtype == Q6_K) {
+    k_quant_matvec(xs, n, in_features, blocks, qtype, out);
+    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  }
+#endif
   float* ys = out.data_ptr<float>();
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   const int64_t row_bytes = blocks.size(1), per_row = in_features / l.values;
