@@ -23,13 +23,16 @@ torch.manual_seed(0)
 from thrifty.formats.loader import load_model
 from thrifty.generation.engine import generate_tokens, render_prompt
 from thrifty.generation.sampling import SamplingParams
-dtype = sys.argv[1]
+dtype, only = sys.argv[1], sys.argv[2]
 model, tokenizer = load_model(None, dtype=dtype)
 prompts = [render_prompt(tokenizer, f"Tell me about the number {i}.", True, None) for i in range(16)]
 generate_tokens(model, prompts[:2], max_new_tokens=4, sampling=SamplingParams())
 start = time.perf_counter()
 generate_tokens(model, prompts, max_new_tokens=64, sampling=SamplingParams(temperature=1.0), seed=0, stop_token_ids=[])
 generation = time.perf_counter() - start
+if only == "generation":
+    print(json.dumps({"generation_s": generation}))
+    sys.exit(0)
 from thrifty.sft.config import SFTConfig
 from thrifty.sft.trainer import SFTTrainer
 rows = [{"prompt": f"What is {i} + {i}?", "completion": f"Answer: {2 * i}"} for i in range(64)]
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("new")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--only", choices=["all", "generation"], default="all")
     args = parser.parse_args()
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +74,7 @@ def main() -> None:
             results: dict[str, list[dict]] = {"old": [], "new": []}
             for _ in range(args.repeats):
                 for label in ("old", "new"):
-                    done = subprocess.run([sys.executable, "-c", WORKLOAD, args.dtype], capture_output=True, text=True,
+                    done = subprocess.run([sys.executable, "-c", WORKLOAD, args.dtype, args.only], capture_output=True, text=True,
                                           cwd=tmp, env={"PYTHONPATH": str(trees[label] / "src"), "PATH": "/usr/bin:/bin"},
                                           timeout=3600)
                     if done.returncode != 0:
