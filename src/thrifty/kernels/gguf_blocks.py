@@ -2,10 +2,11 @@
 Q5_K, Q6_K): the one door to gguf_csrc/gguf_blocks.cpp, with numpy's dequantizer (the
 `gguf` package) beside it where the kernels cannot be built.
 
-* A few rows (decoding): each weight row is dequantized into an L1-sized float buffer
-  and dotted with every input row, so the weight streams from memory at its quantized
-  size (4.5 bits a value for Q4_K against bf16's 16); nothing the size of the weight is
-  ever made.
+* A few rows (decoding): each block is unpacked in registers (Q4_K, Q6_K: multiplied
+  with the input rows quantized to int16, exact integer sums; the other types:
+  dequantized to float32 32 values at a time) and multiplied with every input row, so
+  the weight streams from memory at its quantized size (4.5 bits a value for Q4_K
+  against bf16's 16); nothing the size of the weight is ever made.
 * Many rows (prefill, scoring, training): panels of PANEL_ROWS weight rows are
   dequantized to the activations' dtype and multiplied by oneDNN, panel by panel; a
   panel is the only dequantized copy alive (tens of MB, not the model).
