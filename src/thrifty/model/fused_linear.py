@@ -58,7 +58,7 @@ def can_prepack(weight: torch.Tensor) -> bool:
         and weight.dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        and bf16_gemm_is_native()
     )
 
 

@@ -59,7 +59,7 @@ class InferencePlan:
                     bases = [base_linear(layer) for layer in layers]
                     if any(base is None for base in bases):
                         continue  # quantized, DoRA, merged: the layers' own forwards
-                    old = previous.groups.get(owner, {}).get(name) if reusable else None  # type: ignore[union-attr]
+                    old = previous.group(owner, name) if reusable else None  # type: ignore[union-attr]
                     frozen = all(not p.requires_grad for base in bases for p in base.parameters())
                     groups.setdefault(owner, {})[name] = FusedLinear(layers, old.base if old and frozen else None)
         return cls(model, epoch, groups, fuse)
