@@ -41,7 +41,10 @@ def tiny_gguf(tmp_path: Path) -> Path:
     return export_gguf(model, tokenizer, tmp_path / "tiny-q4_k_m.gguf", "q4_k_m")
 
 
-def test_a_gguf_from_its_blocks_computes_the_dequantized_model(tiny_gguf: Path) -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases beside the blocks
+def test_a_gguf_from_its_blocks_computes_the_dequantized_model(family: str, tmp_path: Path) -> None:
+    model, tokenizer = tiny_byte_level_model(family, tmp_path / "hf")
+    tiny_gguf = export_gguf(model, tokenizer, tmp_path / "tiny-q4_k_m.gguf", "q4_k_m")
     blocks, tokenizer = load_model(tiny_gguf, dtype="float32", device="cpu", quantize="gguf")
     dense, _ = load_model(tiny_gguf, dtype="float32", device="cpu")
     assert isinstance(blocks.model.embed_tokens, GGUFEmbedding)
@@ -51,6 +54,8 @@ def test_a_gguf_from_its_blocks_computes_the_dequantized_model(tiny_gguf: Path) 
     for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
         torch.testing.assert_close(blocks.model.layers[1].get_submodule(name).dequantize(torch.float32),
                                    dense.model.layers[1].get_submodule(name).weight, rtol=0, atol=1e-6)
+    if family == "qwen2":
+        assert torch.equal(blocks.model.layers[1].self_attn.k_proj.bias, dense.model.layers[1].self_attn.k_proj.bias)
     ids = torch.tensor([tokenizer.encode("hello world, twelve tokens or so")])
     with torch.no_grad():
         for rows in (ids[:, :5], ids):  # the decoding kernel (a few rows) and dequantized panels

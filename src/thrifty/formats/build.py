@@ -83,15 +83,12 @@ class _Builder:
         if isinstance(value, GGUFBlocks):
             if isinstance(owner, nn.Embedding):
                 new: nn.Module = GGUFEmbedding(value.blocks, value.qtype, value.shape[1], compute)
-            else:
-                bias = owner.bias if owner.bias is not None and not owner.bias.is_meta else None
-                new = GGUFLinear(value.blocks, value.qtype, value.shape[1], bias, compute)
-                if owner.bias is not None and bias is None:
-                    new.bias = owner.bias  # still to come: put() fills it
+            else:  # a bias still on meta is filled when put() reaches it
+                new = GGUFLinear(value.blocks, value.qtype, value.shape[1], owner.bias, compute)
             self._replace(owner_name, new)
         else:
             tensor = value if self.dtype is None else value.to(self.dtype)
-            if isinstance(owner, (GGUFLinear,)) and attr == "bias":
+            if isinstance(owner, GGUFLinear) and attr == "bias":
                 owner.bias = nn.Parameter(tensor.detach(), requires_grad=False)
             else:
                 setattr(owner, attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
