@@ -28,6 +28,9 @@ def test_mm_and_addmm(path: bool) -> None:
     size = a.double().abs() @ b.double().abs()
     assert matmul.mm(a, b).dtype == torch.bfloat16 and close(matmul.mm(a, b), exact, size)
     assert close(matmul.addmm(c, a, b), exact + c.double(), size + c.double().abs())
+    buffer = torch.randn(37, 29, generator=g).bfloat16()
+    start = buffer.double()
+    assert matmul.addmm_(buffer, a, b) is buffer and close(buffer, exact + start, size + start.abs())
 
 
 def test_linear_forward_and_gradients(path: bool) -> None:

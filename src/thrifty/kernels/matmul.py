@@ -39,6 +39,13 @@ def addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.addmm(c, a, b)
 
 
+def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c += a @ b in place (an accumulation buffer), rounded once to c's dtype."""
+    if _in_float32(a):
+        return c.copy_(torch.addmm(c.float(), a.float(), b.float()))
+    return c.addmm_(a, b)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias), differentiable; where bf16 products are not native (see
     above), forward and backward multiply in float32 and round once to bf16 (measured

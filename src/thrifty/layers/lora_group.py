@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from thrifty.kernels.matmul import addmm, mm
+from thrifty.kernels.matmul import addmm, addmm_, mm
 from thrifty.layers.lora import LoraLinear
 
 
@@ -101,5 +101,5 @@ class _LoraGroup(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(grad_xa_stacked, a_stacked)
             for weight, grad in zip(weights, grad_outs):
-                grad_x = addmm(grad_x, grad, weight)
+                addmm_(grad_x, grad, weight)
         return grad_x, None, None, None, None, *grad_a, *grad_b
