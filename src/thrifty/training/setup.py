@@ -104,10 +104,6 @@ def dense_embeddings_and_head(model: nn.Module) -> None:
     if isinstance(embed, GGUFEmbedding):
         model.model.embed_tokens = nn.Embedding.from_pretrained(embed.dequantize(), freeze=True)
     if isinstance(head, GGUFLinear):
-        if model.config.tie_word_embeddings:
-            model.lm_head = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
-            model.lm_head.weight = model.model.embed_tokens.weight
-        else:
-            dense = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
-            dense.weight = nn.Parameter(head.dequantize(), requires_grad=False)
-            model.lm_head = dense
+        model.lm_head = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+        model.lm_head.weight = (model.model.embed_tokens.weight if model.config.tie_word_embeddings
+                                else nn.Parameter(head.dequantize(), requires_grad=False))
