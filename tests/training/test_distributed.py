@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from tiny_tokenizer import save_tiny_model_dir, tiny_sft_rows
+from weight_updates import COMPARED_ADAM_EPSILON, assert_same_updates
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "distributed_script.py"
@@ -73,7 +74,7 @@ def weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(adapter if adapter.is_file() else output_dir / "model" / "model.safetensors"))
 
 
-def assert_same_run(single: Path, multi: Path) -> None:
+def assert_same_run(single: Path, multi: Path, settings: dict) -> None:
     """Per-step metrics and final weights of two runs equal to float32 tolerance: the
     ranks' sums are added in another order than one process adds them."""
     a, b = metrics(single), metrics(multi)
@@ -82,25 +83,12 @@ def assert_same_run(single: Path, multi: Path) -> None:
         assert ra.keys() == rb.keys()
         for key in ra:
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
-    assert_weights_close(weights(multi), weights(single))
-
-
-def assert_weights_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Final weights of two runs whose sums were added in different orders. AdamW divides
-    each update by sqrt(v): where a gradient element is only rounding noise around zero,
-    its update is about +-lr whatever the noise's size, so a few such elements may end up to
-    lr per step apart (seen: 1 of 256 elements, 6.6e-5). Everything else agrees to float32
-    tolerance, and a wrong gradient would move most elements by ~lr."""
-    assert got.keys() == expected.keys()
-    for name in expected:
-        diff = (got[name] - expected[name]).abs()
-        assert diff.max() <= 2e-3, (name, float(diff.max()))
-        off = diff > 1e-5 + 1e-4 * expected[name].abs()
-        assert off.float().mean() <= 0.01, (name, int(off.sum()), off.numel())
+    assert_same_updates(weights(multi), weights(single), steps=settings["max_steps"],
+                        learning_rate=settings["learning_rate"])
 
 
 SFT = dict(max_steps=4, learning_rate=1e-2, lora_r=4, lora_alpha=8, logging_steps=1, num_sample_prompts=0, seed=3,
-           max_length=96, eval_split=0.2, eval_steps=2, save_steps=2)
+           max_length=96, eval_split=0.2, eval_steps=2, save_steps=2, adam_epsilon=COMPARED_ADAM_EPSILON)
 
 
 @pytest.mark.parametrize("method", ["lora", "full_accumulation", "qlora_packing"])
@@ -115,7 +103,7 @@ def test_sft_two_processes_equal_one(tiny_dir: Path, tmp_path: Path, method: str
                 output_dir=str(tmp_path / "one"))
     two_processes("sft", tiny_dir, **settings, per_device_train_batch_size=per_device,
                   output_dir=str(tmp_path / "two"))
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two", settings)
     assert any("eval_loss" in r for r in metrics(tmp_path / "two"))
     # Rank 0 wrote the checkpoint with both ranks' RNG states, and nothing else was written.
     assert (tmp_path / "two" / "checkpoint-2" / "rng_state_1.pt").is_file()
@@ -131,7 +119,7 @@ def test_fsdp2_shards_full_fine_tuning_and_computes_what_one_process_does(tiny_d
     run(torchrun("--standalone", "--nproc-per-node", "2", str(SCRIPT), json.dumps(
         {"kind": "sft", "model": str(tiny_dir), "report": True,
          "config": dict(settings, per_device_train_batch_size=2, fsdp="full_shard", output_dir=str(tmp_path / "two"))})))
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two", settings)
     run([sys.executable, str(SCRIPT), json.dumps({"kind": "sft", "model": str(tiny_dir), "report": True, "config": dict(
         settings, per_device_train_batch_size=4, max_steps=1, output_dir=str(tmp_path / "unsharded"))})])
     whole = json.loads((tmp_path / "unsharded" / "rank0.json").read_text())
@@ -144,7 +132,8 @@ def test_fsdp2_shards_full_fine_tuning_and_computes_what_one_process_does(tiny_d
     shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed / "checkpoint-2")
     one_process("sft", tiny_dir, **settings, per_device_train_batch_size=4, output_dir=str(resumed),
                 resume_from_checkpoint="latest")
-    assert_weights_close(weights(resumed), weights(tmp_path / "one"))
+    assert_same_updates(weights(resumed), weights(tmp_path / "one"), steps=settings["max_steps"],
+                        learning_rate=settings["learning_rate"])
 
 
 def test_fsdp2_no_gradient_forwards_see_the_current_weights(tiny_dir: Path) -> None:
@@ -161,7 +150,8 @@ def test_fsdp2_no_gradient_forwards_see_the_current_weights(tiny_dir: Path) -> N
 
 
 GRPO = dict(max_steps=4, num_generations=4, gradient_accumulation_steps=2, max_completion_length=8,
-            learning_rate=1e-2, lora_r=4, lora_alpha=8, save_steps=0, seed=5)
+            learning_rate=1e-2, lora_r=4, lora_alpha=8, save_steps=0, seed=5,
+            adam_epsilon=COMPARED_ADAM_EPSILON)
 
 
 @pytest.mark.parametrize("variant", ["bnpo_batch_scaled", "dapo_dynamic_sampling", "grpo_kl_two_iterations"])
@@ -176,7 +166,7 @@ def test_grpo_two_processes_equal_one(tiny_dir: Path, tmp_path: Path, variant: s
                 output_dir=str(tmp_path / "one"))
     two_processes("grpo", tiny_dir, **{**GRPO, **settings}, per_device_train_batch_size=4,
                   output_dir=str(tmp_path / "two"))
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two", {**GRPO, **settings})
     completions = [(tmp_path / d / "completions.jsonl").read_text() for d in ("one", "two")]
     assert completions[0] == completions[1]  # the same samples, logged once
     if variant == "dapo_dynamic_sampling":
@@ -210,13 +200,13 @@ def test_two_nodes_through_the_cli_equal_one_process(tiny_dir: Path, tmp_path: P
     assert "x 2 processes" in outputs[0][0] + outputs[1][0]
     printed = outputs[0][0] + outputs[1][0]
     assert one.stdout.count("done:") == 1 and printed.count("done:") == printed.count("next:") == 1  # rank 0 prints
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two", SFT)
 
 
 def test_resume_with_another_number_of_processes(tiny_dir: Path, tmp_path: Path) -> None:
     """Saved by 2 processes at step 2, resumed by 1 (twice the accumulation, the same global
     batch): the same run as one process that never stopped, checked in separate directories;
-    and resumed by 2 again: the 2-process run that never stopped, bit for bit."""
+    and resumed by 2 again: the 2-process run that never stopped."""
     settings = dict(SFT, eval_split=0.0, eval_steps=None)
     one_process("sft", tiny_dir, **settings, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                 output_dir=str(tmp_path / "uninterrupted"))
@@ -226,16 +216,25 @@ def test_resume_with_another_number_of_processes(tiny_dir: Path, tmp_path: Path)
     shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed / "checkpoint-2")
     one_process("sft", tiny_dir, **settings, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                 output_dir=str(resumed), resume_from_checkpoint="latest")
-    assert_weights_close(weights(resumed), weights(tmp_path / "uninterrupted"))
+    assert_same_updates(weights(resumed), weights(tmp_path / "uninterrupted"), steps=settings["max_steps"],
+                        learning_rate=settings["learning_rate"])
     assert metrics(resumed)[-1]["loss"] == pytest.approx(metrics(tmp_path / "uninterrupted")[-1]["loss"], rel=1e-4)
-    # With the same number of processes, the resumed run is the uninterrupted one exactly.
+    # With the same number of processes, the resumed run is the uninterrupted one to the
+    # bound tests/sft/test_sft_trainer.py documents for runs in separate processes (a
+    # multi-threaded float32 sum can differ in its last bit with a busy CPU: 6e-7 relative
+    # in a grad_norm, a few runs in a hundred). A wrong data order, optimizer or RNG state
+    # after the resume changes the metrics by far more.
     again = tmp_path / "again"
     again.mkdir()
     shutil.copytree(tmp_path / "two" / "checkpoint-2", again / "checkpoint-2")
     two_processes("sft", tiny_dir, **settings, per_device_train_batch_size=2, output_dir=str(again),
                   resume_from_checkpoint="latest")
-    assert metrics(again) == [r for r in metrics(tmp_path / "two") if r["step"] > 2]
-    assert all(torch.equal(weights(again)[name], tensor) for name, tensor in weights(tmp_path / "two").items())
+    expected = [r for r in metrics(tmp_path / "two") if r["step"] > 2]
+    assert [r["step"] for r in metrics(again)] == [r["step"] for r in expected]
+    for got, want in zip(metrics(again), expected):
+        assert got == pytest.approx(want, rel=1e-6)
+    assert_same_updates(weights(again), weights(tmp_path / "two"), steps=settings["max_steps"] - 2,
+                        learning_rate=settings["learning_rate"])
     # Another global batch cannot continue the same run: refused, naming the product to keep.
     refused = run([sys.executable, str(SCRIPT), spec("sft", tiny_dir, **{**settings, "max_steps": 6},
                                                      per_device_train_batch_size=2, output_dir=str(resumed),
