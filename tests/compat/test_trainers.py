@@ -141,7 +141,8 @@ def test_precision_switches_follow_transformers() -> None:
     assert SFTConfig(fp16=True).dtype == "bfloat16" and "bfloat16" in SFTConfig(fp16=True).notices()[0]
     assert SFTConfig(bf16=False, fp16=False).dtype == "float32"
     assert SFTConfig(bf16=True).dtype == "bfloat16" and SFTConfig(save_strategy="no").save_steps == 0
-    assert "float32 state" in SFTConfig(optim="paged_adamw_8bit").notices()[0]
+    assert "runs as adamw_8bit" in SFTConfig(optim="paged_adamw_8bit").notices()[0]
+    assert SFTConfig(optim="paged_adamw_8bit").eight_bit_optimizer and not SFTConfig().eight_bit_optimizer
     assert SFTConfig(max_seq_length=77).max_length == 77
 
 

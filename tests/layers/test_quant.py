@@ -18,7 +18,7 @@ from thrifty.layers.quant import (
     NF4_CODE,
     Int8Linear,
     NF4Linear,
-    _nearest_code,
+    nearest_code,
     _nf4_indices,
     dequantize_absmax,
     dequantize_nf4,
@@ -73,7 +73,7 @@ def test_fast_nf4_index_equals_bucketize() -> None:
     edge_cases = torch.cat((midpoints, midpoints.nextafter(torch.tensor(2.0)), midpoints.nextafter(torch.tensor(-2.0)),
                             code, torch.tensor([-1.0, 1.0, 0.0, -0.0])))
     values = torch.cat((torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 2 - 1, edge_cases))
-    assert torch.equal(_nf4_indices(values), _nearest_code(values, code))
+    assert torch.equal(_nf4_indices(values), nearest_code(values, code))
 
 
 def test_nf4_packing_and_storage_size() -> None:

@@ -98,11 +98,12 @@ def test_real_run_on_default_model_lowers_held_out_loss(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "full_8bit"])
 def test_resume_gives_identical_metrics(tiny_dir: Path, tmp_path: Path, method: str) -> None:
     """Train 6 steps saving every 2; resume from checkpoint-2 in a fresh trainer: the
     per-step loss, lr, grad norm and eval loss are bit-identical. LoRA runs with dropout
-    (RNG restore), packing and accumulation; full runs in bf16 (fp32 master weights)."""
+    (RNG restore), packing and accumulation; full runs in bf16 (fp32 master weights), with
+    32-bit or 8-bit (byte-coded) AdamW moments."""
     options = dict(max_steps=6, save_steps=2, save_total_limit=None, eval_steps=3, warmup_steps=2,
                    lr_scheduler_type="cosine")
     if method == "lora":
@@ -110,7 +111,7 @@ def test_resume_gives_identical_metrics(tiny_dir: Path, tmp_path: Path, method: 
                        gradient_accumulation_steps=2)
         dtype = "float32"
     else:
-        options.update(use_lora=False, learning_rate=1e-3)
+        options.update(use_lora=False, learning_rate=1e-3, optim="adamw_8bit" if method == "full_8bit" else "adamw_torch")
         dtype = "bfloat16"
     out = tmp_path / "run"
     held_out = tiny_sft_rows(30)[24:]

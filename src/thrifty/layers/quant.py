@@ -55,17 +55,20 @@ ABSMAX_BLOCKSIZE = 256  # bitsandbytes' blocksize for the second (double) quanti
 INT8PACK_MAX_ROWS = 8
 
 
-def dynamic_code_8bit() -> torch.Tensor:
-    """bitsandbytes' signed dynamic 8-bit code (`create_dynamic_map(signed=True)`), the
-    code double quantization uses for the absmax values: 256 sorted values in [-1, 1],
-    dense near zero (exponent) with a linear fraction per decade."""
+def dynamic_code_8bit(signed: bool = True) -> torch.Tensor:
+    """bitsandbytes' dynamic 8-bit code (`create_dynamic_map(signed)`): 256 sorted values
+    in [-1, 1] (signed; double quantization's code for the absmax values, and 8-bit AdamW's
+    for its first moment) or [0, 1] (8-bit AdamW's second moment), dense near zero
+    (exponent) with a linear fraction per decade."""
     values: list[float] = []
     for i in range(7):  # 7 exponent bits: decades 1e-6 .. 1
-        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        boundaries = torch.linspace(0.1, 1, 2**i + 1 if signed else 2 ** (i + 1) + 1, dtype=torch.float32)
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
         values += ((10 ** (-6 + i)) * means).tolist()
-        values += (-(10 ** (-6 + i)) * means).tolist()
+        if signed:
+            values += (-(10 ** (-6 + i)) * means).tolist()
     values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))  # the unsigned code has 255 values; bitsandbytes pads with 0
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
@@ -78,7 +81,7 @@ def _bits_float(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.float32)
 
 
-def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def blockwise_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad `flat` with zeros to whole blocks -> (blocks [n_blocks, blocksize], absmax [n_blocks]).
     Zero padding never raises a block's absmax, so the last (partial) block is scaled
     exactly as bitsandbytes scales its remainder block."""
@@ -88,14 +91,14 @@ def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
     return blocks, torch.maximum(blocks.amax(dim=1), -blocks.amin(dim=1))
 
 
-def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest value of a sorted code (ties go up, as bitsandbytes' bucketize)."""
     midpoints = (code[:-1] + code[1:]) / 2
     return torch.bucketize(scaled, midpoints).to(torch.uint8)
 
 
 def _nf4_indices(scaled: torch.Tensor) -> torch.Tensor:
-    """Nearest NF4 code index for values in [-1, 1]; equal to _nearest_code(scaled, NF4)
+    """Nearest NF4 code index for values in [-1, 1]; equal to nearest_code(scaled, NF4)
     (that is, bitsandbytes' bucketize) but ~4x faster on CPU, where bucketize's binary
     search mispredicts on every element (~40 ns each).
 
@@ -147,7 +150,7 @@ def quantize_nf4(
 ) -> NF4Weight:
     """Quantize a weight to NF4 as bitsandbytes `quantize_4bit(..., quant_type="nf4")`."""
     flat = weight.detach().reshape(-1).to(torch.float32)
-    blocks, absmax = _blockwise_absmax(flat, blocksize)
+    blocks, absmax = blockwise_absmax(flat, blocksize)
     # bitsandbytes also clamps to [-1, 1]; rounding can only overshoot by an ulp, which
     # maps to the same end code, so the clamp pass is skipped.
     scaled = blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
@@ -160,9 +163,9 @@ def quantize_nf4(
         # bitsandbytes compress_statistics=True: centre the scales, then 8-bit blockwise.
         offset = absmax.mean()
         centred = absmax - offset
-        scale_blocks, scale_absmax = _blockwise_absmax(centred, ABSMAX_BLOCKSIZE)
+        scale_blocks, scale_absmax = blockwise_absmax(centred, ABSMAX_BLOCKSIZE)
         scaled_absmax = (scale_blocks * (1.0 / scale_absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1)
-        q.absmax = _nearest_code(scaled_absmax.reshape(-1)[: absmax.numel()], dynamic_code_8bit().to(flat.device))
+        q.absmax = nearest_code(scaled_absmax.reshape(-1)[: absmax.numel()], dynamic_code_8bit().to(flat.device))
         q.absmax_scale = scale_absmax
         q.absmax_offset = offset.reshape(1)
     return q

@@ -70,6 +70,8 @@ class SFTConfig(TrainingConfig):
              "(Thrifty shards every decoder layer: full_shard with auto_wrap by layer)")
         need(not self.fsdp or not self.use_lora, "fsdp", "shards full fine-tuning: set use_lora: false, or "
              "remove fsdp (LoRA runs under torchrun with DDP)")
+        need(not self.fsdp or not self.eight_bit_optimizer, "optim", f"{self.optim} keeps 8-bit moments in "
+             "blocks of 256 elements, which FSDP2's shards would split: use adamw_torch with fsdp")
         need(self.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
         if self.eval_file is not None and self.eval_split > 0:
             raise ThriftyError(f"eval_file and eval_split = {self.eval_split} are both set; use one: an eval "

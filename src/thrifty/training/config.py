@@ -23,10 +23,13 @@ from thrifty.model.config import DTYPE_NAMES
 # and optimizer take bf16 or float32), and bf16 has float32's range, so use that instead.
 TRAINING_DTYPES = tuple(name for name, dtype in DTYPE_NAMES.items() if dtype != "float16")
 
-# transformers' `optim` names Thrifty answers: every one runs Thrifty's AdamW (float32
-# state and masters, see training/optim.py); the 8-bit and paged ones say so in the log.
+# transformers' `optim` names Thrifty answers, all AdamW (training/optim.py): the 8-bit
+# ones keep bitsandbytes' block-wise 8-bit moments (training/adamw_8bit.py), the others
+# float32 moments. Paging is a CUDA unified-memory feature: on a CPU the paged ones are
+# their unpaged namesakes, and say so in the log.
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
               "paged_adamw_32bit")
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
 REPORT_TO = ("none", "tensorboard")
 
 
@@ -169,10 +172,15 @@ class TrainingConfig:
         if self.fp16:
             out.append("fp16 = true: training runs in bfloat16 (no float16 kernels on a CPU; bfloat16 has "
                        "float32's range, so no loss scaling is needed).")
-        if "8bit" in self.optim or "paged" in self.optim:
-            out.append(f"optim = {self.optim}: Thrifty's AdamW runs, with float32 state (no bitsandbytes "
-                       "8-bit or paged state here; with LoRA the state is a few MB).")
+        if self.optim.startswith("paged_"):
+            out.append(f"optim = {self.optim}: runs as {self.optim.removeprefix('paged_')} (paging is a CUDA "
+                       "unified-memory feature; on a CPU the state is in RAM either way).")
         return out
+
+    @property
+    def eight_bit_optimizer(self) -> bool:
+        """AdamW with bitsandbytes' block-wise 8-bit moments (2 bytes of state per weight, not 8)."""
+        return self.optim in EIGHT_BIT_OPTIMIZERS
 
 
 # Settings a checkpoint must have been trained with to be resumed exactly: the model, the
@@ -180,4 +188,4 @@ class TrainingConfig:
 # The batch fields are not here: a resumed run may split the same global batch differently
 # (another number of processes, or of micro-batches); the trainers check the global batch.
 RESUME_MUST_MATCH = ("model_name_or_path", "adapter", "dtype", "use_lora", "lora_r", "lora_alpha", "lora_target_modules",
-                     "use_rslora", "use_dora", "quantize", "seed")
+                     "use_rslora", "use_dora", "quantize", "seed", "optim")

@@ -5,7 +5,8 @@ torch AdamW. For full fine-tuning in bfloat16 it keeps a float32 master copy of 
 trainable weight: an update of lr * m/sqrt(v) ~ 1e-5 * |w| is below bf16's resolution
 (8 bits of mantissa, ~4e-3 relative), so AdamW applied to bf16 weights directly would
 mostly round the update away. The model keeps computing in bf16; after each step the
-masters are rounded into it.
+masters are rounded into it. With `eight_bit` the moments are bitsandbytes' block-wise
+8-bit ones (training/adamw_8bit.py): 2 bytes of state per weight instead of 8.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from thrifty.errors import ThriftyError
+from thrifty.training.adamw_8bit import AdamW8bit
 from thrifty.training.distributed import full_tensor, shard_like
 
 
@@ -38,7 +40,7 @@ class MasterWeightAdamW:
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], lr: float, betas: tuple[float, float],
-                 eps: float, weight_decay: float) -> None:
+                 eps: float, weight_decay: float, eight_bit: bool = False) -> None:
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
         self.masters: list[torch.Tensor] = []
@@ -60,7 +62,9 @@ class MasterWeightAdamW:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         # foreach=False: the per-tensor loop gives the same bits whatever the grouping,
         # and on CPU it is no slower for the few hundred tensors of a LoRA model.
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+        self.optimizer: torch.optim.Optimizer = (
+            AdamW8bit(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay) if eight_bit
+            else torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False))
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:

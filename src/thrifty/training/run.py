@@ -93,7 +93,7 @@ class TrainingRun:
                 log("fsdp: one process, nothing to shard (launch with torchrun --nproc-per-node N)")
         self.optimizer = MasterWeightAdamW(self.model.named_parameters(), lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, eight_bit=config.eight_bit_optimizer)
         self.output_dir = Path(config.output_dir)
 
     @property
