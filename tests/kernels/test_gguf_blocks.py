@@ -1,4 +1,4 @@
-"""The GGUF block kernels (kernels/gguf_blocks.py, gguf_csrc/gguf_blocks.cpp) against
+"""The GGUF block kernels (kernels/gguf_blocks.py, portable_csrc/gguf_blocks.cpp) against
 float64 on random blocks of every type: random bytes, random scales of either sign,
 typical and extreme; row counts that do not divide the threads' shares; a few input rows
 (the dequantize-and-dot kernel) and many (dequantized panels through oneDNN). The bounds

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from thrifty.layers.quant import dynamic_code_8bit
-from thrifty.training.adamw_8bit import BLOCK, AdamW8bit, BlockwiseCode
+from thrifty.kernels.native import native_kernel
+from thrifty.training.adamw_8bit import BLOCK, MIN_8BIT_SIZE, AdamW8bit, BlockwiseCode
 from thrifty.training.optim import MasterWeightAdamW
 
 bnb = pytest.importorskip("bitsandbytes", reason="the test extra installs bitsandbytes, the reference")
@@ -55,7 +56,7 @@ def test_quantize_picks_the_nearest_code_value_and_dequantizes_as_bitsandbytes(s
 
 def test_one_step_from_the_same_state_equals_bitsandbytes_kernel() -> None:
     """Random 8-bit moments and gradients through bitsandbytes' CPU update kernel and
-    through ours: the same weights bit for bit (the update is computed in float32 with the
+    through our PyTorch definition (the C++ step is held to it below): the same weights bit for bit (the update is computed in float32 with the
     same operations), and our new moments are the nearest codes of the same float32 moments."""
     g = torch.Generator().manual_seed(7)
     shape = (96, 70)  # 6720 elements: 8-bit, with a tail block
@@ -65,7 +66,7 @@ def test_one_step_from_the_same_state_equals_bitsandbytes_kernel() -> None:
     weights = torch.randn(shape, generator=g)
     grad = torch.randn(shape, generator=g) * 1e-3
     ours = nn.Parameter(weights.clone())
-    optimizer = AdamW8bit([ours], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    optimizer = AdamW8bit([ours], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, use_kernel=False)
     optimizer.state[ours].update(step=4, state1=state1.clone(), state2=state2.clone(), absmax1=absmax1.clone(),
                                  absmax2=absmax2.clone())
     ours.grad = grad.clone()
@@ -160,3 +161,51 @@ def test_master_weight_optimizer_checkpoints_the_byte_moments() -> None:
     run(resumed, resumed_opt, range(2, 4))
     for (_, a), (_, b) in zip(resumed, straight):
         assert torch.equal(a, b)
+
+
+needs_kernel = pytest.mark.skipif(native_kernel("adamw_8bit") is None,
+                                  reason="the portable C++ kernels could not be built here (no compiler)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [MIN_8BIT_SIZE, 37 * BLOCK + 5])
+def test_kernel_quantizes_to_the_nearest_code_exactly(n: int) -> None:
+    """With beta1 = beta2 = 0 the new moments are g and g*g exactly (one rounding, the same
+    in both), so the kernel's table lookup must give the PyTorch path's nearest indices
+    and scales bit for bit, over eight decades, zero blocks, an extreme block and a tail.
+    Mutation caught: a table one fraction bit coarser (cells holding two midpoints) or a
+    lookup that drops the comparison with the cell's midpoint."""
+    g = moments_like(n, signed=True, seed=n)
+    runs = {}
+    for use_kernel in (True, False):
+        p = nn.Parameter(torch.zeros(n))
+        optimizer = AdamW8bit([p], lr=1e-3, betas=(0.0, 0.0), eps=1e-8, weight_decay=0.0, use_kernel=use_kernel)
+        p.grad = g.clone()
+        optimizer.step()
+        runs[use_kernel] = optimizer.state[p]
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert torch.equal(runs[True][key], runs[False][key]), key
+
+
+@needs_kernel
+def test_kernel_steps_equal_the_pytorch_definition() -> None:
+    """Five steps with weight decay, kernel and PyTorch path each on its own state: the
+    weights agree to float32 rounding of the update (the kernel may fuse a multiply-add),
+    and the moments' indices differ on almost no element, by one code value, where a
+    rounded moment sits on a midpoint. A wrong bias correction, decay or moment formula
+    moves the weights by ~lr, 1000x the bound."""
+    gen = torch.Generator().manual_seed(2)
+    start = torch.randn(72, 100, generator=gen)
+    params = {k: nn.Parameter(start.clone()) for k in (True, False)}
+    optimizers = {k: AdamW8bit([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, use_kernel=k)
+                  for k, p in params.items()}
+    for _ in range(5):
+        grad = torch.randn(start.shape, generator=gen) * torch.rand(start.shape, generator=gen) ** 3
+        for k, p in params.items():
+            p.grad = grad.clone()
+            optimizers[k].step()
+    diff = (params[True] - params[False]).abs()
+    assert diff.max() <= 5 * 1e-3 * 1e-4 + 1e-6 * start.abs().max(), float(diff.max())
+    for key in ("state1", "state2"):
+        a, b = optimizers[True].state[params[True]][key].int(), optimizers[False].state[params[False]][key].int()
+        assert (a - b).abs().max() <= 1 and (a != b).float().mean() <= 1e-3, key

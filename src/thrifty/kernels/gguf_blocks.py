@@ -1,5 +1,5 @@
 """Matmuls with weights kept in GGUF's own quantized blocks (Q4_0/1, Q5_0/1, Q8_0, Q4_K,
-Q5_K, Q6_K): the one door to gguf_csrc/gguf_blocks.cpp, with numpy's dequantizer (the
+Q5_K, Q6_K): the one door to portable_csrc/gguf_blocks.cpp, with numpy's dequantizer (the
 `gguf` package) beside it where the kernels cannot be built.
 
 * A few rows (decoding): each block is unpacked in registers (Q4_K, Q6_K: multiplied

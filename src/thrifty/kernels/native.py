@@ -1,4 +1,4 @@
-"""Thrifty's C++ kernels (kernels/csrc/, kernels/gguf_csrc/), compiled once for this machine's CPU.
+"""Thrifty's C++ kernels (kernels/csrc/, kernels/portable_csrc/), compiled once for this machine's CPU.
 
 `scripts/install.sh` builds them; otherwise the first use does (~40 s with g++).
 Each build lives in the Python environment (`<sys.prefix>/var/thrifty-native`), and
@@ -7,8 +7,8 @@ Where a kernel cannot be built or this CPU lacks what it needs, callers get None
 use PyTorch's kernels instead: same results, slower. THRIFTY_NATIVE=0 forces that.
 The kernels of csrc/ need AVX-512 BF16. Where the CPU also has AMX, the attention and
 decoding matmuls run on it; THRIFTY_NATIVE_AMX=0 makes them use their AVX-512 BF16
-versions. The GGUF block kernels (gguf_csrc/, a module of their own) are plain C++ that
-the compiler vectorizes for any CPU, AVX2 or AVX-512.
+versions. The portable kernels (portable_csrc/, a module of their own: GGUF blocks, the
+8-bit AdamW step) are plain C++ that the compiler vectorizes for any CPU, AVX2 or AVX-512.
 
     python -c "import thrifty.kernels.native as n; n.main()"   # build now, report what runs
 
@@ -32,7 +32,7 @@ from types import ModuleType
 import torch
 
 SOURCE_DIR = Path(__file__).parent / "csrc"  # *.cpp compile into one module
-GGUF_SOURCE_DIR = Path(__file__).parent / "gguf_csrc"  # and these into another, for any CPU
+PORTABLE_SOURCE_DIR = Path(__file__).parent / "portable_csrc"  # and these into another, for any CPU
 
 
 def build_directory() -> Path:
@@ -56,21 +56,22 @@ def native_module() -> ModuleType | None:
 
 
 @functools.cache
-def gguf_module() -> ModuleType | None:
-    """The compiled GGUF block kernels (gguf_csrc/), or None where they cannot be built."""
+def portable_module() -> ModuleType | None:
+    """The compiled portable kernels (portable_csrc/), or None where they cannot be built."""
     if os.environ.get("THRIFTY_NATIVE") == "0" or not sys.platform.startswith("linux"):
         return None
     try:
-        return build_module("thrifty_gguf", GGUF_SOURCE_DIR)
+        return build_module("thrifty_portable", PORTABLE_SOURCE_DIR)
     except Exception as error:
-        warnings.warn(f"Thrifty's GGUF block kernels could not be built ({error}); quantized GGUF weights are "
-                      "dequantized by numpy instead (slow).", stacklevel=2)
+        warnings.warn(f"Thrifty's portable kernels could not be built ({error}); quantized GGUF weights are "
+                      "dequantized by numpy and 8-bit AdamW runs in PyTorch instead (slow).", stacklevel=2)
         return None
 
 
 # The native kernels by name: what native_kernel() and THRIFTY_NATIVE_OFF take.
 KERNELS = ("attention_forward", "attention_backward", "token_log_probs", "elementwise", "decode_linear",
-           "decode_attention", "sampling", "gguf_blocks")
+           "decode_attention", "sampling", "gguf_blocks", "adamw_8bit")
+PORTABLE_KERNELS = ("gguf_blocks", "adamw_8bit")  # in portable_module(), for any CPU
 
 
 def native_kernel(name: str) -> ModuleType | None:
@@ -85,7 +86,7 @@ def native_kernel(name: str) -> ModuleType | None:
     switched_off = os.environ.get("THRIFTY_NATIVE_OFF")
     if switched_off and name in switched_off.split(","):
         return None
-    return gguf_module() if name == "gguf_blocks" else native_module()
+    return portable_module() if name in PORTABLE_KERNELS else native_module()
 
 
 def build_module(name: str, source_dir: Path) -> ModuleType:
@@ -155,7 +156,7 @@ def _remove_abandoned_builds(directory: Path) -> None:
 def main() -> None:
     started = time.perf_counter()
     module = native_module()
-    gguf_module()
+    portable_module()
     elapsed = time.perf_counter() - started
     # kernels with an AMX and an AVX-512 version
     uses_amx = {"attention_forward": "attention_uses_amx", "attention_backward": "attention_uses_amx",

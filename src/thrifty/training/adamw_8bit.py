@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from thrifty.kernels.native import native_kernel
 from thrifty.layers.quant import blockwise_absmax, dynamic_code_8bit, nearest_code
 
 BLOCK = 256
@@ -51,9 +52,12 @@ class AdamW8bit(torch.optim.Optimizer):
     uint8 with `absmax1`/`absmax2`, or float32 below MIN_8BIT_SIZE elements), the same
     update formulas (bitsandbytes' CPU kernels), decoupled weight decay."""
 
-    def __init__(self, params: Any, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    def __init__(self, params: Any, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 use_kernel: bool = True) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.codes = (BlockwiseCode(signed=True), BlockwiseCode(signed=False))
+        # The portable C++ step (one pass per tensor, ~10x faster), where it could be built.
+        self.kernel = native_kernel("adamw_8bit") if use_kernel else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -88,6 +92,11 @@ class AdamW8bit(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         grad = p.grad.float()
         weights = p.float()  # a copy unless p is float32, as in bitsandbytes; written back below
+        if eight_bit and self.kernel is not None and weights is p and p.is_contiguous():
+            self.kernel.adamw_8bit_step(p, grad.contiguous(), state["state1"], state["state2"], state["absmax1"],
+                                        state["absmax2"], self.codes[0].code, self.codes[1].code, beta1, beta2, eps,
+                                        step, lr, wd)
+            return
         correction1 = 1.0 - beta1**step
         correction2 = math.sqrt(1.0 - beta2**step)
         if eight_bit:

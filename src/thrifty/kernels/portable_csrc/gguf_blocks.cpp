@@ -13,7 +13,7 @@
 // rows to int8 blocks first (measured here: logits of the default model up to 2.5 apart
 // from the float32 model's, greedy answers changed), the input stays float32: the
 // results are the dequantized model's, to float32 rounding.
-#include <torch/extension.h>
+#include "portable.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -442,11 +442,4 @@ at::Tensor gguf_matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qt
     }
   });
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gguf_dequantize", &gguf_dequantize, "[rows, in] values of GGUF blocks [rows, bytes], float32 or bfloat16.",
-        py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("dtype"));
-  m.def("gguf_matvec", &gguf_matvec, "x [n, in] @ W^T for W in GGUF blocks [out, bytes], dequantized row by row.",
-        py::arg("x"), py::arg("blocks"), py::arg("qtype"));
 }
