@@ -81,22 +81,48 @@ def test_one_step_from_the_same_state_equals_bitsandbytes_kernel() -> None:
     assert torch.equal(optimizer.state[ours]["absmax1"], a1) and torch.equal(optimizer.state[ours]["absmax2"], a2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_tensors_keep_float32_moments_as_bitsandbytes(dtype: torch.dtype) -> None:
+def test_small_tensors_keep_float32_moments_as_bitsandbytes() -> None:
     """Below min_8bit_size (4096) bitsandbytes keeps float32 state: the same weights as its
-    AdamW8bit, bit for bit, over several steps, bf16 parameters included."""
+    AdamW8bit, bit for bit, over several steps."""
     g = torch.Generator().manual_seed(3)
-    start = (torch.randn(64, 40, generator=g) * 0.1).to(dtype)
+    start = torch.randn(64, 40, generator=g) * 0.1
     ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
     mine = AdamW8bit([ours], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     reference = bnb.optim.AdamW8bit([theirs], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     for _ in range(5):
-        grad = (torch.randn(start.shape, generator=g) * torch.rand(start.shape, generator=g) ** 4).to(dtype)
+        grad = torch.randn(start.shape, generator=g) * torch.rand(start.shape, generator=g) ** 4
         ours.grad, theirs.grad = grad.clone(), grad.clone()
         mine.step()
         reference.step()
     assert mine.state[ours]["state1"].dtype == torch.float32
     assert torch.equal(ours.detach(), theirs.detach())
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("shape", [(64, 40), (96, 70)])  # float32 moments, 8-bit moments
+def test_bf16_weights_keep_updates_below_their_resolution(shape: tuple[int, int], use_kernel: bool) -> None:
+    """bf16 weights, 40 steps of lr 1e-4 (each update ~1e-4, below half a bf16 ulp of
+    weights ~0.1-1): weight + low half follows the same optimizer on float32 weights to
+    the low half's rounding, at most 2^-18 |w| a step (half a bf16 ulp of a low half that
+    is at most half a bf16 ulp of w), while bitsandbytes' AdamW8bit on bf16 weights, which
+    rounds each update away, ends far off. Mutation caught: not writing the low half back."""
+    g = torch.Generator().manual_seed(4)
+    start = (torch.randn(shape, generator=g) * 0.5).to(torch.bfloat16)
+    ours, exact, theirs = (nn.Parameter(start.clone()), nn.Parameter(start.float()), nn.Parameter(start.clone()))
+    settings = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    optimizers = [AdamW8bit([ours], **settings, use_kernel=use_kernel),
+                  AdamW8bit([exact], **settings, use_kernel=use_kernel),
+                  bnb.optim.AdamW8bit([theirs], **settings)]
+    for _ in range(40):
+        grad = torch.randn(shape, generator=g).to(torch.bfloat16)
+        ours.grad, exact.grad, theirs.grad = grad.clone(), grad.float(), grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    held = ours.detach().float() + optimizers[0].state[ours]["low"].float()
+    ours_off = (held - exact.detach()).abs().max()
+    bnb_off = (theirs.detach().float() - exact.detach()).abs().max()
+    assert ours_off <= 40 * 2**-18 * exact.abs().max(), float(ours_off)
+    assert bnb_off > 10 * ours_off, (float(bnb_off), float(ours_off))
 
 
 def test_trajectory_follows_32_bit_adamw_with_a_quarter_of_the_state() -> None:
@@ -127,8 +153,9 @@ def test_trajectory_follows_32_bit_adamw_with_a_quarter_of_the_state() -> None:
 
 
 def test_master_weight_optimizer_checkpoints_the_byte_moments() -> None:
-    """Through the run's optimizer: a state_dict round trip keeps the moments as bytes and the
-    next step equals the uninterrupted one bit for bit."""
+    """Through the run's optimizer: a state_dict round trip keeps the moments as bytes (and a
+    small tensor's float32 moments float32, not its weights' bf16), and the next steps equal
+    the uninterrupted ones bit for bit, the bf16 weights' low halves included."""
     def model() -> list[tuple[str, nn.Parameter]]:
         g = torch.Generator().manual_seed(5)
         return [("w", nn.Parameter(torch.randn(80, 64, generator=g).to(torch.bfloat16))),
@@ -153,6 +180,9 @@ def test_master_weight_optimizer_checkpoints_the_byte_moments() -> None:
     run(first, first_opt, range(2))
     saved = first_opt.state_dict()
     resumed = model()
+    with torch.no_grad():  # the run's checkpoint restores the weights from its model file
+        for (_, p), (_, q) in zip(resumed, first):
+            p.copy_(q)
     resumed_opt = MasterWeightAdamW(resumed, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, eight_bit=True)
     resumed_opt.load_state_dict(saved)
     state = resumed_opt.optimizer.state[resumed_opt.masters[0]]

@@ -8,8 +8,9 @@ first moment uses the signed code, the second (never negative) the unsigned one.
 with fewer than 4096 elements keep float32 moments, as bitsandbytes' `min_8bit_size`.
 
 Each step dequantizes a tensor's moments, applies Adam's update in float32 with
-bitsandbytes' formulas and quantizes them again, one tensor at a time, so the float32 copy
-exists for one tensor only: 2 bytes of state per parameter instead of 8. On a CPU there is
+bitsandbytes' formulas and quantizes them again, one tensor at a time (a C++ pass where
+it could be built), so the float32 copy exists for one tensor only: 2 bytes of state per
+parameter instead of 8. On a CPU there is
 no paging (a CUDA unified-memory feature), so `paged_adamw_8bit` is this same optimizer.
 """
 
@@ -50,7 +51,13 @@ class BlockwiseCode:
 class AdamW8bit(torch.optim.Optimizer):
     """bitsandbytes' AdamW8bit on CPU tensors: the same state layout (`state1`/`state2`
     uint8 with `absmax1`/`absmax2`, or float32 below MIN_8BIT_SIZE elements), the same
-    update formulas (bitsandbytes' CPU kernels), decoupled weight decay."""
+    update formulas (bitsandbytes' CPU kernels), decoupled weight decay.
+
+    One difference: a bf16 weight keeps a bf16 low half in its state (`low`), so that
+    weight + low holds the weight to 16 bits of mantissa and updates below bf16's
+    resolution accumulate instead of being rounded away (bitsandbytes rounds each
+    updated bf16 weight, losing them). It stands in for a float32 master copy at half
+    its size: 2 + 2 + 2 bytes per weight (weight, low half, moments) instead of 2 + 4 + 2."""
 
     def __init__(self, params: Any, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                  use_kernel: bool = True) -> None:
@@ -60,21 +67,24 @@ class AdamW8bit(torch.optim.Optimizer):
         self.kernel = native_kernel("adamw_8bit") if use_kernel else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        # torch casts every floating parameter's state to the parameter's dtype, the
-        # byte-coded moments too; their values are 0..255, so casting back is exact.
-        for state in self.state.values():
-            if "absmax1" in state:
-                state["state1"], state["state2"] = state["state1"].to(torch.uint8), state["state2"].to(torch.uint8)
+        # Not torch's: it casts every floating state tensor to its parameter's dtype, which
+        # would round a bf16 weight's float32 moments to bf16 (and turn the bytes to floats).
+        super().load_state_dict({**state_dict, "state": {}})
+        numbered = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            self.state[numbered[int(index)]] = {key: value.clone() if isinstance(value, torch.Tensor) else value
+                                                for key, value in saved.items()}
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Any = None, grad_scale: float = 1.0) -> None:
+        """One update; the gradients are multiplied by grad_scale as they are read (the
+        run's clipping factor), so no scaled copy of them is made."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, group)
+                    self._update(p, group, grad_scale)
 
-    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+    def _update(self, p: torch.Tensor, group: dict[str, Any], grad_scale: float) -> None:
         state = self.state[p]
         eight_bit = p.numel() >= MIN_8BIT_SIZE
         if not state:
@@ -87,16 +97,19 @@ class AdamW8bit(torch.optim.Optimizer):
             else:
                 state["state1"], state["state2"] = torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(
                     p, dtype=torch.float32)
+            if p.dtype == torch.bfloat16:
+                state["low"] = torch.zeros_like(p)
         state["step"] += 1
         step, lr, wd, eps = state["step"], group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        grad = p.grad.float()
-        weights = p.float()  # a copy unless p is float32, as in bitsandbytes; written back below
-        if eight_bit and self.kernel is not None and weights is p and p.is_contiguous():
-            self.kernel.adamw_8bit_step(p, grad.contiguous(), state["state1"], state["state2"], state["absmax1"],
-                                        state["absmax2"], self.codes[0].code, self.codes[1].code, beta1, beta2, eps,
-                                        step, lr, wd)
+        low = state.get("low")
+        if eight_bit and self.kernel is not None and p.is_contiguous() and p.dtype in (torch.float32, torch.bfloat16):
+            self.kernel.adamw_8bit_step(p, low, p.grad.contiguous(), grad_scale, state["state1"], state["state2"],
+                                        state["absmax1"], state["absmax2"], self.codes[0].code, self.codes[1].code,
+                                        beta1, beta2, eps, step, lr, wd)
             return
+        grad = p.grad.float() * grad_scale if grad_scale != 1.0 else p.grad.float()
+        weights = p.float() if low is None else p.float() + low.float()  # p itself when float32
         correction1 = 1.0 - beta1**step
         correction2 = math.sqrt(1.0 - beta2**step)
         if eight_bit:
@@ -117,3 +130,5 @@ class AdamW8bit(torch.optim.Optimizer):
             weights.add_(m / (v.sqrt() + eps * correction2), alpha=-lr * correction2 / correction1)
         if weights is not p:
             p.copy_(weights)
+        if low is not None:
+            low.copy_(weights - p.float())

@@ -6,7 +6,8 @@ trainable weight: an update of lr * m/sqrt(v) ~ 1e-5 * |w| is below bf16's resol
 (8 bits of mantissa, ~4e-3 relative), so AdamW applied to bf16 weights directly would
 mostly round the update away. The model keeps computing in bf16; after each step the
 masters are rounded into it. With `eight_bit` the moments are bitsandbytes' block-wise
-8-bit ones (training/adamw_8bit.py): 2 bytes of state per weight instead of 8.
+8-bit ones (training/adamw_8bit.py): 2 bytes of state per weight instead of 8, and a bf16
+weight's master is a bf16 low half (16 bits of mantissa in all) instead of a float32 copy.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class MasterWeightAdamW:
             seen.add(id(p))
             self.names.append(name)
             self.params.append(p)
-            # fp32 params are their own master; others get an fp32 copy.
-            self.masters.append(p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True))
+            # fp32 params are their own master; others get an fp32 copy, except with 8-bit
+            # moments, where a bf16 low half in the optimizer's state stands in for it.
+            self.masters.append(p if p.dtype == torch.float32 or eight_bit
+                                else p.detach().float().clone().requires_grad_(True))
         if not self.params:
             raise ValueError("no trainable parameters: nothing to optimise.")
         decay = [m for m, p in zip(self.masters, self.params) if p.ndim >= 2]
@@ -84,16 +87,19 @@ class MasterWeightAdamW:
         grads = [m.grad for m in self.masters if m.grad is not None]
         if not grads:
             return 0.0
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                     for g in grads]))
         norm_value = float(full_tensor(norm))  # FSDP2: the ranks' shards' norms combined
         if not math.isfinite(norm_value):
             raise NonFiniteGradients(norm_value)
-        if max_grad_norm > 0:
-            # As torch.nn.utils.clip_grad_norm_: scale down only when above the limit.
-            factor = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
-            for g in grads:
+        # As torch.nn.utils.clip_grad_norm_: scale down only when above the limit.
+        factor = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0) if max_grad_norm > 0 else None
+        if isinstance(self.optimizer, AdamW8bit):  # scales the (bf16) gradients as it reads them
+            self.optimizer.step(grad_scale=1.0 if factor is None else float(factor))
+        else:
+            for g in grads if factor is not None else ():
                 g.mul_(factor)
-        self.optimizer.step()
+            self.optimizer.step()
         for p, m in zip(self.params, self.masters):
             if m is not p:
                 p.copy_(m)

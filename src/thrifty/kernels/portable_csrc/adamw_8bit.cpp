@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -83,27 +84,18 @@ void quantize_block(const float* values, int64_t n, const NearestTable& table, u
 
 }  // namespace
 
-void adamw_8bit_step(at::Tensor& weights, const at::Tensor& grad, at::Tensor& state1, at::Tensor& state2,
-                     at::Tensor& absmax1, at::Tensor& absmax2, const at::Tensor& code1, const at::Tensor& code2,
-                     double beta1, double beta2, double eps, int64_t step, double lr, double weight_decay) {
-  TORCH_CHECK(weights.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat, "float32 weights and grad");
-  TORCH_CHECK(weights.is_contiguous() && grad.is_contiguous() && state1.is_contiguous() && state2.is_contiguous(),
-              "contiguous tensors");
-  TORCH_CHECK(state1.scalar_type() == at::kByte && state2.scalar_type() == at::kByte, "uint8 moments");
-  const int64_t n = weights.numel();
-  TORCH_CHECK(grad.numel() == n && state1.numel() == n && state2.numel() == n, "tensors of one size");
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  TORCH_CHECK(absmax1.numel() == blocks && absmax2.numel() == blocks, "one scale per block of 256");
-  float* w = weights.data_ptr<float>();
-  const float* g = grad.data_ptr<float>();
-  uint8_t* s1 = state1.data_ptr<uint8_t>();
-  uint8_t* s2 = state2.data_ptr<uint8_t>();
-  float* a1 = absmax1.data_ptr<float>();
-  float* a2 = absmax2.data_ptr<float>();
-  const float* c1 = code1.data_ptr<float>();
-  const float* c2 = code2.data_ptr<float>();
-  TORCH_CHECK(code1.numel() == 256 && code2.numel() == 256 && code1.scalar_type() == at::kFloat &&
-              code2.scalar_type() == at::kFloat, "two float32 codes of 256 values");
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
+
+// The step for weights of type W (float, or bf16 with a bf16 low half `low`, so that
+// high + low carries 16 bits of mantissa) and gradients of type G (float or bf16), scaled
+// by grad_scale (gradient clipping) as they are read: no float32 copy of either is made.
+template <typename W, typename G>
+void step_blocks(W* w, W* low, const G* g, float grad_scale, uint8_t* s1, uint8_t* s2, float* a1, float* a2,
+                 const float* c1, const float* c2, int64_t n, double beta1, double beta2, double eps, int64_t step,
+                 double lr, double weight_decay) {
   const NearestTable &table1 = table_for(c1), &table2 = table_for(c2);
   TORCH_CHECK(table1.exact && table2.exact, "a code whose values are closer than the lookup table's cells");
   // The scalars as the PyTorch version forms them (Python floats, rounded to float32).
@@ -114,20 +106,67 @@ void adamw_8bit_step(at::Tensor& weights, const at::Tensor& grad, at::Tensor& st
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
   const float epsilon = static_cast<float>(eps);
   const bool decays = weight_decay > 0.0;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
     float m[kBlock], v[kBlock];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t start = b * kBlock, count = std::min(kBlock, n - start);
       for (int64_t j = 0; j < count; ++j) {
         const int64_t i = start + j;
-        const float gi = g[i];
+        const float gi = to_float(g[i]) * grad_scale;
         m[j] = c1[s1[i]] * a1[b] * b1 + one_minus_b1 * gi;
         v[j] = c2[s2[i]] * a2[b] * b2 + one_minus_b2 * gi * gi;
-        float wi = decays ? w[i] * decay : w[i];
-        w[i] = wi + step_size * (m[j] / (std::sqrt(v[j]) / correction2 + epsilon));
+        float wi = to_float(w[i]);
+        if constexpr (std::is_same_v<W, at::BFloat16>) wi += to_float(low[i]);
+        if (decays) wi *= decay;
+        wi += step_size * (m[j] / (std::sqrt(v[j]) / correction2 + epsilon));
+        if constexpr (std::is_same_v<W, at::BFloat16>) {
+          const at::BFloat16 high = wi;  // round to nearest even
+          w[i] = high;
+          low[i] = wi - static_cast<float>(high);  // exact in float32, then rounded to bf16
+        } else {
+          w[i] = wi;
+        }
       }
       quantize_block(m, count, table1, s1 + start, a1 + b);
       quantize_block(v, count, table2, s2 + start, a2 + b);
     }
   });
+}
+
+}  // namespace
+
+void adamw_8bit_step(at::Tensor& weights, const c10::optional<at::Tensor>& low, const at::Tensor& grad,
+                     double grad_scale, at::Tensor& state1, at::Tensor& state2, at::Tensor& absmax1,
+                     at::Tensor& absmax2, const at::Tensor& code1, const at::Tensor& code2, double beta1,
+                     double beta2, double eps, int64_t step, double lr, double weight_decay) {
+  const bool bf16 = weights.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || weights.scalar_type() == at::kFloat, "float32 or bfloat16 weights");
+  TORCH_CHECK(bf16 == (low.has_value() && low->scalar_type() == at::kBFloat16 && low->numel() == weights.numel()),
+              "bfloat16 weights come with their bfloat16 low half (and only they)");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16, "float32 or bfloat16 grad");
+  TORCH_CHECK(weights.is_contiguous() && grad.is_contiguous() && state1.is_contiguous() && state2.is_contiguous() &&
+              (!bf16 || low->is_contiguous()), "contiguous tensors");
+  TORCH_CHECK(state1.scalar_type() == at::kByte && state2.scalar_type() == at::kByte, "uint8 moments");
+  const int64_t n = weights.numel();
+  TORCH_CHECK(grad.numel() == n && state1.numel() == n && state2.numel() == n, "tensors of one size");
+  TORCH_CHECK(absmax1.numel() == (n + kBlock - 1) / kBlock && absmax2.numel() == absmax1.numel(),
+              "one scale per block of 256");
+  TORCH_CHECK(code1.numel() == 256 && code2.numel() == 256 && code1.scalar_type() == at::kFloat &&
+              code2.scalar_type() == at::kFloat, "two float32 codes of 256 values");
+  auto run = [&](auto* w, auto* lo, const auto* g) {
+    step_blocks(w, lo, g, static_cast<float>(grad_scale), state1.data_ptr<uint8_t>(), state2.data_ptr<uint8_t>(),
+                absmax1.data_ptr<float>(), absmax2.data_ptr<float>(), code1.data_ptr<float>(),
+                code2.data_ptr<float>(), n, beta1, beta2, eps, step, lr, weight_decay);
+  };
+  const bool bf16_grad = grad.scalar_type() == at::kBFloat16;
+  if (bf16) {
+    auto* w = weights.data_ptr<at::BFloat16>();
+    auto* lo = low->data_ptr<at::BFloat16>();
+    if (bf16_grad) run(w, lo, grad.data_ptr<at::BFloat16>()); else run(w, lo, grad.data_ptr<float>());
+  } else {
+    auto* w = weights.data_ptr<float>();
+    float* no_low = nullptr;
+    if (bf16_grad) run(w, no_low, grad.data_ptr<at::BFloat16>()); else run(w, no_low, grad.data_ptr<float>());
+  }
 }
