@@ -151,6 +151,8 @@ def run_sft(args: argparse.Namespace) -> None:
     config = load_sft_config(args.config, args.overrides)
     from thrifty.sft.trainer import SFTTrainer
 
+    config = resolve_base(config)
+    check_memory_plan(config, "sft")
     model, tokenizer, config = open_base_for_training(config)
     result = SFTTrainer(model, tokenizer, config).train()
     if not _first_process():
@@ -163,17 +165,86 @@ def run_sft(args: argparse.Namespace) -> None:
         print(f"next: thrifty generate --model {result.output_path} \"your prompt\"")
 
 
-def open_base_for_training(config):  # type: ignore[no-untyped-def]
-    """(model, tokenizer, config) for a training config: its model_name_or_path, or with an
-    `adapter` and no model named, the adapter's recorded base (open_model's rule), which
-    the config then names. The run puts the adapter on it."""
+def resolve_base(config):  # type: ignore[no-untyped-def]
+    """The config naming its base: its model_name_or_path, or with an `adapter` and no
+    model named, the adapter's recorded base (open_model's rule)."""
     import dataclasses
 
-    from thrifty.formats.loader import load_model
     from thrifty.formats.open_model import base_for
 
     if config.adapter is not None and not config.model_name_or_path:
         config = dataclasses.replace(config, model_name_or_path=base_for(config.adapter, None))
+    return config
+
+
+def memory_plan(config, kind: str):  # type: ignore[no-untyped-def]
+    from thrifty.training.memory_plan import plan_grpo, plan_sft, read_model_facts
+
+    facts = read_model_facts(config.model_name_or_path)
+    if kind == "sft":
+        return plan_sft(facts, config)
+    return plan_grpo(facts, config, longest_task_prompt(config, facts.source))
+
+
+def longest_task_prompt(config, source: str) -> int | None:  # type: ignore[no-untyped-def]
+    """Tokens of the longest of 64 of a built-in task's prompts as the run renders them
+    (its real prompts are often far below max_prompt_length), or None without a task."""
+    if config.task is None:
+        return None
+    from thrifty.formats.loader import load_tokenizer
+    from thrifty.generation.engine import render_prompt
+    from thrifty.grpo.tasks import get_task
+
+    tokenizer = load_tokenizer(source)
+    rows = get_task(config.task, **config.task_settings).rows("train", 64, seed=config.seed)
+    chat = tokenizer.chat_template is not None
+    return max(len(render_prompt(tokenizer, row["prompt"], chat, config.system_prompt, config.max_prompt_length))
+               for row in rows)
+
+
+def check_memory_plan(config, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """Print the run's memory plan and stop before loading if it does not fit."""
+    from thrifty.training.memory_plan import check_fits
+
+    plan = memory_plan(config, kind)
+    if _first_process():
+        print(plan.table(), flush=True)
+    check_fits(plan, config)
+
+
+def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "plan", help="Predict a training run's peak memory from its config, without loading the model.",
+        description="Print the predicted peak RSS of `thrifty sft|grpo CONFIG`, part by part, from the model's "
+                    "config and the batch fields, and whether it fits in the memory available now.")
+    p.add_argument("kind", choices=["sft", "grpo"], help="the command the config is for")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
+    p.set_defaults(run=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    from thrifty.training.memory_plan import GIB, available_memory
+
+    if args.kind == "sft":
+        from thrifty.sft.config import load_sft_config as load
+    else:
+        from thrifty.grpo.config import load_grpo_config as load
+    config = resolve_base(load(args.config, args.overrides))
+    plan = memory_plan(config, args.kind)
+    print(plan.table())
+    available = available_memory()
+    if available is not None:
+        verdict = "fits" if plan.total <= available else "does NOT fit (the run would stop before loading)"
+        print(f"available now: {available / GIB:.2f} GiB: {verdict}")
+
+
+def open_base_for_training(config):  # type: ignore[no-untyped-def]
+    """(model, tokenizer, config) for a training config whose base is resolved
+    (resolve_base). The run puts the adapter on it."""
+    from thrifty.formats.loader import load_model
+
+    config = resolve_base(config)
     # A quantized base is quantized as it is read: no full-precision copy first.
     model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype, quantize=config.quantize)
     return model, tokenizer, config
@@ -274,6 +345,8 @@ def run_grpo(args: argparse.Namespace) -> None:
                            "take; use a built-in `task`, or the Python API with reward_funcs=[...].")
     from thrifty.grpo.trainer import GRPOTrainer
 
+    config = resolve_base(config)
+    check_memory_plan(config, "grpo")
     model, tokenizer, config = open_base_for_training(config)
     result = GRPOTrainer(model, tokenizer, config=config).train()
     if result.output_path is not None and result.output_path.name == "adapter" and _first_process():
@@ -377,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_grpo_parser(subparsers)
     add_eval_parser(subparsers)
     add_recipe_parser(subparsers)
+    add_plan_parser(subparsers)
     return parser
 
 

@@ -82,3 +82,13 @@ def load_model(
                         double_quant=double_quant)
     model.to(device=device or default_device(), dtype=torch_dtype)
     return model.eval(), tokenizer
+
+
+def load_tokenizer(name_or_path: str | Path | None = None) -> Tokenizer:
+    """A model's tokenizer alone (the default model's for None), without its weights."""
+    path = resolve_model_path(None if name_or_path is None else str(name_or_path))
+    if path.is_dir():
+        return Tokenizer.from_hf_dir(path)
+    from thrifty.formats.gguf import read_gguf
+
+    return read_gguf(path)[1]
