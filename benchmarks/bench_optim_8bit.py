@@ -44,8 +44,8 @@ def run_thrifty(optim: str, steps: int) -> dict[str, Any]:
                            gradient_checkpointing=True, disable_tqdm=True, num_sample_prompts=0,
                            learning_rate=LEARNING_RATE, weight_decay=0.0, max_grad_norm=1.0,
                            lr_scheduler_type="linear", optim=optim, seed=0)
-        trainer = SFTTrainer(model, tokenizer, config, train_dataset=[{"text": t} for t in training_texts(ROWS, LENGTH)],
-                             log=lambda line: None)
+        rows = [{"text": t} for t in training_texts(ROWS, LENGTH)]
+        trainer = SFTTrainer(model, tokenizer, config, train_dataset=rows, log=lambda line: None)
         step = trainer.training_step
 
         def timed_step(batches):  # type: ignore[no-untyped-def]

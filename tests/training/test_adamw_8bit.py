@@ -56,8 +56,9 @@ def test_quantize_picks_the_nearest_code_value_and_dequantizes_as_bitsandbytes(s
 
 def test_one_step_from_the_same_state_equals_bitsandbytes_kernel() -> None:
     """Random 8-bit moments and gradients through bitsandbytes' CPU update kernel and
-    through our PyTorch definition (the C++ step is held to it below): the same weights bit for bit (the update is computed in float32 with the
-    same operations), and our new moments are the nearest codes of the same float32 moments."""
+    through our PyTorch definition (the C++ step is held to it below): the same weights
+    bit for bit (the update is computed in float32 with the same operations), and the same
+    new scales (both quantize the same float32 moments)."""
     g = torch.Generator().manual_seed(7)
     shape = (96, 70)  # 6720 elements: 8-bit, with a tail block
     signed, unsigned = BlockwiseCode(True), BlockwiseCode(False)
