@@ -14,7 +14,8 @@ The peak is the sum of parts that live at once, each from a count and a size:
 * activations per token: with gradient checkpointing each layer's input plus one layer's
   working set, without it every layer's working set; the chunked loss's logits buffers;
 * GRPO: the generation's KV cache and its sampling buffers, beside the training step's
-  activations (they do not live at once: the larger counts).
+  activations (they do not live at once: the larger counts), and the inference plan's
+  fused copies of the projections that generation runs on.
 The per-token constants are measured on the default model and checked at 1.5B
 (benchmarks/bench_memory_plan.py prints predicted against measured peaks).
 """
@@ -207,6 +208,8 @@ def plan_grpo(facts: ModelFacts, config: Any, prompt_tokens: int | None = None) 
                   _training_state(facts, config)]
     if config.beta > 0 and not config.use_lora:
         plan.parts.append(("reference model (beta > 0)", facts.params * _dtype_bytes(config.dtype)))
+    if config.quantize is None:  # generation runs on the inference plan's fused q/k/v, gate/up copies
+        plan.parts.append(("fused projections for generation", facts.linear_params * _dtype_bytes(config.dtype)))
     plan.parts.append(("generation (KV cache, sampling) or training step, the larger",
                        max(kv + sampling, training)))
     return plan
