@@ -66,7 +66,8 @@ def test_unsloth_notebook(tmp_path: Path) -> None:
                        lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                        gradient_checkpointing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
                        warmup_steps=5, max_steps=3, learning_rate=2e-4, weight_decay=0.01, seed=3407, max_length=512,
-                       logging_steps=1, output_dir=str(tmp_path / "own"), disable_tqdm=True)
+                       logging_steps=1, output_dir=str(tmp_path / "own"), disable_tqdm=True,
+                       optim="adamw_8bit")  # as the notebook: bitsandbytes' 8-bit moments
     SFTTrainer(model, tokenizer, config, texts, log=quiet).train()
     theirs, own = metrics(out), metrics(tmp_path / "own")
     assert [r["loss"] for r in theirs] == [r["loss"] for r in own] and len(own) == 3
