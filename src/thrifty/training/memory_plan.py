@@ -173,15 +173,21 @@ def _logits(facts: ModelFacts, tokens: int) -> int:
     return LOGIT_BUFFERS * rows * vocab * 4
 
 
+def _method(config: Any) -> str:
+    return f"QLoRA ({config.quantize})" if config.quantize else "LoRA" if config.use_lora else "full"
+
+
+def _model_parts(facts: ModelFacts, config: Any) -> list[tuple[str, int]]:
+    """What every run holds whatever its batch: runtime, weights, training state."""
+    return [("runtime (Python, torch, tokenizer, data)", RUNTIME_BYTES), *_weights(facts, config),
+            _training_state(facts, config)]
+
+
 def plan_sft(facts: ModelFacts, config: Any) -> MemoryPlan:
     tokens = config.per_device_train_batch_size * config.max_length
-    method = "LoRA" if config.use_lora else "full"
-    if config.quantize:
-        method = f"QLoRA ({config.quantize})"
-    plan = MemoryPlan(f"SFT {method}, {config.per_device_train_batch_size} x {config.max_length} tokens per "
-                      f"micro-batch, checkpointing {'on' if config.gradient_checkpointing else 'off'}")
-    plan.parts = [("runtime (Python, torch, tokenizer, data)", RUNTIME_BYTES), *_weights(facts, config),
-                  _training_state(facts, config),
+    plan = MemoryPlan(f"SFT {_method(config)}, {config.per_device_train_batch_size} x {config.max_length} tokens "
+                      f"per micro-batch, checkpointing {'on' if config.gradient_checkpointing else 'off'}")
+    plan.parts = [*_model_parts(facts, config),
                   ("activations", _activations(facts, tokens, config)),
                   ("loss (chunked logits)", _logits(facts, tokens))]
     return plan
@@ -199,13 +205,9 @@ def plan_grpo(facts: ModelFacts, config: Any, prompt_tokens: int | None = None) 
     sampling = generated * c.vocab_size * 4 * 2  # the step's logits and probabilities
     tokens = config.per_device_train_batch_size * length
     training = _activations(facts, tokens, config) + _logits(facts, tokens)
-    method = "LoRA" if config.use_lora else "full"
-    if config.quantize:
-        method = f"QLoRA ({config.quantize})"
-    plan = MemoryPlan(f"GRPO {method}, {generated} completions per generation of {prompt} + "
+    plan = MemoryPlan(f"GRPO {_method(config)}, {generated} completions per generation of {prompt} + "
                       f"{config.max_completion_length} tokens, {config.per_device_train_batch_size} per micro-batch")
-    plan.parts = [("runtime (Python, torch, tokenizer, data)", RUNTIME_BYTES), *_weights(facts, config),
-                  _training_state(facts, config)]
+    plan.parts = _model_parts(facts, config)
     if config.beta > 0 and not config.use_lora:
         plan.parts.append(("reference model (beta > 0)", facts.params * _dtype_bytes(config.dtype)))
     if config.quantize is None:  # generation runs on the inference plan's fused q/k/v, gate/up copies
