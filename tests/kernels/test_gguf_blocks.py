@@ -57,7 +57,7 @@ def test_dequantize_is_float32_of_the_exact_values(qtype: Q, scale: float) -> No
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, 3, 16, 100])  # the dequantize-and-dot kernel; then oneDNN on panels
+@pytest.mark.parametrize("rows", [1, 3, 6, 16, 100])  # the matvec kernel (groups of 4 rows and a remainder); then panels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matmul_and_input_grad_against_float64(qtype: Q, rows: int, dtype: torch.dtype) -> None:
     needs_kernels()

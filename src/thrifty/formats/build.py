@@ -20,7 +20,7 @@ from thrifty.errors import ThriftyError
 from thrifty.layers.gguf_quant import GGUFEmbedding, GGUFLinear
 from thrifty.layers.quant import Int8Linear, NF4Linear
 from thrifty.model.config import ModelConfig
-from thrifty.model.decoder import CausalLM, rope_inverse_frequencies
+from thrifty.model.decoder import CausalLM
 
 QUANTIZE_CHOICES = ("nf4", "int8", "gguf")
 
@@ -60,8 +60,6 @@ def build_model(config: ModelConfig, state: Mapping[str, torch.Tensor] | Iterabl
             model.lm_head = GGUFLinear(embed.blocks, embed.qtype, embed.embedding_dim, None, embed.compute_dtype)
         else:
             model.lm_head.weight = embed.weight
-    # Tensors computed in __init__ were created on meta: recompute them for real.
-    model.inv_freq = rope_inverse_frequencies(config)
     return model
 
 

@@ -30,9 +30,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Per-pair rotation frequencies, with the rope_scaling variants HF configs use."""
+    """Per-pair rotation frequencies, with the rope_scaling variants HF configs use. Always
+    on the CPU, whatever device the model is built on (meta, for loaders): a few numbers,
+    moved to the activations' device on first use."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     scaling = config.rope_scaling
     if not scaling:
         return inv_freq.float()
@@ -138,12 +140,22 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that leaves a weight on the meta device uninitialised: loaders build
+    the model there to fill it, and nn.Embedding's normal_ on meta imports torch._dynamo
+    (1.8 s of every load)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Decoder(nn.Module):
     """Embeddings, the layer stack and the final norm: HF's `model.model`."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
