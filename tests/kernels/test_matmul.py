@@ -47,3 +47,21 @@ def test_linear_forward_and_gradients(path: bool) -> None:
     flat_u, flat_x = u64.reshape(-1, 48), x64.reshape(-1, 64)
     assert close(w.grad, flat_u.t() @ flat_x, flat_u.abs().t() @ flat_x.abs())
     assert close(bias.grad, flat_u.sum(0), flat_u.abs().sum(0))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["panels of columns", "panels of rows"])
+def test_operands_larger_than_a_panel(path: bool, transposed: bool) -> None:
+    """An operand above PANEL_ELEMENTS (a 152k-token head) is converted a panel at a time,
+    split along its wider side: with a panel's offset or its sum over row panels wrong,
+    the columns past the first panel fail."""
+    g = torch.Generator().manual_seed(2)
+    wide = matmul.PANEL_ELEMENTS // 64 + 999  # two panels and a tail
+    a = torch.randn(5, wide if transposed else 64, generator=g).bfloat16()
+    b = torch.randn(wide, 64, generator=g).bfloat16() if transposed else torch.randn(64, wide, generator=g).bfloat16()
+    exact, size = a.double() @ b.double(), a.double().abs() @ b.double().abs()
+    assert close(matmul.mm(a, b), exact, size)
+    c = torch.randn(b.shape[1], generator=g).bfloat16()
+    assert close(matmul.addmm(c, a, b), exact + c.double(), size + c.double().abs())
+    buffer = torch.randn(5, b.shape[1], generator=g).bfloat16()
+    start = buffer.double()
+    assert close(matmul.addmm_(buffer, a, b), exact + start, size + start.abs())
