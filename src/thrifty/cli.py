@@ -152,6 +152,7 @@ def run_sft(args: argparse.Namespace) -> None:
     from thrifty.sft.trainer import SFTTrainer
 
     config = resolve_base(config)
+    check_output_dir(config)
     check_memory_plan(config, "sft")
     model, tokenizer, config = open_base_for_training(config)
     result = SFTTrainer(model, tokenizer, config).train()
@@ -200,6 +201,14 @@ def longest_task_prompt(config, source: str) -> int | None:  # type: ignore[no-u
     chat = tokenizer.chat_template is not None
     return max(len(render_prompt(tokenizer, row["prompt"], chat, config.system_prompt, config.max_prompt_length))
                for row in rows)
+
+
+def check_output_dir(config) -> None:  # type: ignore[no-untyped-def]
+    """Refuse an output_dir another run holds, or holds the results of, before loading."""
+    from thrifty.training.run import check_output_dir as check
+
+    if _first_process():
+        check(config)
 
 
 def check_memory_plan(config, kind: str) -> None:  # type: ignore[no-untyped-def]
@@ -346,6 +355,7 @@ def run_grpo(args: argparse.Namespace) -> None:
     from thrifty.grpo.trainer import GRPOTrainer
 
     config = resolve_base(config)
+    check_output_dir(config)
     check_memory_plan(config, "grpo")
     model, tokenizer, config = open_base_for_training(config)
     result = GRPOTrainer(model, tokenizer, config=config).train()

@@ -77,6 +77,30 @@ def test_a_fresh_run_never_mixes_with_an_old_runs_checkpoints(tiny_dir: Path, tm
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]  # the old run's are gone
 
 
+def test_a_finished_runs_results_are_not_replaced_without_overwrite(tiny_dir: Path, tmp_path: Path) -> None:
+    """A run without checkpoints (save_steps: 0) leaves only results: a second run into its
+    output_dir is refused, from Python and from the CLI before the model loads (no memory
+    plan printed), and the results are untouched; overwrite_output_dir replaces them all."""
+    sft(tiny_dir, tmp_path, save_steps=0, max_steps=2).train()
+    assert not list_checkpoints(tmp_path)
+    before = {name: (tmp_path / name).read_bytes()
+              for name in ("metrics.jsonl", "adapter/adapter_model.safetensors", "adapter/adapter_config.json")}
+    with pytest.raises(ThriftyError, match=rf"output_dir {tmp_path} holds a finished run's results \(adapter, "
+                                           r"metrics.jsonl.*overwrite_output_dir: true"):
+        sft(tiny_dir, tmp_path, save_steps=0, max_steps=1).train()
+    config = tmp_path.parent / f"{tmp_path.name}.yaml"
+    config.write_text(f"model_name_or_path: {tiny_dir}\noutput_dir: {tmp_path}\ndtype: float32\n")
+    cli = subprocess.run([sys.executable, "-m", "thrifty", "sft", str(config), "max_steps=1"],
+                         capture_output=True, text=True)
+    assert cli.returncode != 0 and "holds a finished run's results (adapter, metrics.jsonl" in cli.stderr
+    assert "predicted peak RSS" not in cli.stdout and "Traceback" not in cli.stderr
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    sft(tiny_dir, tmp_path, save_steps=0, max_steps=1, overwrite_output_dir=True).train()
+    steps = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 1  # the new run's one step, nothing of the old run's two
+    assert (tmp_path / "adapter/adapter_model.safetensors").read_bytes() != before["adapter/adapter_model.safetensors"]
+
+
 def test_resuming_with_changed_settings_says_what_changed(tiny_dir: Path, tmp_path: Path) -> None:
     sft(tiny_dir, tmp_path, max_steps=2).train()
     log: list[str] = []

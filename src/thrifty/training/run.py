@@ -45,6 +45,9 @@ from thrifty.training.schedule import lr_factor, warmup_steps_for
 from thrifty.training.setup import TrainingMethod, decide_method, prepare_model, set_seed
 
 LOCK_NAME = ".thrifty-run.lock"
+# What a finished run leaves in output_dir besides its checkpoints: data a new run must
+# not replace unless told to (overwrite_output_dir).
+RUN_RESULTS = ("adapter", "model", "metrics.jsonl", "completions.jsonl", "samples.json", "loss.png", "rewards.png")
 
 
 @dataclass(frozen=True)
@@ -150,16 +153,11 @@ class TrainingRun:
             lock.close()  # closing the file releases the lock (so does the process dying)
 
     def _clear_for_a_fresh_run(self) -> None:
-        old = [path.name for path in list_checkpoints(self.output_dir)]
-        if not old:
-            return
-        if not self.config.overwrite_output_dir:
-            raise ThriftyError(
-                f"output_dir {self.output_dir} holds another run's checkpoints ({', '.join(old[:3])}"
-                f"{', ...' if len(old) > 3 else ''}). Continue that run with resume_from_checkpoint: latest, "
-                "choose another output_dir, or set overwrite_output_dir: true to delete them and start afresh.")
-        for name in old:
-            shutil.rmtree(self.output_dir / name)
+        for path in earlier_run(self.config):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     # ------------------------------------------------------------------ the loop
 
@@ -259,6 +257,36 @@ class TrainingRun:
 
 def _quiet(text: str) -> None:
     """The log of every rank but 0."""
+
+
+def check_output_dir(config: TrainingConfig) -> None:
+    """What the run will check again once it holds output_dir (another run in it, an
+    earlier run's checkpoints or results), checked before the model loads."""
+    path = Path(config.output_dir)
+    if (path / LOCK_NAME).is_file():
+        _lock_directory(path).close()  # refused at once if a run holds it
+    earlier_run(config)
+
+
+def earlier_run(config: TrainingConfig) -> list[Path]:
+    """The checkpoints and results of an earlier run in config.output_dir that a fresh run
+    replaces, when overwrite_output_dir allows it; a ThriftyError when it does not."""
+    path = Path(config.output_dir)
+    if not path.is_dir() or config.resume_from_checkpoint:
+        return []
+    checkpoints = list_checkpoints(path)
+    results = [path / name for name in RUN_RESULTS if (path / name).exists()]
+    if config.overwrite_output_dir or not (checkpoints or results):
+        return checkpoints + results
+    if checkpoints:
+        names = [c.name for c in checkpoints]
+        raise ThriftyError(
+            f"output_dir {path} holds another run's checkpoints ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}). Continue that run with resume_from_checkpoint: latest, "
+            "choose another output_dir, or set overwrite_output_dir: true to delete them and start afresh.")
+    raise ThriftyError(
+        f"output_dir {path} holds a finished run's results ({', '.join(r.name for r in results)}), which a new run "
+        "would replace. Choose another output_dir, or set overwrite_output_dir: true to replace them.")
 
 
 def _make_output_dir(path: Path) -> Path:
