@@ -192,6 +192,21 @@ def test_bad_reward_function_stops_the_run_naming_it(tiny_dir: Path, tmp_path: P
         trainer.train()
 
 
+def test_rows_with_empty_prompts_are_skipped_by_line_and_refused_when_all_are(tiny_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    rows = tiny_rows()[:3] + [{"prompt": "  ", "answer": "x"}, {"prompt": [{"role": "user", "content": ""}]}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
+    config = tiny_config(tmp_path / "run", tiny_dir, train_file=str(path))
+    with pytest.warns(UserWarning, match=r"skipped 2 of 5 rows of .*prompts\.jsonl have an empty prompt: "
+                                         r".*prompts\.jsonl line 4, .*prompts\.jsonl line 5\."):
+        trainer = GRPOTrainer(model, tokenizer, reward_funcs=[vowel_share], config=config, log=quiet)
+    assert [row["prompt"] for row in trainer.rows] == [row["prompt"] for row in tiny_rows()[:3]]
+    with pytest.raises(ThriftyError, match=r"2 of 2 rows of train_dataset have an empty prompt: nothing to train "
+                                           r"on \(rows\[0\], rows\[1\]\)"):
+        GRPOTrainer(model, tokenizer, reward_funcs=[vowel_share], train_dataset=rows[3:], config=config, log=quiet)
+
+
 def test_dynamic_sampling_and_iterations_run(tiny_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, tiny_dir, dynamic_sampling=True, max_dynamic_sampling_draws=2,
                          num_iterations=2, max_steps=4, mask_truncated_completions=True, loss_type="grpo")

@@ -154,6 +154,24 @@ def test_missing_field_names_row_and_field(tmp_path: Path, tokenizer: Tokenizer)
         tokenize_dataset([{"question": "?"}], tokenizer, max_length=128)
 
 
+def test_rows_with_empty_answers_are_skipped_by_line_and_refused_when_all_are(tmp_path: Path,
+                                                                             tokenizer: Tokenizer) -> None:
+    """A blank completion (or output, assistant turn, text) would train only the end-of-turn
+    token: such rows are skipped with their count and lines, an error if none is left."""
+    rows = [PC_ROWS[0], {"prompt": "a", "completion": ""}, PC_ROWS[1], {"prompt": "b", "completion": " \n"}]
+    path = _write(tmp_path / "train.jsonl", rows)
+    with pytest.warns(UserWarning, match=r"skipped 2 of 4 rows have an empty completion.*"
+                                         r"train\.jsonl line 2, .*train\.jsonl line 4\."):
+        examples = tokenize_dataset(load_rows(path), tokenizer, max_length=128)
+    assert [_labelled_runs(e, tokenizer) for e in examples] == [["4<|im_end|>"], ["Paris.<|im_end|>"]]
+    chat = [{"messages": [CHAT[1], {"role": "assistant", "content": ""}]}]
+    with pytest.raises(ThriftyError, match=r"1 of 1 rows have an empty assistant turn: nothing to train on "
+                                           r"\(rows\[0\]\)"):
+        tokenize_dataset(chat, tokenizer, max_length=128)
+    with pytest.raises(ThriftyError, match=r"2 of 2 rows have an empty output"):
+        tokenize_dataset([{"instruction": "x", "output": ""}] * 2, tokenizer, max_length=128, format="alpaca")
+
+
 def test_too_long_sample_errors_truncates_or_drops(tokenizer: Tokenizer) -> None:
     rows = [{"text": "short"}, {"text": " ".join(["word"] * 50)}]
     with pytest.raises(ThriftyError, match=r"rows\[1\]: the example is 51 tokens long, more than max_length=20\. "

@@ -179,9 +179,12 @@ def tokenize_dataset(
     if not rows:
         raise ThriftyError("the data set is empty: nothing to tokenize.")
     fmt = format or detect_format(rows[0], row_location(rows, 0))
-    examples, dropped, unlabelled = [], 0, 0
+    examples, dropped, unlabelled, empty = [], 0, 0, []
     for i, row in enumerate(rows):
         where = row_location(rows, i)
+        if _answer_is_empty(row, fmt):
+            empty.append(where)
+            continue
         example = _tokenize(row, tokenizer, fmt, completion_only_loss, where)
         if len(example) > max_length and truncation == "drop":
             dropped += 1
@@ -190,6 +193,12 @@ def tokenize_dataset(
         if all(label == IGNORE_INDEX for label in example.labels[1:]):
             unlabelled += 1
         examples.append(example)
+    if empty:
+        what = f"{len(empty)} of {len(rows)} rows have an empty {_ANSWER[fmt]}"
+        if len(empty) == len(rows):
+            raise ThriftyError(f"{what}: nothing to train on ({', '.join(empty[:5])}). Fill in the {_ANSWER[fmt]}s.")
+        warnings.warn(f"skipped {what}, which would teach only the end of the turn: "
+                      f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}.", stacklevel=2)
     if dropped:
         warnings.warn(f"skipped {dropped} of {len(rows)} examples longer than max_length={max_length} tokens.",
                       stacklevel=2)
@@ -199,6 +208,27 @@ def tokenize_dataset(
         warnings.warn(f"{unlabelled} of {len(examples)} examples have no tokens to learn from (the completion was "
                       f"truncated away?); raise max_length to keep them useful.", stacklevel=2)
     return examples
+
+
+# What a row teaches, per format: a row whose answer is blank trains only the end of turn.
+_ANSWER = {"text": "text", "prompt_completion": "completion", "messages": "assistant turn", "alpaca": "output"}
+
+
+def _answer_is_empty(row: dict[str, Any], fmt: str) -> bool:
+    """Whether the row's answer (see _ANSWER) is empty or whitespace; a missing or mistyped
+    one is left to the tokenizer's own errors."""
+    def blank(value: Any) -> bool:
+        return isinstance(value, str) and not value.strip()
+
+    if fmt == "text":
+        return blank(row.get("text"))
+    if fmt == "alpaca":
+        return blank(row.get("output"))
+    answer = row.get("messages" if fmt == "messages" else "completion")
+    if isinstance(answer, list):
+        turns = [m.get("content") for m in answer if isinstance(m, dict) and m.get("role") == "assistant"]
+        return bool(turns) and all(blank(content) for content in turns)
+    return blank(answer)
 
 
 def _as_conversation(row: dict[str, Any], fmt: str, where: str) -> tuple[list[dict[str, Any]], int]:
