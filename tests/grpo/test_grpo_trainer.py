@@ -207,6 +207,21 @@ def test_rows_with_empty_prompts_are_skipped_by_line_and_refused_when_all_are(ti
         GRPOTrainer(model, tokenizer, reward_funcs=[vowel_share], train_dataset=rows[3:], config=config, log=quiet)
 
 
+def test_reward_funcs_as_trl_takes_them(tiny_dir: Path, tmp_path: Path) -> None:
+    """One function or a list (TRL's forms); a string names a reward model, which is one
+    entry (not its characters) and refused with what to pass; a non-function is refused."""
+    model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
+    config = tiny_config(tmp_path, tiny_dir)
+    trainer = GRPOTrainer(model, tokenizer, reward_funcs=vowel_share, train_dataset=tiny_rows(), config=config,
+                          log=quiet)
+    assert trainer.reward_funcs == [vowel_share] and trainer.reward_names == ["vowel_share"]
+    for funcs, message in [("org/reward-model", r"reward_funcs\[0\] is 'org/reward-model': reward models"),
+                           ([vowel_share, "./rm"], r"reward_funcs\[1\] is '\./rm': reward models"),
+                           ([vowel_share, 0.5], r"reward_funcs\[1\] is a float, not a function")]:
+        with pytest.raises(ThriftyError, match=message):
+            GRPOTrainer(model, tokenizer, reward_funcs=funcs, train_dataset=tiny_rows(), config=config, log=quiet)
+
+
 def test_dynamic_sampling_and_iterations_run(tiny_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, tiny_dir, dynamic_sampling=True, max_dynamic_sampling_draws=2,
                          num_iterations=2, max_steps=4, mask_truncated_completions=True, loss_type="grpo")

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from thrifty.errors import ThriftyError
@@ -309,6 +310,21 @@ def _lengths(func: str, completion_ids: Sequence[Sequence[int]] | None, n: int) 
 
 
 # ---------------------------------------------------------------------------- calling them safely
+
+
+def reward_function_list(reward_funcs: Any) -> list[RewardFunc]:
+    """TRL's reward_funcs as a list: one function, or a list of them. A string (TRL's way to
+    name a reward model) is one entry, not a sequence of characters, and is refused with
+    what to pass instead, as is anything that cannot be called."""
+    funcs = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, (str, Path)) else list(reward_funcs)
+    for i, func in enumerate(funcs):
+        if isinstance(func, (str, Path)):
+            raise ThriftyError(f"reward_funcs[{i}] is {str(func)!r}: reward models (a model id or directory) are not "
+                               "supported yet; pass Python functions (completions, **columns) -> list of floats.")
+        if not callable(func):
+            raise ThriftyError(f"reward_funcs[{i}] is a {type(func).__name__}, not a function; pass Python functions "
+                               "(completions, **columns) -> list of floats.")
+    return funcs
 
 
 def reward_function_name(func: Any) -> str:

@@ -75,7 +75,7 @@ from thrifty.grpo.reporting import (
     postfix,
     summary,
 )
-from thrifty.grpo.rewards import RewardFunc, call_reward_function, reward_function_name
+from thrifty.grpo.rewards import RewardFunc, call_reward_function, reward_function_list, reward_function_name
 from thrifty.grpo.tasks import Task, get_task
 from thrifty.layers.lora import disable_lora
 from thrifty.model.decoder import CausalLM
@@ -132,7 +132,7 @@ class GRPOTrainer:
         self.log = log or _print_now
         self.task: Task | None = get_task(cfg.task, **cfg.task_settings) if cfg.task else None
         self.rows = self._train_rows(train_dataset)
-        self.reward_funcs = list(reward_funcs) if reward_funcs is not None else (
+        self.reward_funcs = reward_function_list(reward_funcs) if reward_funcs is not None else (
             self.task.reward_funcs() if self.task is not None else [])
         if not self.reward_funcs:
             raise ThriftyError("GRPOTrainer needs reward functions: pass reward_funcs=[...] or set a built-in "
