@@ -135,3 +135,20 @@ def test_the_recipe_end_to_end_briefly_through_the_cli(tmp_path: Path) -> None:
     grpo_steps = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     rewarded = [r for r in grpo_steps if "rewards/worked_steps/mean" in r]  # the process reward is on
     assert rewarded and all(0.0 <= r["rewards/worked_steps/mean"] <= 1.0 for r in rewarded)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("num_eval_samples=0", r"recipe field num_eval_samples must be a whole number of at least 1, got 0"),
+    ("prompts_per_step=0", r"recipe field prompts_per_step must be a whole number of at least 1, got 0"),
+    ("num_generations=1", r"recipe field num_generations must be at least 2"),
+    ("grpo_learning_rate=-1", r"recipe field grpo_learning_rate must be a positive number, got -1"),
+])
+def test_bad_recipe_values_are_refused_before_any_stage(tmp_path: Path, override: str, message: str) -> None:
+    """Refused by the recipe's own field names before the base model is evaluated: nothing
+    is written (the output_dir is not even made) and no traceback is shown."""
+    out = tmp_path / "recipe"
+    done = subprocess.run([sys.executable, "-m", "thrifty.cli", "recipe", "reasoning", f"output_dir={out}", override],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and re.search(message, done.stderr), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "per_device_train_batch_size" not in done.stderr
+    assert not out.exists() and "base:" not in done.stdout

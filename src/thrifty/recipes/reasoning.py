@@ -26,6 +26,7 @@ samples carry no signal; rewarding each right line tells them apart.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from thrifty.config_io import load_config, refuse_unknown_fields
+from thrifty.errors import ThriftyError
 from thrifty.formats.loader import load_model
 from thrifty.grpo.config import GRPOConfig
 from thrifty.grpo.evaluation import EvalResult, evaluate_rows
@@ -71,6 +73,23 @@ class ReasoningRecipe:
     num_generations: int = 8
     disable_tqdm: bool = False
 
+    def __post_init__(self) -> None:
+        """The recipe's own values, named as the recipe names them, before any stage runs
+        (the stages' configs are then built and checked before any work, too)."""
+        for name in ("num_eval_samples", "max_completion_length", "num_cold_start", "sft_steps", "sft_batch_size",
+                     "lora_r", "grpo_steps", "prompts_per_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ThriftyError(f"recipe field {name} must be a whole number of at least 1, got {value!r}.")
+        if isinstance(self.num_generations, bool) or not isinstance(self.num_generations, int) \
+                or self.num_generations < 2:
+            raise ThriftyError(f"recipe field num_generations must be at least 2 (GRPO compares the completions "
+                               f"of a prompt), got {self.num_generations!r}.")
+        for name in ("sft_learning_rate", "grpo_learning_rate", "grpo_temperature", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ThriftyError(f"recipe field {name} must be a positive number, got {value!r}.")
+
 
 @dataclass
 class RecipeResult:
@@ -81,10 +100,25 @@ class RecipeResult:
 
 def run_reasoning_recipe(recipe: ReasoningRecipe, log: Callable[[str], None] = print) -> RecipeResult:
     out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {**recipe.task_settings, "reasoning": True}
     task = get_task("arithmetic", **settings)
     held_out = task.rows("eval", recipe.num_eval_samples, seed=0)
+    # Both stages' configs, checked before the first evaluation starts.
+    cold_start = out / "cold_start.jsonl"
+    sft = SFTConfig(model_name_or_path=recipe.model_name_or_path, train_file=str(cold_start),
+                    output_dir=str(out / "sft"), overwrite_output_dir=True, max_steps=recipe.sft_steps,
+                    learning_rate=recipe.sft_learning_rate, per_device_train_batch_size=recipe.sft_batch_size,
+                    lr_scheduler_type="cosine", warmup_ratio=0.05, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+                    max_length=512, logging_steps=5, save_steps=0, num_sample_prompts=0, seed=recipe.seed,
+                    disable_tqdm=recipe.disable_tqdm)
+    grpo = GRPOConfig(model_name_or_path=recipe.model_name_or_path, adapter=str(out / "sft" / "adapter"),
+                      task="arithmetic", task_settings=settings, output_dir=str(out / "grpo"),
+                      overwrite_output_dir=True, per_device_train_batch_size=recipe.prompts_per_step *
+                      recipe.num_generations, num_generations=recipe.num_generations,
+                      max_completion_length=recipe.max_completion_length, learning_rate=recipe.grpo_learning_rate,
+                      temperature=recipe.grpo_temperature, dynamic_sampling=recipe.grpo_dynamic_sampling,
+                      max_steps=recipe.grpo_steps, num_eval_samples=0, eval_on_start=False, save_steps=0,
+                      seed=recipe.seed, disable_tqdm=recipe.disable_tqdm)
     seconds: dict[str, float] = {}
     stages: dict[str, EvalResult] = {}
 
@@ -95,36 +129,23 @@ def run_reasoning_recipe(recipe: ReasoningRecipe, log: Callable[[str], None] = p
         seconds[f"eval {name}"] = time.perf_counter() - started
         log(f"{name}: {stages[name].summary()}")
 
+    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(recipe.model_name_or_path)
     evaluate("base", model, tokenizer)
 
     started = time.perf_counter()
-    cold_start = out / "cold_start.jsonl"
     rows = task.rows("train", recipe.num_cold_start, seed=recipe.seed)
     with cold_start.open("w", encoding="utf-8") as f:
         for row in rows:
             messages = [*row["prompt"], {"role": "assistant", "content": task.trace(row)}]
             f.write(json.dumps({"messages": messages}) + "\n")
-    sft = SFTConfig(model_name_or_path=recipe.model_name_or_path, train_file=str(cold_start),
-                    output_dir=str(out / "sft"), overwrite_output_dir=True, max_steps=recipe.sft_steps,
-                    learning_rate=recipe.sft_learning_rate, per_device_train_batch_size=recipe.sft_batch_size,
-                    lr_scheduler_type="cosine", warmup_ratio=0.05, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
-                    max_length=512, logging_steps=5, save_steps=0, num_sample_prompts=0, seed=recipe.seed,
-                    disable_tqdm=recipe.disable_tqdm)
     trained = SFTTrainer(model, tokenizer, sft, log=log).train()
     seconds["sft"] = time.perf_counter() - started
     evaluate("sft", model, tokenizer)
 
     started = time.perf_counter()
     model, tokenizer = load_model(recipe.model_name_or_path)
-    grpo = GRPOConfig(model_name_or_path=recipe.model_name_or_path, adapter=str(trained.output_path),
-                      task="arithmetic", task_settings=settings, output_dir=str(out / "grpo"),
-                      overwrite_output_dir=True, per_device_train_batch_size=recipe.prompts_per_step *
-                      recipe.num_generations, num_generations=recipe.num_generations,
-                      max_completion_length=recipe.max_completion_length, learning_rate=recipe.grpo_learning_rate,
-                      temperature=recipe.grpo_temperature, dynamic_sampling=recipe.grpo_dynamic_sampling,
-                      max_steps=recipe.grpo_steps, num_eval_samples=0, eval_on_start=False, save_steps=0,
-                      seed=recipe.seed, disable_tqdm=recipe.disable_tqdm)
+    grpo = dataclasses.replace(grpo, adapter=str(trained.output_path))
     GRPOTrainer(model, tokenizer, config=grpo, log=log).train()
     seconds["grpo"] = time.perf_counter() - started
     evaluate("grpo", model, tokenizer)
