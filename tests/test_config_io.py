@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -129,3 +131,17 @@ def test_shipped_examples_load() -> None:
     for name in ("sft_default.yaml", "sft_qlora.yaml", "sft_full.yaml"):
         config = load_sft_config(examples / name)
         assert Path(config.train_file).is_file(), name
+
+
+def test_the_config_can_come_from_a_pipe_or_standard_input(tmp_path: Path) -> None:
+    """`thrifty plan sft -` reads standard input, `<(...)` a pipe (neither is a regular
+    file); errors name "-" as the file."""
+    stdin = subprocess.run([sys.executable, "-m", "thrifty", "plan", "sft", "-"],
+                           input="per_device_train_batch_size: 3\n", capture_output=True, text=True)
+    assert stdin.returncode == 0 and "SFT LoRA, 3 x 1024 tokens per micro-batch" in stdin.stdout, stdin.stderr
+    pipe = subprocess.run(["bash", "-c", f"{sys.executable} -m thrifty plan sft <(printf 'max_length: 96\\n')"],
+                          capture_output=True, text=True)
+    assert pipe.returncode == 0 and "x 96 tokens per micro-batch" in pipe.stdout, pipe.stderr
+    bad = subprocess.run([sys.executable, "-m", "thrifty", "plan", "sft", "-"], input="max_lenght: 96\n",
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "- line 1: unknown key 'max_lenght'" in bad.stderr, bad.stderr

@@ -130,7 +130,7 @@ def add_config_command(subparsers: argparse._SubParsersAction, name: str, help: 
                        run: Callable[[argparse.Namespace], None]) -> None:
     """A training command: `thrifty NAME CONFIG.yaml [key=value ...]`."""
     p = subparsers.add_parser(name, help=help, description=description)
-    p.add_argument("config", help="YAML config file")
+    p.add_argument("config", help="YAML config file (- for standard input)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
     p.set_defaults(run=run)
 
@@ -227,7 +227,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Print the predicted peak RSS of `thrifty sft|grpo CONFIG`, part by part, from the model's "
                     "config and the batch fields, and whether it fits in the memory available now.")
     p.add_argument("kind", choices=["sft", "grpo"], help="the command the config is for")
-    p.add_argument("config", help="YAML config file")
+    p.add_argument("config", help="YAML config file (- for standard input)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
     p.set_defaults(run=run_plan)
 

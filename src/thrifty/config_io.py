@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import sys
 import types
 import typing
 from pathlib import Path
@@ -94,12 +95,14 @@ def resolve_next_to(config: Any, path: str | Path | None, names: Sequence[str]) 
 
 
 def read_yaml_values(cls: type[Any], path: Path) -> dict[str, Any]:
-    """The file's top-level mapping, each value checked and converted to its field's type."""
-    if not path.is_file():
-        raise ThriftyError(f"{path}: config file not found." if not path.exists()
-                           else f"{path}: is a directory; pass a YAML config file.")
+    """The file's top-level mapping, each value checked and converted to its field's type.
+    The file may be a pipe (`<(...)`), or "-" for standard input."""
+    if str(path) != "-" and not path.exists():
+        raise ThriftyError(f"{path}: config file not found.")
+    if path.is_dir():
+        raise ThriftyError(f"{path}: is a directory; pass a YAML config file.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.buffer.read().decode("utf-8") if str(path) == "-" else path.read_text(encoding="utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except UnicodeDecodeError as e:
