@@ -12,9 +12,9 @@ def record_applied_steps(trainer: Any) -> list[int]:
     applied: list[int] = []
     real = trainer.run.optimizer_step
 
-    def step(number: int):  # type: ignore[no-untyped-def]
+    def step(number: int, **options):  # type: ignore[no-untyped-def]
         applied.append(number)
-        return real(number)
+        return real(number, **options)
 
     trainer.run.optimizer_step = step
     return applied

@@ -6,6 +6,7 @@ says so and keeps the last checkpoint, reward functions that score nothing stop 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -122,6 +123,37 @@ def test_divergence_stops_the_run_and_nothing_non_finite_is_saved(tiny_dir: Path
             assert torch.isfinite(tensor).all(), (checkpoint, name)
     # The refused update left the weights as they were: finite.
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_a_collapsed_run_stops_naming_the_step_and_the_cause(tiny_dir: Path, tmp_path: Path) -> None:
+    """learning_rate 1e6 diverges finitely: after one update the softmax saturates, the
+    loss sits at ln(vocab) and every gradient is exactly zero. The run stops after
+    max_zero_gradient_steps such steps instead of ending "done" with a dead adapter."""
+    trainer = sft(tiny_dir, tmp_path, learning_rate=1e6, max_steps=12, save_total_limit=None)
+    with pytest.raises(ThriftyError, match=r"step 6: the gradients have been exactly zero for 5 steps in a row: the "
+                                           r"model collapsed at step 1 .*ln\(vocabulary\) = 4\.575.*Last good "
+                                           r"checkpoint: none\. Lower learning_rate \(now 1e\+06\)"):
+        trainer.train()
+    assert not (tmp_path / "adapter").exists()  # no collapsed result
+    sft(tiny_dir, tmp_path / "unchecked", learning_rate=1e6, max_steps=8, max_zero_gradient_steps=0).train()
+
+
+def constant_reward(completions, **kwargs) -> list[float]:  # type: ignore[no-untyped-def]
+    return [1.0 for _ in completions]
+
+
+def test_grpo_steps_with_nothing_to_teach_are_not_a_collapse(tiny_dir: Path, tmp_path: Path) -> None:
+    """Equal rewards in every group: zero advantages, zero gradients for every step, and
+    no collapse (the check counts only steps whose advantages are not all zero)."""
+    model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
+    config = GRPOConfig(model_name_or_path=str(tiny_dir), dtype="float32", output_dir=str(tmp_path), max_steps=7,
+                        num_generations=2, per_device_train_batch_size=4, max_completion_length=4, save_steps=0,
+                        disable_tqdm=True, num_eval_samples=0, max_zero_gradient_steps=2)
+    GRPOTrainer(model, tokenizer, reward_funcs=[constant_reward], train_dataset=ROWS, config=config,
+                log=lambda _: None).train()
+    norms = [json.loads(line)["grad_norm"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "grad_norm" in line]
+    assert len(norms) == 7 and all(norm == 0.0 for norm in norms)
 
 
 def test_non_finite_weights_are_never_written(tiny_dir: Path, tmp_path: Path) -> None:

@@ -368,7 +368,10 @@ class GRPOTrainer:
                 # DDP averages the ranks' gradients; each rank's loss is its part of the sum.
                 (loss * (world * slices[i].weight)).backward()
                 micro_batch_metrics.append(metrics if slices[i].weight else None)
-            applied = self.run.optimizer_step(self.step + 1)
+            # Zero advantages everywhere (every group scored alike) teach nothing: a zero
+            # gradient there is no collapse. Decided on every rank's batches, so all agree.
+            teaches = any(self.dist.gather(any(bool(batches[i].advantages.any()) for i in window)))
+            applied = self.run.optimizer_step(self.step + 1, expects_gradients=teaches)
             grad_norm, lr = applied.grad_norm, applied.lr
             self.step += 1
         out = average_micro_batch_metrics(self.dist.gather(micro_batch_metrics))

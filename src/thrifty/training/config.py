@@ -60,6 +60,10 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
+    # Thrifty's own: stop when this many optimizer steps in a row that should have moved
+    # the weights had gradients of exactly zero (a collapsed model: a finite divergence
+    # saturated the softmax); 0 never stops.
+    max_zero_gradient_steps: int = 5
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward
     # Keep the MLP's gate/up outputs too, so the recomputation skips the MLP's matmuls
     # (a GRPO update: 11% faster) for 2 x intermediate_size more values per token and
@@ -129,6 +133,7 @@ class TrainingConfig:
         need(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", "must be in [0, 1)")
         need(self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm), "max_grad_norm",
              "must be 0 (no clipping) or a positive number")
+        need(self.max_zero_gradient_steps >= 0, "max_zero_gradient_steps", "must be 0 (never stop) or more")
         need(self.lora_r >= 1, "lora_r", "must be at least 1")
         need(self.lora_alpha > 0, "lora_alpha", "must be positive")
         need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")

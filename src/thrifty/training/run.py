@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -98,6 +99,7 @@ class TrainingRun:
                                            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                                            weight_decay=config.weight_decay, eight_bit=config.eight_bit_optimizer)
         self.output_dir = Path(config.output_dir)
+        self.zero_gradient_steps = 0  # in a row, of the steps that expected gradients
 
     @property
     def tensorboard_dir(self) -> Path | None:
@@ -181,11 +183,13 @@ class TrainingRun:
         every micro-batch of an optimizer step but the last)."""
         return self.dist.ddp_forward(self.model, fn, *args, sync=sync)
 
-    def optimizer_step(self, step: int) -> AppliedStep:
+    def optimizer_step(self, step: int, expects_gradients: bool = True) -> AppliedStep:
         """Clip and apply the accumulated gradients of optimizer step `step` (1-based) at
         the schedule's learning rate, advancing the weights epoch. Stops the run, updating
         nothing, when the gradients are NaN or infinite: training on from there only
-        spreads them into every weight."""
+        spreads them into every weight. Stops it too after max_zero_gradient_steps steps in
+        a row of exactly zero gradients where the loss had something to teach
+        (`expects_gradients`: GRPO's steps whose advantages are all zero teach nothing)."""
         if self.schedule is None:
             raise RuntimeError("set_total_steps() before the first optimizer step")
         lr = self.schedule.lr(step)
@@ -202,7 +206,25 @@ class TrainingRun:
         finally:
             self.optimizer.zero_grad()
         advance_weights_epoch(self.model, trainable_only=True)
+        if expects_gradients:
+            self.zero_gradient_steps = self.zero_gradient_steps + 1 if grad_norm == 0.0 else 0
+            self._stop_if_collapsed(step)
         return AppliedStep(grad_norm, lr)
+
+    def _stop_if_collapsed(self, step: int) -> None:
+        limit = self.config.max_zero_gradient_steps
+        if not limit or self.zero_gradient_steps < limit:
+            return
+        # The first zero-gradient step ran on the weights of the step before it: collapsed.
+        collapsed_at = step - self.zero_gradient_steps
+        good = [c for c in list_checkpoints(self.output_dir) if int(c.name.rsplit("-", 1)[1]) < collapsed_at]
+        raise ThriftyError(
+            f"step {step}: the gradients have been exactly zero for {self.zero_gradient_steps} steps in a row: the "
+            f"model collapsed at step {collapsed_at} (a finite divergence saturates the softmax: the loss sits at "
+            f"the uniform level, ln(vocabulary) = {math.log(self.model.config.vocab_size):.3f}, and nothing moves). "
+            f"Last good checkpoint: {good[-1] if good else 'none'}. Lower learning_rate (now "
+            f"{self.config.learning_rate:g}) and resume from it or start afresh; max_zero_gradient_steps: 0 turns "
+            "this check off.")
 
     # ------------------------------------------------------------------ checkpoints
 
