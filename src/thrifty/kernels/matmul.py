@@ -36,9 +36,9 @@ def float32_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
     at a time: split along its wider side, columns (each panel's product is a slice of
     the result) or rows (the panels' products are summed in float32)."""
     a32 = a.float()
-    result = torch.zeros(a.shape[0], b.shape[1], device=a.device) if out is None else out
     if b.numel() <= PANEL_ELEMENTS:
-        return result.addmm_(a32, b.float())
+        return torch.mm(a32, b.float()) if out is None else out.addmm_(a32, b.float())
+    result = torch.zeros(a.shape[0], b.shape[1], device=a.device) if out is None else out
     if b.shape[1] >= b.shape[0]:
         width = max(1, PANEL_ELEMENTS // b.shape[0])
         for start in range(0, b.shape[1], width):
