@@ -31,14 +31,15 @@ def in_float32(t: torch.Tensor) -> bool:
 PANEL_ELEMENTS = 1 << 23
 
 
-def float32_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b in float32 (added to float32 `out` if given), `b` converted PANEL_ELEMENTS
-    at a time: split along its wider side, columns (each panel's product is a slice of
-    the result) or rows (the panels' products are summed in float32)."""
+def float32_mm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """c + a @ b in float32 (c float32, broadcasting like torch.addmm's; None: a @ b), `b`
+    converted PANEL_ELEMENTS at a time: split along its wider side, columns (each panel's
+    product is a slice of the result) or rows (the panels' products are summed in float32)."""
     a32 = a.float()
     if b.numel() <= PANEL_ELEMENTS:
-        return torch.mm(a32, b.float()) if out is None else out.addmm_(a32, b.float())
-    result = torch.zeros(a.shape[0], b.shape[1], device=a.device) if out is None else out
+        return torch.mm(a32, b.float()) if c is None else torch.addmm(c, a32, b.float())
+    shape = (a.shape[0], b.shape[1])
+    result = torch.zeros(shape, device=a.device) if c is None else c.expand(shape).clone()
     if b.shape[1] >= b.shape[0]:
         width = max(1, PANEL_ELEMENTS // b.shape[0])
         for start in range(0, b.shape[1], width):
@@ -60,15 +61,14 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """c + a @ b, rounded once to the operands' dtype (c broadcasts like torch.addmm's)."""
     if in_float32(a):
-        start = c.float().expand(a.shape[0], b.shape[1]).clone()
-        return float32_mm(a, b, out=start).to(torch.bfloat16)
+        return float32_mm(a, b, c.float()).to(torch.bfloat16)
     return torch.addmm(c, a, b)
 
 
 def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """c += a @ b in place (an accumulation buffer), rounded once to c's dtype."""
     if in_float32(a):
-        return c.copy_(float32_mm(a, b, out=c.float()))
+        return c.copy_(float32_mm(a, b, c.float()))
     return c.addmm_(a, b)
 
 
