@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +86,7 @@ from thrifty.training.metrics import (
     plot_metrics,
     rss_bytes,
 )
-from thrifty.training.rows import DataOrder, Rows, load_rows, row_location
+from thrifty.training.rows import DataOrder, load_rows, without_blank_prompts
 from thrifty.training.run import TrainingRun
 from thrifty.layers.lora import has_lora
 
@@ -190,7 +189,7 @@ class GRPOTrainer:
             if not isinstance(row, dict) or "prompt" not in row:
                 raise ThriftyError(f"{where} row {i + 1}: needs a `prompt` column (a string or chat messages); "
                                    f"got {sorted(row) if isinstance(row, dict) else type(row).__name__}.")
-        return _without_empty_prompts(rows, where)
+        return without_blank_prompts(rows, where)
 
     def _prompt_ids(self, index: int) -> list[int]:
         if index not in self._prompt_cache:
@@ -598,26 +597,3 @@ def _crossed(before: int, after: int, every: int | None) -> bool:
     """Whether a multiple of `every` lies in (before, after]: a generation can make
     several optimizer steps at once, and logging/eval steps count optimizer steps."""
     return bool(every) and after // every > before // every
-
-
-def _without_empty_prompts(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
-    """The rows whose prompt says something: a blank prompt (or chat messages that are all
-    blank) gives completions conditioned on nothing. Skipped with their count and lines; an
-    error when none is left."""
-    def blank(prompt: Any) -> bool:
-        if isinstance(prompt, str):
-            return not prompt.strip()
-        return isinstance(prompt, list) and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and not m["content"].strip() for m in prompt)
-
-    empty = [i for i, row in enumerate(rows) if blank(row["prompt"])]
-    if not empty:
-        return rows
-    places = [row_location(rows, i) for i in empty]
-    what = f"{len(empty)} of {len(rows)} rows of {where} have an empty prompt"
-    if len(empty) == len(rows):
-        raise ThriftyError(f"{what}: nothing to train on ({', '.join(places[:5])}). Fill in the prompts.")
-    warnings.warn(f"skipped {what}: {', '.join(places[:5])}{', ...' if len(places) > 5 else ''}.", stacklevel=3)
-    skipped = set(empty)
-    kept = [i for i in range(len(rows)) if i not in skipped]
-    return Rows([rows[i] for i in kept], [row_location(rows, i) for i in kept], where)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -155,6 +156,29 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     except Exception as e:  # pyarrow raises its own ArrowInvalid/OSError family for bad files
         raise ThriftyError(f"{path}: could not be read as Parquet ({e}). Is the file complete?") from e
     return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
+
+
+def without_blank_prompts(rows: Sequence[dict[str, Any]], where: str) -> Sequence[dict[str, Any]]:
+    """GRPO's rows whose prompt says something: a blank prompt (or chat messages that are
+    all blank) gives completions conditioned on nothing. Skipped with their count and lines; an
+    error when none is left."""
+    def blank(prompt: Any) -> bool:
+        if isinstance(prompt, str):
+            return not prompt.strip()
+        return isinstance(prompt, list) and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and not m["content"].strip() for m in prompt)
+
+    empty = [i for i, row in enumerate(rows) if blank(row["prompt"])]
+    if not empty:
+        return rows
+    places = [row_location(rows, i) for i in empty]
+    what = f"{len(empty)} of {len(rows)} rows of {where} have an empty prompt"
+    if len(empty) == len(rows):
+        raise ThriftyError(f"{what}: nothing to train on ({', '.join(places[:5])}). Fill in the prompts.")
+    warnings.warn(f"skipped {what}: {', '.join(places[:5])}{', ...' if len(places) > 5 else ''}.", stacklevel=3)
+    skipped = set(empty)
+    kept = [i for i in range(len(rows)) if i not in skipped]
+    return Rows([rows[i] for i in kept], [row_location(rows, i) for i in kept], where)
 
 
 # ---------------------------------------------------------------- data order
