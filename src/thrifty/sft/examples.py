@@ -17,7 +17,7 @@ from typing import Any, Literal, Sequence
 from thrifty.errors import ThriftyError
 from thrifty.model.tokenizer import Tokenizer
 from thrifty.sft.config import FORMATS
-from thrifty.training.rows import json_type, row_location
+from thrifty.training.rows import is_blank, json_type, row_location
 
 IGNORE_INDEX = -100
 
@@ -217,18 +217,15 @@ _ANSWER = {"text": "text", "prompt_completion": "completion", "messages": "assis
 def _answer_is_empty(row: dict[str, Any], fmt: str) -> bool:
     """Whether the row's answer (see _ANSWER) is empty or whitespace; a missing or mistyped
     one is left to the tokenizer's own errors."""
-    def blank(value: Any) -> bool:
-        return isinstance(value, str) and not value.strip()
-
     if fmt == "text":
-        return blank(row.get("text"))
+        return is_blank(row.get("text"))
     if fmt == "alpaca":
-        return blank(row.get("output"))
+        return is_blank(row.get("output"))
     answer = row.get("messages" if fmt == "messages" else "completion")
     if isinstance(answer, list):
         turns = [m.get("content") for m in answer if isinstance(m, dict) and m.get("role") == "assistant"]
-        return bool(turns) and all(blank(content) for content in turns)
-    return blank(answer)
+        return bool(turns) and all(is_blank(content) for content in turns)
+    return is_blank(answer)
 
 
 def _as_conversation(row: dict[str, Any], fmt: str, where: str) -> tuple[list[dict[str, Any]], int]:

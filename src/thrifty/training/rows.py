@@ -158,15 +158,20 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
 
 
+def is_blank(text: Any) -> bool:
+    """Whether `text` is a string with nothing but whitespace (a missing or mistyped value
+    is not blank: its own error names it)."""
+    return isinstance(text, str) and not text.strip()
+
+
 def without_blank_prompts(rows: Sequence[dict[str, Any]], where: str) -> Sequence[dict[str, Any]]:
     """GRPO's rows whose prompt says something: a blank prompt (or chat messages that are
     all blank) gives completions conditioned on nothing. Skipped with their count and lines; an
     error when none is left."""
     def blank(prompt: Any) -> bool:
-        if isinstance(prompt, str):
-            return not prompt.strip()
-        return isinstance(prompt, list) and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and not m["content"].strip() for m in prompt)
+        if isinstance(prompt, list):
+            return all(isinstance(m, dict) and is_blank(m.get("content")) for m in prompt)
+        return is_blank(prompt)
 
     empty = [i for i, row in enumerate(rows) if blank(row["prompt"])]
     if not empty:
