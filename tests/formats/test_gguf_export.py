@@ -158,3 +158,32 @@ def test_cli_exports_a_fine_tune_with_an_ollama_modelfile(tmp_path: Path) -> Non
     exported, tokenizer = load_model(tmp_path / "tuned.gguf", dtype="float32", device="cpu")
     ids = tokenizer.encode(TEXTS[1])
     assert torch.allclose(logits(exported, ids), logits(merged, ids), atol=1e-5)
+
+
+EXPORT_PEAK = """
+import sys
+from pathlib import Path
+from thrifty.formats.gguf_export import export_gguf
+from thrifty.formats.loader import load_model
+
+def peak() -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+model, tokenizer = load_model(None, dtype="bfloat16")
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+Path("/proc/self/clear_refs").write_text("5")  # the peak counter restarts from the RSS now
+before = peak()
+export_gguf(model, tokenizer, sys.argv[1], "f16")
+print(weights, peak() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak-RSS reset is Linux's /proc")
+def test_export_streams_one_tensor_at_a_time(tmp_path: Path) -> None:
+    """Writing the default model (bf16) as f16 adds less memory than the model's own size:
+    the tensors are converted and written one at a time. Making float32 copies of all the
+    tensors first (the writer's usual way) adds ~3x the model's size and fails this."""
+    out = subprocess.run([sys.executable, "-c", EXPORT_PEAK, str(tmp_path / "model.gguf")], capture_output=True,
+                         text=True, check=True)
+    weights, growth = map(int, out.stdout.split())
+    assert growth < weights, f"export added {growth / 2**20:.0f} MiB to a {weights / 2**20:.0f} MiB model"

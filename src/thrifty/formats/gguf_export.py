@@ -14,11 +14,14 @@ reference quantizers do (formats/gguf_kquants.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from thrifty.errors import ThriftyError
 from thrifty.formats.atomic import atomic_file, require_finite
@@ -55,16 +58,23 @@ def export_gguf(model: CausalLM, tokenizer: Tokenizer, path: str | Path, quantiz
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(temporary: str) -> None:
+        # Streamed: tensor infos first, then one tensor at a time converted, encoded and
+        # written, so the export needs the model plus one tensor, not a copy of the model.
         writer = gguf.GGUFWriter(temporary, arch)
         _add_model_metadata(writer, model, kind, name or path.stem)
         _add_tokenizer(writer, tokenizer, config.vocab_size)
-        arrays = _arrays(state, model, arch)
-        types = tensor_types({name: array.shape for name, array in arrays.items()}, kind, config.num_hidden_layers)
-        for gguf_name, array in arrays.items():
-            writer.add_tensor(gguf_name, encode(array, types[gguf_name]), raw_dtype=types[gguf_name])
+        sources = _tensor_sources(state, model, arch)
+        types = tensor_types({name: shape for name, (shape, _) in sources.items()}, kind, config.num_hidden_layers)
+        for gguf_name, (shape, _) in sources.items():
+            writer.add_tensor_info(gguf_name, *_encoded_layout(shape, types[gguf_name]), raw_dtype=types[gguf_name])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
+        writer.write_ti_data_to_file()
+        bar = tqdm(total=len(sources), desc="Writing", unit="tensor", disable=not progress)
+        for gguf_name, (_, values) in sources.items():
+            writer.write_tensor_data(encode(values(), types[gguf_name]))
+            bar.update()
+        bar.close()
         writer.close()
 
     atomic_file(path, write)
@@ -161,21 +171,38 @@ def _pre_name(tokenizer: Tokenizer) -> str:
 # ---------------------------------------------------------------- tensors
 
 
-def _arrays(state: dict[str, torch.Tensor], model: CausalLM, arch: str) -> dict[str, np.ndarray]:
-    """float32 arrays under llama.cpp's names, q/k rows permuted for the `llama` architecture."""
+def _tensor_sources(state: dict[str, torch.Tensor], model: CausalLM,
+                    arch: str) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
+    """Each tensor under llama.cpp's name: its shape, and a function making its float32
+    values (q/k rows permuted for the `llama` architecture) when it is written."""
     config = model.config
-    out = {}
+    out: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
     for hf_name, tensor in state.items():
-        array = tensor.float().numpy()
+        heads = None
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             heads = config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads
-            array = _permute_rows(array, heads)
-        out[_gguf_name(hf_name)] = array
+        out[_gguf_name(hf_name)] = (tuple(tensor.shape), partial(_float32_values, tensor, heads))
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "llama3":
         plain = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim))
-        out["rope_freqs.weight"] = (plain / rope_inverse_frequencies(config).double().numpy()).astype(np.float32)
+        factors = (plain / rope_inverse_frequencies(config).double().numpy()).astype(np.float32)
+        out["rope_freqs.weight"] = (factors.shape, lambda: factors)
     return out
+
+
+def _float32_values(tensor: torch.Tensor, permute_heads: int | None) -> np.ndarray:
+    array = tensor.float().numpy()
+    return array if permute_heads is None else _permute_rows(array, permute_heads)
+
+
+def _encoded_layout(shape: tuple[int, ...], tensor_type: QType) -> tuple[tuple[int, ...], type, int]:
+    """The shape, numpy dtype and byte count `encode` gives a tensor of `shape`, as the
+    writer's tensor info wants them before the bytes exist."""
+    if tensor_type in (QType.F32, QType.F16):
+        dtype = np.float32 if tensor_type == QType.F32 else np.float16
+        return shape, dtype, int(np.prod(shape)) * np.dtype(dtype).itemsize
+    byte_shape = gguf.quant_shape_to_byte_shape(shape, tensor_type)
+    return byte_shape, np.uint8, int(np.prod(byte_shape))
 
 
 def _gguf_name(hf_name: str) -> str:
