@@ -35,6 +35,10 @@ CONFIGS = {
                          num_attention_heads=24, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
                          rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
                          model_type="llama"),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False,
+                       attention_bias=True, model_type="qwen2"),
 }
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

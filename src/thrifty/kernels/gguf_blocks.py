@@ -10,13 +10,15 @@ Q5_K, Q6_K): the one door to portable_csrc/gguf_blocks.cpp, with numpy's dequant
 * Many rows (prefill, scoring, training): panels of PANEL_ROWS weight rows are
   dequantized to the dtype the products are taken in (the activations' dtype, or float32
   where bf16 products are not native: kernels/matmul.py) and multiplied by oneDNN, panel
-  by panel, each product written into its slice of one result buffer; a panel is the only
-  dequantized copy alive (tens of MB, not the model), and every panel's buffers are the
-  same size, so the allocator reuses them (a list of products joined at the end left the
-  heap more fragmented: 0.3 GB more RSS after a 1.5B model's training forward).
+  by panel into one panel buffer, each product written into its slice of one result
+  buffer; the panel is the only dequantized copy alive (tens of MB, not the model) and
+  one product allocates two buffers, not two per panel (a list of products joined at the
+  end left the heap more fragmented: 0.3 GB more RSS after a 1.5B model's training forward).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import gguf
 import numpy as np
@@ -42,13 +44,31 @@ def row_bytes(qtype: int, in_features: int) -> int:
     return in_features // values * nbytes
 
 
-def dequantize(blocks: torch.Tensor, qtype: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """[rows, in_features] in dtype from blocks [rows, bytes per row]."""
+def dequantize(blocks: torch.Tensor, qtype: int, in_features: int, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """[rows, in_features] in dtype from blocks [rows, bytes per row], written into `out`
+    (contiguous, that shape and dtype) when given."""
     module = native_kernel("gguf_blocks")
     if module is not None and dtype in (torch.float32, torch.bfloat16) and blocks.device.type == "cpu":
-        return module.gguf_dequantize(blocks.contiguous(), qtype, in_features, dtype)
+        if out is None:
+            out = torch.empty(blocks.shape[0], in_features, dtype=dtype)
+        module.gguf_dequantize(blocks.contiguous(), qtype, out)
+        return out
     values = gguf.quants.dequantize(blocks.cpu().numpy(), gguf.GGMLQuantizationType(qtype))
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(blocks.device, dtype)
+    result = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(blocks.device, dtype)
+    return result if out is None else out.copy_(result)
+
+
+def _panels(blocks: torch.Tensor, qtype: int, in_features: int,
+            dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, dequantized panel) for each PANEL_ROWS rows of the weight, every panel
+    written into one buffer: one allocation per product, not one per panel (below glibc's
+    mmap threshold the freed panels fragmented the heap, above it each panel's pages were
+    faulted in again)."""
+    buffer = torch.empty(min(PANEL_ROWS, blocks.shape[0]), in_features, dtype=dtype, device=blocks.device)
+    for start in range(0, blocks.shape[0], PANEL_ROWS):
+        part = blocks[start:start + PANEL_ROWS]
+        yield start, dequantize(part, qtype, in_features, dtype, out=buffer[:part.shape[0]])
 
 
 def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
@@ -59,8 +79,7 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: int, in_features: int) 
     dtype = _product_dtype(x)
     rows = x.to(dtype)
     out = torch.empty(x.shape[0], blocks.shape[0], dtype=dtype, device=x.device)
-    for start in range(0, blocks.shape[0], PANEL_ROWS):
-        panel = dequantize(blocks[start:start + PANEL_ROWS], qtype, in_features, dtype)
+    for start, panel in _panels(blocks, qtype, in_features, dtype):
         torch.mm(rows, panel.t(), out=out[:, start:start + panel.shape[0]])
     return out.to(x.dtype)
 
@@ -70,8 +89,7 @@ def input_grad(grad: torch.Tensor, blocks: torch.Tensor, qtype: int, in_features
     panels' products summed in float32 and rounded once to grad's dtype."""
     dtype = _product_dtype(grad)
     total = torch.zeros(grad.shape[0], in_features, dtype=torch.float32, device=grad.device)
-    for start in range(0, blocks.shape[0], PANEL_ROWS):
-        panel = dequantize(blocks[start:start + PANEL_ROWS], qtype, in_features, dtype)
+    for start, panel in _panels(blocks, qtype, in_features, dtype):
         part = grad[:, start:start + panel.shape[0]].to(dtype)
         if dtype == torch.float32:
             total.addmm_(part, panel)

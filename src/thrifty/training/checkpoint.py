@@ -51,6 +51,14 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint-N directory was saved at."""
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint-N directory")
+    return int(match.group(1))
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints in `output_dir`, oldest step first."""
     output_dir = Path(output_dir)

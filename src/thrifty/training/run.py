@@ -31,11 +31,12 @@ from thrifty.formats.atomic import remove_stale_temporaries
 from thrifty.formats.default_model import DEFAULT_MODEL_NAME
 from thrifty.formats.hf_export import hf_state_dict
 from thrifty.formats.open_model import attach_adapter
+from thrifty.kernels.malloc_tuning import returning_freed_memory
 from thrifty.model.activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from thrifty.model.inference_plan import InferencePlan
 from thrifty.model.weights_epoch import advance_weights_epoch
 from thrifty.training.checkpoint import (
-    checkpoint_dir, find_latest_checkpoint, list_checkpoints, resume_from, rng_state, save_checkpoint,
+    checkpoint_dir, checkpoint_step, find_latest_checkpoint, list_checkpoints, resume_from, rng_state, save_checkpoint,
     save_trained_model,
     setting_differences, settings_must_match,
 )
@@ -176,11 +177,16 @@ class TrainingRun:
         finally:
             if config.gradient_checkpointing:
                 disable_activation_checkpointing(self.model)
+                returning_freed_memory(False)  # a step the run did not finish may have left it on
 
     def forward(self, fn: Callable[..., Any], *args: Any, sync: bool = True) -> Any:
         """fn(model, *args) for a loss to backpropagate: under torchrun through DDP, which
         averages the gradients over the ranks in the backward when `sync` (pass False for
-        every micro-batch of an optimizer step but the last)."""
+        every micro-batch of an optimizer step but the last). With checkpointing, freed
+        memory goes back to the system until the optimizer step (kernels/malloc_tuning.py):
+        a fragmented heap would keep more than checkpointing saves."""
+        if self.config.gradient_checkpointing:
+            returning_freed_memory(True)
         return self.dist.ddp_forward(self.model, fn, *args, sync=sync)
 
     def optimizer_step(self, step: int, expects_gradients: bool = True) -> AppliedStep:
@@ -205,6 +211,7 @@ class TrainingRun:
             ) from error
         finally:
             self.optimizer.zero_grad()
+            returning_freed_memory(False)  # rollouts and evaluation reuse freed memory: faster
         advance_weights_epoch(self.model, trainable_only=True)
         if expects_gradients:
             self.zero_gradient_steps = self.zero_gradient_steps + 1 if grad_norm == 0.0 else 0
@@ -217,7 +224,7 @@ class TrainingRun:
             return
         # The first zero-gradient step ran on the weights of the step before it: collapsed.
         collapsed_at = step - self.zero_gradient_steps
-        good = [c for c in list_checkpoints(self.output_dir) if int(c.name.rsplit("-", 1)[1]) < collapsed_at]
+        good = [c for c in list_checkpoints(self.output_dir) if checkpoint_step(c) < collapsed_at]
         raise ThriftyError(
             f"step {step}: the gradients have been exactly zero for {self.zero_gradient_steps} steps in a row: the "
             f"model collapsed at step {collapsed_at} (a finite divergence saturates the softmax: the loss sits at "

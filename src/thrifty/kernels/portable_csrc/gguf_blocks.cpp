@@ -203,20 +203,23 @@ void check_blocks(const at::Tensor& blocks, int64_t qtype, int64_t in_features) 
 
 }  // namespace
 
-// [rows, in_features] in `dtype` (float32 or bfloat16) from the blocks of each row.
-at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features, at::ScalarType dtype) {
+// The values of the blocks of each row written into `out` [rows, in_features], float32
+// or bfloat16: the caller owns the buffer, so panel after panel reuses one allocation.
+void gguf_dequantize(const at::Tensor& blocks, int64_t qtype, at::Tensor& out) {
+  const int64_t in_features = out.size(1);
   check_blocks(blocks, qtype, in_features);
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == blocks.size(0),
+              "gguf_dequantize writes a contiguous [", blocks.size(0), ", in_features] tensor");
   const int64_t rows = blocks.size(0), row_bytes = blocks.size(1);
-  at::Tensor out = at::empty({rows, in_features}, blocks.options().dtype(dtype));
   const uint8_t* src = blocks.data_ptr<uint8_t>();
-  if (dtype == at::kFloat) {
+  if (out.scalar_type() == at::kFloat) {
     float* dst = out.data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) dequantize_row(src + r * row_bytes, qtype, in_features, dst + r * in_features);
     });
-    return out;
+    return;
   }
-  TORCH_CHECK(dtype == at::kBFloat16, "gguf_dequantize writes float32 or bfloat16");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16, "gguf_dequantize writes float32 or bfloat16");
   c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(in_features);
@@ -226,7 +229,6 @@ at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_f
       for (int64_t i = 0; i < in_features; ++i) row[i] = c10::BFloat16(buffer[i]);  // round to nearest even
     }
   });
-  return out;
 }
 
 #if defined(__AVX2__)

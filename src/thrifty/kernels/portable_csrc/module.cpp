@@ -1,8 +1,8 @@
 #include "portable.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gguf_dequantize", &gguf_dequantize, "[rows, in] values of GGUF blocks [rows, bytes], float32 or bfloat16.",
-        py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("dtype"));
+  m.def("gguf_dequantize", &gguf_dequantize, "The values of GGUF blocks [rows, bytes] written into out [rows, in], float32 or "
+        "bfloat16.", py::arg("blocks"), py::arg("qtype"), py::arg("out"));
   m.def("gguf_matvec", &gguf_matvec, "x [n, in] @ W^T for W in GGUF blocks [out, bytes], dequantized row by row.",
         py::arg("x"), py::arg("blocks"), py::arg("qtype"));
   m.def("adamw_8bit_step", &adamw_8bit_step,

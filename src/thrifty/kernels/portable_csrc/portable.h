@@ -2,7 +2,7 @@
 #pragma once
 #include <torch/extension.h>
 
-at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features, at::ScalarType dtype);
+void gguf_dequantize(const at::Tensor& blocks, int64_t qtype, at::Tensor& out);
 at::Tensor gguf_matvec(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype);
 void adamw_8bit_step(at::Tensor& weights, const c10::optional<at::Tensor>& low, const at::Tensor& grad,
                      double grad_scale, at::Tensor& state1, at::Tensor& state2, at::Tensor& absmax1,
