@@ -3,10 +3,11 @@
 (VmHWM) is compared with the plan the same command prints first.
 
 SFT rows are long enough to fill max_length (the plan counts max_length tokens per row:
-shorter data peaks lower). The 1.5B runs use the Qwen2.5-1.5B-shaped Q4_K_M file
-bench_gguf_inference.py builds (random weights: memory does not depend on the values).
+shorter data peaks lower). The 1.5B and 7B runs use the Qwen2.5-1.5B- and 7B-shaped
+Q4_K_M files bench_gguf_inference.py builds (random weights: memory does not depend on
+the values; `--config qwen2.5-7b` builds the 7B one, ~20 min and 19 GB of RAM once).
 
-    .venv/bin/python benchmarks/bench_memory_plan.py            # ~25 min
+    .venv/bin/python benchmarks/bench_memory_plan.py            # ~60 min on 2 AVX2 cores
     .venv/bin/python benchmarks/bench_memory_plan.py --only 135m
 """
 
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_sft import training_texts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BIG = Path.home() / ".cache" / "thrifty-bench" / "qwen2.5-1.5b-random-q4_k_m.gguf"
+CACHE = Path.home() / ".cache" / "thrifty-bench"
+FILES = {"1.5b": CACHE / "qwen2.5-1.5b-random-q4_k_m.gguf", "7b": CACHE / "qwen2.5-7b-random-q4_k_m.gguf"}
 SFT_BASE = ["max_steps=3", "logging_steps=1", "save_steps=0", "eval_split=0", "num_sample_prompts=0",
             "eval_on_start=false", "disable_tqdm=true", "max_length=256", "completion_only_loss=false",
             "truncation=truncate"]
@@ -42,6 +44,8 @@ RUNS = {
     "sft qlora gguf 2x256 ckpt": ("sft", "1.5b", ["per_device_train_batch_size=2", "gradient_checkpointing=true",
                                                  "quantize=gguf"]),
     "sft lora bf16 2x256 ckpt": ("sft", "1.5b", ["per_device_train_batch_size=2", "gradient_checkpointing=true"]),
+    "sft qlora gguf 1x512 ckpt": ("sft", "7b", ["per_device_train_batch_size=1", "gradient_checkpointing=true",
+                                               "quantize=gguf", "max_length=512"]),
     "grpo qlora gguf 4x4x128": ("grpo", "1.5b", ["quantize=gguf", "per_device_train_batch_size=4",
                                                 "gradient_accumulation_steps=4", "num_generations=4",
                                                 "max_completion_length=128"]),
@@ -64,8 +68,8 @@ def measure(label: str, data: Path, out: Path) -> tuple[float, float] | str:
     args = [kind, str(config), *(SFT_BASE if kind == "sft" else GRPO_BASE), *overrides, f"output_dir={out}"]
     if kind == "sft":
         args.append(f"train_file={data}")
-    if size == "1.5b":
-        args.append(f"model_name_or_path={BIG}")
+    if size in FILES:
+        args.append(f"model_name_or_path={FILES[size]}")
     done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         return (done.stderr.strip().splitlines() or ["failed"])[-1]
@@ -78,18 +82,21 @@ def measure(label: str, data: Path, out: Path) -> tuple[float, float] | str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["135m", "1.5b"])
+    parser.add_argument("--only", choices=["135m", *FILES])
+    parser.add_argument("--runs", help="comma-separated labels of RUNS to measure (default: all)")
     args = parser.parse_args()
-    if args.only != "135m" and not BIG.is_file():
-        sys.exit(f"{BIG} is missing: run benchmarks/bench_gguf_inference.py once to build it")
+    for size, path in FILES.items():
+        if args.only in (None, size) and not path.is_file():
+            sys.exit(f"{path} is missing: run benchmarks/bench_gguf_inference.py --config qwen2.5-{size} once "
+                     "to build it")
     print("| run | model | predicted | measured peak RSS | predicted / measured |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "long.jsonl"
         data.write_text("".join(json.dumps({"prompt": "Continue:", "completion": t}) + "\n"
-                                for t in training_texts(64, 300)))
+                                for t in training_texts(64, 600)))
         for index, (label, (_, size, _)) in enumerate(RUNS.items()):
-            if args.only and size != args.only:
+            if (args.only and size != args.only) or (args.runs and label not in args.runs.split(",")):
                 continue
             result = measure(label, data, Path(tmp) / f"run{index}")
             if isinstance(result, str):

@@ -74,10 +74,12 @@ def test_quantize_gguf_trains_lora_on_the_files_blocks(tiny_gguf: Path, tmp_path
                        output_dir=str(tmp_path / "run"), disable_tqdm=True, eval_split=0.0, sample_prompts=[])
     result = SFTTrainer(model, tokenizer, config, train_dataset=tiny_sft_rows(), log=said.append).train()
     assert any("QLoRA (gguf)" in line for line in said)
-    # The decoder's blocks did not move (the embedding and head were dequantized for the loss).
+    # Every block stayed in place and did not move: the decoder's under the adapters, and
+    # the embedding and head, which the loss multiplies by in their blocks (no dense copy).
     now = {name.replace(".base_layer", ""): b for name, b in model.named_buffers()}  # LoRA wraps the layers
-    kept = [name for name in frozen if name in now]
-    assert len(kept) == 7 * 2 and all(torch.equal(now[name], frozen[name]) for name in kept)  # 7 per layer
+    assert set(frozen) <= set(now) and all(torch.equal(now[name], frozen[name]) for name in frozen)
+    assert len(frozen) >= 7 * 2 + 1  # 7 projections per layer, the embedding (and an untied head)
+    assert isinstance(model.model.embed_tokens, GGUFEmbedding) and isinstance(model.lm_head, GGUFLinear)
     layers = dict(lora_layers(model))
     assert layers and all(isinstance(layer.base_layer, GGUFLinear) for layer in layers.values())
     assert any(layer.lora_B.weight.abs().sum() > 0 for layer in layers.values())

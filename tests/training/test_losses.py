@@ -138,3 +138,33 @@ def test_selective_log_probs_keep_the_batch_shape() -> None:
     out.sum().backward()
     assert hidden.grad is not None
 
+
+
+@pytest.mark.parametrize("chunk_size", [7, 64])
+def test_a_head_in_gguf_blocks_is_its_dequantized_weight(chunk_size: int) -> None:
+    """QLoRA on a GGUF file keeps the head in the file's blocks: the loss multiplies by
+    them (forward and input gradient) and must give what the same weight, dequantized
+    and frozen, gives. A head product that skipped a panel, or a hidden gradient taken
+    from the wrong product, fails the comparison."""
+    import gguf
+
+    from thrifty.layers.gguf_quant import GGUFLinear
+
+    width, vocab = 64, 101
+    g = torch.Generator().manual_seed(11)
+    values = (torch.randn(vocab, width, generator=g) * 0.3).numpy()
+    blocks = torch.from_numpy(gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0))
+    head = GGUFLinear(blocks, int(gguf.GGMLQuantizationType.Q8_0), width, None, torch.float32)
+    dense = head.dequantize(torch.float32)
+    hidden = torch.randn(N, width, generator=g, requires_grad=True)
+    labels = torch.randint(0, vocab, (N,), generator=g)
+    labels[::4] = -100
+    ours, count = chunked_cross_entropy(hidden, head, labels, chunk_size=chunk_size)
+    reference, reference_count = chunked_cross_entropy(hidden, dense, labels, chunk_size=chunk_size)
+    assert count == reference_count
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_grads(ours, hidden)[0], _grads(reference, hidden)[0], atol=1e-6, rtol=1e-5)
+    tokens = labels.clamp(min=0)
+    with torch.no_grad():  # GRPO's old log-probs: no gradient, the same values
+        torch.testing.assert_close(selective_log_probs(hidden, head, tokens, chunk_size=chunk_size, temperature=0.7),
+                                   selective_log_probs(hidden, dense, tokens, chunk_size=chunk_size, temperature=0.7))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from thrifty.model.decoder import CausalLM, causal_mask
-from thrifty.training.losses import selective_log_probs
+from thrifty.training.losses import output_head, selective_log_probs
 
 PADDING = -1  # the group and segment of padding tokens
 # Rows are padded to a multiple of this many tokens. Unpadded, every micro-batch had a new
@@ -143,6 +143,6 @@ def completion_log_probs(model: CausalLM, batch: MicroBatch, temperature: float)
     hidden = model.hidden_states(batch.input_ids, batch.positions, batch.mask)
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.predictors)
     targets = batch.completion_ids.flatten().index_select(0, batch.targets)
-    real = selective_log_probs(hidden, model.lm_head.weight, targets, temperature=temperature)
+    real = selective_log_probs(hidden, output_head(model), targets, temperature=temperature)
     out = real.new_zeros(batch.completion_ids.numel())
     return out.index_put((batch.targets,), real).view_as(batch.completion_ids)

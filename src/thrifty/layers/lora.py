@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thrifty.errors import ThriftyError
+from thrifty.layers.gguf_quant import GGUFEmbedding
 from thrifty.layers.quant import QUANTIZED_LINEAR_TYPES, is_quantized
 
 LINEAR_TYPES = (nn.Linear, *QUANTIZED_LINEAR_TYPES)
@@ -471,7 +472,15 @@ def trainable_parameters(model: nn.Module) -> TrainableSummary:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    stored: set[int] = set()  # a tied GGUF embedding and head share one set of blocks
     for module in model.modules():
-        if is_quantized(module):
-            total += module.in_features * module.out_features
+        if not (is_quantized(module) or isinstance(module, GGUFEmbedding)):
+            continue
+        blocks = getattr(module, "blocks", None)
+        if blocks is not None:
+            if blocks.data_ptr() in stored:
+                continue
+            stored.add(blocks.data_ptr())
+        total += (module.num_embeddings * module.embedding_dim if isinstance(module, GGUFEmbedding)
+                  else module.in_features * module.out_features)
     return TrainableSummary(trainable, total)

@@ -42,7 +42,7 @@ from thrifty.model.decoder import CausalLM
 from thrifty.model.tokenizer import Tokenizer
 from thrifty.sft.config import RESUME_MUST_MATCH, SFTConfig
 from thrifty.sft.data import Batch, DatasetLike, SFTData, load_sft_data
-from thrifty.training.losses import chunked_cross_entropy
+from thrifty.training.losses import chunked_cross_entropy, output_head
 from thrifty.training.distributed import split_evenly
 from thrifty.training.metrics import MetricsLog, ProgressBar, peak_rss_bytes, plot_metrics, rss_bytes
 from thrifty.training.rows import DataOrder
@@ -56,7 +56,7 @@ def sft_loss(model: CausalLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     """(summed cross-entropy, labelled tokens) of one batch; labels come shifted."""
     batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
     hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch.get("mask"))
-    return chunked_cross_entropy(hidden, model.lm_head.weight, batch["labels"])
+    return chunked_cross_entropy(hidden, output_head(model), batch["labels"])
 
 
 def _print_now(text: str) -> None:

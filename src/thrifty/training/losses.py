@@ -22,17 +22,46 @@ row: cross-entropy is its negated sum over labelled rows, GRPO wants it per toke
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
+from torch import nn
 
 from thrifty.errors import ThriftyError
 from thrifty.kernels.matmul import mm
 from thrifty.kernels.native import native_kernel
+from thrifty.layers.quant import QuantizedLinear
 
 IGNORE_INDEX = -100
 
 # Default chunk: about 16M logits per chunk (64 MB in fp32), i.e. 341 rows of SmolLM2's
 # 49k vocabulary or 110 of Qwen's 152k. Big enough that the matmuls run near full speed.
 _CHUNK_LOGITS = 1 << 24
+
+
+# The output head as the loss multiplies by it: a weight tensor [V, H], or a frozen
+# quantized layer (a GGUF file's blocks: QLoRA on the file keeps the head as it is stored).
+Head = Union[torch.Tensor, QuantizedLinear]
+
+
+def output_head(model: nn.Module) -> Head:
+    """What the loss multiplies by: model.lm_head's weight, or the layer if quantized."""
+    head = model.lm_head
+    return head if isinstance(head, QuantizedLinear) else head.weight
+
+
+def _head_logits(head: Head, hidden: torch.Tensor) -> torch.Tensor:
+    return head.matmul(hidden) if isinstance(head, QuantizedLinear) else mm(hidden, head.t())
+
+
+def _head_input_grad(head: Head, grad: torch.Tensor) -> torch.Tensor:
+    return head.input_grad(grad) if isinstance(head, QuantizedLinear) else mm(grad, head)
+
+
+def _head_shape_dtype(head: Head) -> tuple[int, int, torch.dtype]:
+    if isinstance(head, QuantizedLinear):
+        return head.out_features, head.in_features, head.compute_dtype
+    return head.shape[0], head.shape[1], head.dtype
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -63,7 +92,7 @@ def chunked_cross_entropy(
     # loss that is most of every prompt. (index_select's backward scatters the grads back.)
     rows = (labels != ignore_index).nonzero().squeeze(1)
     targets = labels.index_select(0, rows)
-    _check_targets(targets, weight.shape[0])
+    _check_targets(targets, _head_shape_dtype(weight)[0])
     log_probs = _token_log_probs(hidden.index_select(0, rows), weight, targets, chunk_size, 1.0)
     return -log_probs.sum(), torch.tensor(rows.numel(), device=labels.device)
 
@@ -86,25 +115,34 @@ def selective_log_probs(
         raise ThriftyError(f"temperature must be positive for log-probs, got {temperature}.")
     shape = token_ids.shape
     hidden, token_ids = _flatten(hidden, weight, token_ids)
-    _check_targets(token_ids, weight.shape[0])
+    _check_targets(token_ids, _head_shape_dtype(weight)[0])
     return _token_log_probs(hidden, weight, token_ids, chunk_size, float(temperature)).view(shape)
 
 
 def _token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                      chunk_size: int | None, temperature: float) -> torch.Tensor:
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    chunk = chunk_size or default_chunk_size(_head_shape_dtype(weight)[0])
+    if isinstance(weight, QuantizedLinear):  # frozen: no weight gradient, whatever is asked
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return _FrozenHeadTokenLogProbs.apply(hidden, weight, targets, chunk, temperature)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            out[start:end] = _chunk_log_probs(_head_logits(weight, hidden[start:end]), targets[start:end], temperature)
+        return out
     if torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad:
         return _FrozenHeadTokenLogProbs.apply(hidden, weight, targets, chunk, temperature)
     return _ChunkedTokenLogProbs.apply(hidden, weight, targets, chunk, temperature)
 
 
-def _flatten(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _flatten(hidden: torch.Tensor, weight: Head, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Big matmuls must be 2-D: a 3-D bf16 input against a large weight can fall into a
     # bmm over an expanded weight, hundreds of times slower (see DESIGN.md).
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and lm_head weight ({weight.dtype}) must share a dtype.")
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden size {hidden.shape[-1]} does not match the weight's {weight.shape[1]}.")
+    _, width, dtype = _head_shape_dtype(weight)
+    if hidden.dtype != dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and lm_head weight ({dtype}) must share a dtype.")
+    if hidden.shape[-1] != width:
+        raise ValueError(f"hidden size {hidden.shape[-1]} does not match the weight's {width}.")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     ids = ids.reshape(-1)
     if ids.numel() != hidden.shape[0]:
@@ -197,10 +235,10 @@ class _FrozenHeadTokenLogProbs(torch.autograd.Function):
         row_grads = torch.empty_like(hidden)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            g = mm(hidden[start:end], weight.t())  # becomes d log p / d logits in place
+            g = _head_logits(weight, hidden[start:end])  # becomes d log p / d logits in place
             scale = torch.full((end - start,), 1.0 / temperature, device=hidden.device)
             out[start:end] = _chunk_log_probs(g, targets[start:end], temperature, scale)
-            row_grads[start:end] = mm(g, weight)
+            row_grads[start:end] = _head_input_grad(weight, g)
         ctx.save_for_backward(row_grads)
         return out
 

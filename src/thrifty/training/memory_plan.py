@@ -5,8 +5,8 @@ checks first (a plan that does not fit stops the run before the model loads).
 The peak is the sum of parts that live at once, each from a count and a size:
 * the runtime: Python, torch and Thrifty imported, the tokenizer and the data (measured);
 * the weights as they sit in memory: dtype bytes per weight, or NF4's 0.52 / int8's ~1 byte
-  per decoder weight, or a GGUF file's own block bytes (mapped); training on GGUF blocks
-  adds the dequantized embedding (and an untied head);
+  per decoder weight, or a GGUF file's own block bytes (mapped, the embedding and head
+  included: training multiplies by them in their blocks too);
 * what training adds per trained weight: LoRA's float32 adapters with gradient and two
   moments (16 bytes, 10 with 8-bit moments); full fine-tuning's gradient, float32 master
   (bf16 weights) and moments (AdamW: 8 bytes; 8-bit: 2 and a bf16 low half instead of the
@@ -38,14 +38,17 @@ from thrifty.model.decoder import CausalLM
 
 GIB = 2**30
 RUNTIME_BYTES = int(0.55 * GIB)  # imports ~0.28 GiB, tokenizer, data, what the allocator keeps
+# A checkpointed SFT step returns freed memory to the system (kernels/malloc_tuning.py):
+# the allocator keeps little. (GRPO's generation keeps it: its runtime stays the above.)
+RETURNING_RUNTIME_BYTES = int(0.30 * GIB)
 CHUNK_LOGITS = 1 << 24  # training/losses.py's chunk: a few [chunk x vocab] float32 buffers
 LOGIT_BUFFERS = 3
 # Per token, in units of 2-byte activations of (hidden_size, intermediate_size) widths,
 # fitted to measured peaks of the default model (benchmarks/bench_memory_plan.py):
 # the working set of the layer being recomputed under checkpointing (its activations,
 # their gradients, float32 upcasts where bf16 products are not native, and what the
-# allocator holds between them) ...
-WORKING_HIDDEN, WORKING_INTERMEDIATE = 40, 22
+# allocator holds between them, little since checkpointed steps return freed memory) ...
+WORKING_HIDDEN, WORKING_INTERMEDIATE = 20, 11
 # ... and, without checkpointing, what each layer keeps for its backward.
 KEPT_HIDDEN, KEPT_INTERMEDIATE = 12, 6
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + 8-bit absmax per 64 + fp32 scale per 256 blocks
@@ -128,8 +131,7 @@ def _weights(facts: ModelFacts, config: Any) -> list[tuple[str, int]]:
     if quantize == "gguf":
         if facts.gguf_block_bytes is None:
             raise ThriftyError(f"quantize: gguf needs a .gguf file; {facts.source} is not one.")
-        return [("weights (the GGUF file's blocks, mapped)", facts.gguf_block_bytes),
-                (f"embedding and head, dequantized ({config.dtype})", dense_rest)]
+        return [("weights (the GGUF file's blocks, mapped)", facts.gguf_block_bytes)]
     per_weight = NF4_BYTES if quantize == "nf4" else INT8_BYTES
     return [(f"decoder weights ({quantize})", int(facts.linear_params * per_weight)),
             (f"embedding and head ({config.dtype})", dense_rest)]
@@ -177,9 +179,9 @@ def _method(config: Any) -> str:
     return f"QLoRA ({config.quantize})" if config.quantize else "LoRA" if config.use_lora else "full"
 
 
-def _model_parts(facts: ModelFacts, config: Any) -> list[tuple[str, int]]:
+def _model_parts(facts: ModelFacts, config: Any, runtime: int = RUNTIME_BYTES) -> list[tuple[str, int]]:
     """What every run holds whatever its batch: runtime, weights, training state."""
-    return [("runtime (Python, torch, tokenizer, data)", RUNTIME_BYTES), *_weights(facts, config),
+    return [("runtime (Python, torch, tokenizer, data)", runtime), *_weights(facts, config),
             _training_state(facts, config)]
 
 
@@ -187,7 +189,8 @@ def plan_sft(facts: ModelFacts, config: Any) -> MemoryPlan:
     tokens = config.per_device_train_batch_size * config.max_length
     plan = MemoryPlan(f"SFT {_method(config)}, {config.per_device_train_batch_size} x {config.max_length} tokens "
                       f"per micro-batch, checkpointing {'on' if config.gradient_checkpointing else 'off'}")
-    plan.parts = [*_model_parts(facts, config),
+    runtime = RETURNING_RUNTIME_BYTES if config.gradient_checkpointing else RUNTIME_BYTES
+    plan.parts = [*_model_parts(facts, config, runtime),
                   ("activations", _activations(facts, tokens, config)),
                   ("loss (chunked logits)", _logits(facts, tokens))]
     return plan

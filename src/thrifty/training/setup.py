@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from thrifty.errors import ThriftyError
-from thrifty.layers.gguf_quant import GGUFEmbedding, GGUFLinear
+from thrifty.layers.gguf_quant import GGUFLinear
 from thrifty.layers.lora import LoraConfig, LoraLinear, apply_lora, has_lora
 from thrifty.layers.quant import is_quantized, quantization_of, quantize_model
 
@@ -86,7 +86,6 @@ def prepare_model(model: nn.Module, config: Any, method: TrainingMethod,
         return model
     if method.quantize is not None and quantization_of(model) is None:
         quantize_model(model, method.quantize)  # QLoRA: the adapters wrap the quantized layers
-    dense_embeddings_and_head(model)
     if has_lora(model):
         return model  # e.g. from get_peft_model: trained as they are
     if config.adapter is not None:
@@ -94,16 +93,3 @@ def prepare_model(model: nn.Module, config: Any, method: TrainingMethod,
     else:
         apply_lora(model, lora_config_from(config))  # freezes the base, adapters trainable
     return model
-
-
-def dense_embeddings_and_head(model: nn.Module) -> None:
-    """The chunked loss multiplies by the head's weight as a tensor: a model loaded with
-    its GGUF blocks trains with the embedding and head dequantized (tied again if they
-    were); its decoder layers stay in their blocks under the adapters."""
-    embed, head = model.model.embed_tokens, model.lm_head
-    if isinstance(embed, GGUFEmbedding):
-        model.model.embed_tokens = nn.Embedding.from_pretrained(embed.dequantize(), freeze=True)
-    if isinstance(head, GGUFLinear):
-        model.lm_head = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
-        model.lm_head.weight = (model.model.embed_tokens.weight if model.config.tie_word_embeddings
-                                else nn.Parameter(head.dequantize(), requires_grad=False))
