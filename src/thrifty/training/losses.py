@@ -70,7 +70,7 @@ def default_chunk_size(vocab_size: int) -> int:
 
 def chunked_cross_entropy(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Head,
     labels: torch.Tensor,
     *,
     chunk_size: int | None = None,
@@ -78,7 +78,8 @@ def chunked_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of `hidden @ weight.T` against `labels`, as (loss_sum, num_tokens).
 
-    hidden: [..., H] final hidden states (fp32 or bf16); weight: [V, H] the lm_head weight;
+    hidden: [..., H] final hidden states (fp32 or bf16); weight: [V, H] the lm_head weight
+    (or a frozen quantized head layer: `output_head`);
     labels: [...] target ids, already aligned with hidden (position t predicts labels[t];
     thrifty.sft.batches' come shifted), `ignore_index` where there is no loss.
 
@@ -99,7 +100,7 @@ def chunked_cross_entropy(
 
 def selective_log_probs(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Head,
     token_ids: torch.Tensor,
     *,
     chunk_size: int | None = None,
@@ -119,7 +120,7 @@ def selective_log_probs(
     return _token_log_probs(hidden, weight, token_ids, chunk_size, float(temperature)).view(shape)
 
 
-def _token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def _token_log_probs(hidden: torch.Tensor, weight: Head, targets: torch.Tensor,
                      chunk_size: int | None, temperature: float) -> torch.Tensor:
     chunk = chunk_size or default_chunk_size(_head_shape_dtype(weight)[0])
     if isinstance(weight, QuantizedLinear):  # frozen: no weight gradient, whatever is asked
