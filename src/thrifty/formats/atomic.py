@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -58,10 +60,22 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 
 
 def atomic_file(path: Path, write: Callable[[str], None]) -> None:
-    """write(temp_path) then rename over `path`: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """write(temp_path) then rename over `path`: readers never see a half-written file.
+
+    The temporary file is locked while it is written, so a second writer of the same
+    path is refused (not silently replaced by the first, or replacing it) and the
+    temporary files of killed writers, unlocked, are removed."""
+    path = Path(path)
+    if path.is_dir():
+        raise ThriftyError(f"{path} is a directory; give the path of the file to write.")
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise ThriftyError(f"{path}: cannot write in {path.parent} ({error.strerror}). Choose a directory you can "
+                           "write to, or change its permissions.") from error
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours alone: the file is new
+        _claim(path, Path(tmp))
         with _disk_full_said(path):
             write(tmp)
         # mkstemp makes the file owner-only; give it the permissions a plain open() would.
@@ -73,6 +87,30 @@ def atomic_file(path: Path, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    finally:
+        os.close(fd)
+
+
+def _claim(path: Path, own: Path) -> None:
+    """Refuse when another process is writing `path` now (its temporary file is locked);
+    remove the temporary files killed writers left (unlocked)."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp$")  # mkstemp's names
+    for other in path.parent.iterdir():
+        if other == own or not pattern.match(other.name):
+            continue
+        try:
+            fd = os.open(other, os.O_RDONLY)
+        except FileNotFoundError:  # finished or removed meanwhile
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ThriftyError(f"{path}: another process is writing this file now. Wait for it to finish, or "
+                                   "write to another path.") from None
+            os.remove(other)
+        finally:
+            os.close(fd)
 
 
 def require_finite(tensors: Mapping[str, torch.Tensor], destination: Path | str) -> None:
