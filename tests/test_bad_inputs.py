@@ -87,6 +87,13 @@ def grpo_config(directory: Path, text: str, *overrides: str) -> object:
     return load_grpo_config(write(directory, "g.yaml", text), list(overrides))
 
 
+def eval_task_setting(setting: str) -> object:
+    """`thrifty eval --task arithmetic --task-setting ...`'s checks, which run before its model loads."""
+    from thrifty.cli import build_parser, run_eval
+
+    return run_eval(build_parser().parse_args(["eval", "--task", "arithmetic", "--task-setting", setting]))
+
+
 CONFIG_CASES: dict[str, tuple[Case, str]] = {
     "unknown-key": (lambda d: sft_config(d, "max_step: 5\n"), r"c\.yaml line 1.*max_step.*max_steps"),
     "wrong-type": (lambda d: sft_config(d, "learning_rate: fast\n"), r"c\.yaml line 1.*learning_rate"),
@@ -116,6 +123,15 @@ CONFIG_CASES: dict[str, tuple[Case, str]] = {
     "grpo-step-spans-generations": (lambda d: grpo_config(d, "per_device_train_batch_size: 4\nnum_generations: 2\n"
                                                             "gradient_accumulation_steps: 2\nsteps_per_generation: 3\n"),
                                     r"g\.yaml.*steps_per_generation.*multiple of gradient_accumulation_steps = 2"),
+    # A task setting of the wrong type failed deep in the task or the reward, minutes in.
+    "grpo-task-setting-type": (lambda d: grpo_config(d, "task: arithmetic\ntask_settings: {steps_weight: lots}\n"),
+                               r"g\.yaml.*setting steps_weight takes a number, not 'lots'"),
+    "grpo-task-setting-list": (lambda d: grpo_config(d, "task: arithmetic\n", "task_settings={operand_digits: 3}"),
+                               r"setting operand_digits takes a list of integers, not 3"),
+    "grpo-task-setting-unknown": (lambda d: grpo_config(d, "task: countdown\ntask_settings: {numbers: 3}\n"),
+                                  r"task 'countdown' has no setting numbers; its settings: .*num_numbers"),
+    "eval-task-setting-type": (lambda d: eval_task_setting("operand_digits=abc"),
+                               r"setting operand_digits takes a list of integers, not 'abc'"),
 }
 
 

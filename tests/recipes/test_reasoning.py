@@ -142,6 +142,7 @@ def test_the_recipe_end_to_end_briefly_through_the_cli(tmp_path: Path) -> None:
     ("prompts_per_step=0", r"recipe field prompts_per_step must be a whole number of at least 1, got 0"),
     ("num_generations=1", r"recipe field num_generations must be at least 2"),
     ("grpo_learning_rate=-1", r"recipe field grpo_learning_rate must be a positive number, got -1"),
+    ("task_settings={steps_weight: lots}", r"task 'arithmetic': setting steps_weight takes a number, not 'lots'"),
 ])
 def test_bad_recipe_values_are_refused_before_any_stage(tmp_path: Path, override: str, message: str) -> None:
     """Refused by the recipe's own field names before the base model is evaluated: nothing

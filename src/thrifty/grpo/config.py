@@ -34,6 +34,7 @@ from typing import Any, Literal, Sequence
 
 from thrifty.config_io import load_config, refuse_unknown_fields, require, resolve_next_to
 from thrifty.errors import ThriftyError
+from thrifty.grpo.tasks import check_task_settings
 from thrifty.training.config import RESUME_MUST_MATCH as SHARED_RESUME_MUST_MATCH
 from thrifty.training.config import TrainingConfig, launched_world_size
 
@@ -117,6 +118,8 @@ class GRPOConfig(TrainingConfig):
         need(0 <= self.min_completion_length <= self.max_completion_length, "min_completion_length",
              "must be between 0 and max_completion_length")
         need(self.temperature > 0, "temperature", "must be positive: GRPO needs sampled (varied) completions")
+        if self.task is not None:  # typed per task, here rather than in the first reward
+            check_task_settings(self.task, self.task_settings)
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(self.top_k >= 0, "top_k", "must be 0 (off) or more")
         need(0 <= self.min_p < 1, "min_p", "must be in [0, 1)")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -44,15 +46,52 @@ def get_task(name: str, **kwargs: Any) -> Task:
         from thrifty.grpo.tasks.reasoning_gym_task import ReasoningGymTask
 
         return ReasoningGymTask(name[len(_REASONING_GYM_PREFIX):], **kwargs)
+    check_task_settings(name, kwargs)
+    return _BUILTIN[name](**kwargs)
+
+
+def check_task_settings(name: str, settings: dict[str, Any]) -> None:
+    """Refuse an unknown built-in task, a setting it does not have or a value of the wrong
+    type, naming the setting and what it takes: before any work, not deep in a reward.
+    (reasoning_gym datasets check their own settings when built.)"""
+    if name.startswith(_REASONING_GYM_PREFIX):
+        return
     factory = _BUILTIN.get(name)
     if factory is None:
         raise ThriftyError(f"unknown task {name!r}; available: {', '.join(available_tasks())} "
                            "(or reasoning_gym:<dataset> with reasoning-gym installed).")
+    hints = typing.get_type_hints(factory)
     fields = {f.name for f in dataclasses.fields(factory)}  # type: ignore[arg-type]
-    unknown = sorted(set(kwargs) - fields)
+    unknown = sorted(set(settings) - fields)
     if unknown:
-        raise ThriftyError(f"task {name!r} has no setting {', '.join(unknown)}; its settings: {', '.join(sorted(fields))}.")
-    return factory(**kwargs)
+        raise ThriftyError(f"task {name!r} has no setting {', '.join(unknown)}; its settings: "
+                           f"{', '.join(sorted(fields))}.")
+    for key, value in settings.items():
+        if not _has_type(value, hints[key]):
+            raise ThriftyError(f"task {name!r}: setting {key} takes {_described(hints[key])}, not {value!r}.")
 
 
-__all__ = ["ArithmeticTask", "CountdownTask", "GSMTask", "Row", "Split", "Task", "available_tasks", "get_task"]
+def _has_type(value: Any, hint: Any) -> bool:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in args)
+    if typing.get_origin(hint) is tuple:  # YAML gives lists: either is fine
+        return isinstance(value, (list, tuple)) and all(_has_type(item, args[0]) for item in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return value is None if hint is type(None) else isinstance(value, hint)
+
+
+def _described(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_described(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_described(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a text",
+            type(None): "null"}.get(hint, str(hint))
+
+
+__all__ = ["ArithmeticTask", "CountdownTask", "GSMTask", "Row", "Split", "Task", "available_tasks",
+           "check_task_settings", "get_task"]
