@@ -123,6 +123,9 @@ CONFIG_CASES: dict[str, tuple[Case, str]] = {
     "grpo-step-spans-generations": (lambda d: grpo_config(d, "per_device_train_batch_size: 4\nnum_generations: 2\n"
                                                             "gradient_accumulation_steps: 2\nsteps_per_generation: 3\n"),
                                     r"g\.yaml.*steps_per_generation.*multiple of gradient_accumulation_steps = 2"),
+    # Told from its size, before tokenizing it (a 50 MB row took 89 s to be refused).
+    "huge-row": (lambda d: tokenize_file(d, "t.jsonl", jsonl(GOOD, {"prompt": "a", "completion": "word " * 2_000_000})),
+                 r"t\.jsonl line 2: the example holds 10,000,001 characters, far more than max_length=64"),
     # A task setting of the wrong type failed deep in the task or the reward, minutes in.
     "grpo-task-setting-type": (lambda d: grpo_config(d, "task: arithmetic\ntask_settings: {steps_weight: lots}\n"),
                                r"g\.yaml.*setting steps_weight takes a number, not 'lots'"),

@@ -181,6 +181,11 @@ def test_too_long_sample_errors_truncates_or_drops(tokenizer: Tokenizer) -> None
     assert [len(e) for e in truncated] == [2, 20]
     with pytest.warns(UserWarning, match="skipped 1 of 2 examples"):
         assert len(tokenize_dataset(rows, tokenizer, max_length=20, truncation="drop")) == 1
+    # A row too big to tokenize at all (told from its length): dropped, or cut when truncating.
+    huge = [rows[0], {"text": "word " * 200_000}]
+    with pytest.warns(UserWarning, match="skipped 1 of 2 examples"):
+        assert len(tokenize_dataset(huge, tokenizer, max_length=20, truncation="drop")) == 1
+    assert [len(e) for e in tokenize_dataset(huge, tokenizer, max_length=20, truncation="truncate")] == [2, 20]
 
 
 def test_text_gets_eos_and_loss_everywhere(tokenizer: Tokenizer) -> None:

@@ -10,6 +10,7 @@ messages into a prompt. Both come from a Hugging Face model directory
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -62,6 +63,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """At most this many bytes of text make one token: the longest vocabulary entry's
+        UTF-8 length (a byte-level or metaspace entry is at least as long as its text)."""
+        return max(len(token.encode("utf-8")) for token in self.backend.get_vocab())
 
     def __len__(self) -> int:
         return self.vocab_size
