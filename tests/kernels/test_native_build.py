@@ -32,8 +32,11 @@ def test_an_interrupted_compile_never_blocks_the_next(tmp_path: Path, interrupt:
     (source / "probe.cpp").write_text(PROBE)
     builds = tmp_path / "builds"
     env = {**os.environ, "THRIFTY_NATIVE_BUILD_DIR": str(builds)}
+    # Ctrl-C as a terminal delivers it: a shell's background job inherits SIGINT ignored,
+    # and Python then never raises KeyboardInterrupt (the build would just finish).
     first = subprocess.Popen([sys.executable, "-c", BUILD, str(source)], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     # Interrupt while the compiler runs: PyTorch's loader holds its lock file then.
     while not any((d / "lock").exists() for d in building_dirs(builds)):
