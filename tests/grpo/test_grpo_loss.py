@@ -19,6 +19,7 @@ from thrifty.grpo.loss import (
     group_advantages,
     grpo_loss,
     reward_metrics,
+    rollout_importance_ratio,
 )
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -367,3 +368,88 @@ def test_advantages_match_trls_own_code(trl_grpo, tiny_hf_dir, tmp_path, scale):
     ours = group_advantages(combine_rewards(per_function.view(2, 4, 4), [1.0, 0.5]), scale)
     assert per_function[0].std() > 0  # varied rewards, so the advantages are not all zero
     torch.testing.assert_close(ours.flatten(), out["advantages"].float(), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------ rollouts from other weights: TRL's vLLM correction
+
+
+@pytest.mark.parametrize(("mode", "clip_min", "clip_max"), [
+    ("token_truncate", 0.5, 1.5), ("token_mask", 0.8, 1.25), ("sequence_truncate", None, 1.5),
+    ("sequence_mask", None, 3.0), ("sequence_mask", 0.5, None)])
+def test_rollout_importance_ratio_is_trls_own(trl_grpo, tiny_hf_dir, tmp_path, mode, clip_min, clip_max):
+    """TRL's GRPOTrainer, as with vLLM, scores a batch whose sampling log-probs we supply
+    (one NaN among them, as vLLM can return): its importance_sampling_ratio and metrics
+    equal rollout_importance_ratio on its own old log-probs, and its loss times that ratio
+    equals grpo_loss given it."""
+    import datasets
+    import transformers
+    import trl
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf_dir)
+    trainer = trl.GRPOTrainer(
+        model=transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32),
+        processing_class=tokenizer, reward_funcs=[lambda completions, **kw: [float(len(c) % 3) for c in completions]],
+        train_dataset=datasets.Dataset.from_list([{"prompt": "say red"}, {"prompt": "say sun"}]),
+        args=trl.GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, num_generations=4,
+                            per_device_train_batch_size=8, max_completion_length=6, disable_tqdm=True))
+    rng = torch.Generator().manual_seed(4)
+    prompt_ids = [tokenizer("say red")["input_ids"]] * 4 + [tokenizer("say sun")["input_ids"]] * 4
+    completions = [torch.randint(3, 90, (n,), generator=rng).tolist() for n in (6, 3, 5, 6, 1, 4, 6, 2)]
+    sampling = [[-5.0] * len(c) for c in completions]  # first pass: learn the model's own log-probs
+
+    def fake_generate(prompts):  # type: ignore[no-untyped-def]
+        texts = tokenizer.batch_decode(completions)
+        return prompt_ids, completions, None, texts, sampling, {}, None, None
+
+    trainer._generate = fake_generate
+    trainer.use_vllm = True
+    trainer.vllm_importance_sampling_correction = True
+    trainer.vllm_importance_sampling_mode = mode
+    trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max = clip_min, clip_max
+    inputs = [{"prompt": "say red"}] * 4 + [{"prompt": "say sun"}] * 4
+    model_logps = trainer._generate_and_score_completions(inputs)["old_per_token_logps"]
+    # Sampling log-probs near the model's (a quantized copy's are), so that some ratios pass
+    # the clips and some do not; one unknown, as vLLM can return.
+    sampling = [(model_logps[i, :len(c)] + 0.6 * torch.randn(len(c), generator=rng)).tolist()
+                for i, c in enumerate(completions)]
+    sampling[2][1] = float("nan")
+    out = trainer._generate_and_score_completions(inputs)
+    their_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("sampling/")}
+
+    old, mask = out["old_per_token_logps"], out["completion_mask"].float()
+    T = mask.shape[1]
+    ours_sampling = torch.tensor([s + [0.0] * (T - len(s)) for s in sampling])
+    ratio, metrics = rollout_importance_ratio(old, ours_sampling, mask, mode=mode, clip_min=clip_min,
+                                              clip_max=clip_max)
+    torch.testing.assert_close(ratio, out["importance_sampling_ratio"], rtol=1e-6, atol=0)
+    assert 0 < (ratio == 0).sum() < ratio.numel() or mode.endswith("truncate")  # the masks do mask something
+    for key, value in their_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-6), key
+
+    logp = (old + 0.05 * torch.randn(old.shape, generator=rng)).requires_grad_()
+    adv = torch.randn(8, generator=rng)
+    theirs, _ = trl_compute_loss_with_ratio(trl_grpo, logp, old, adv, mask, out["importance_sampling_ratio"])
+    ours, _ = grpo_loss(logp, old, None, adv, mask, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
+                        num_items_in_batch=mask.sum().item(), importance_sampling_ratio=ratio)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def trl_compute_loss_with_ratio(trl_grpo, logp, old, adv, mask, ratio):  # type: ignore[no-untyped-def]
+    B, T = logp.shape
+    metrics = {"train": defaultdict(list)}
+    fake = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+        beta=0.0, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        use_vllm=True, vllm_importance_sampling_correction=True, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, max_completion_length=T,
+        accelerator=SimpleNamespace(num_processes=1, reduce=lambda t, reduction: t, gather=lambda t: t,
+                                    gather_for_metrics=lambda t: t),
+        _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics=metrics,
+    )
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
+              "advantages": adv, "num_items_in_batch": torch.tensor(float(mask.sum())),
+              "old_per_token_logps": old, "importance_sampling_ratio": ratio}
+    return trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs), metrics

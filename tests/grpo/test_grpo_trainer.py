@@ -474,3 +474,48 @@ def test_a_reasoning_gym_task_trains_with_its_columns(tiny_dir: Path, tmp_path: 
     logged = records(tmp_path)
     assert "rewards/leg_counting_score/mean" in next(r for r in logged if "reward" in r)
     assert any("eval_accuracy" in r for r in logged)
+
+
+def test_rollouts_from_quantized_weights_are_corrected_as_trl_corrects_vllm(tiny_dir: Path, tmp_path: Path) -> None:
+    """rollout_quantization samples from GGUF blocks of the base while LoRA trains on the
+    weights themselves; the sampler's log-probs travel with the completions and the update
+    reports TRL's sampling metrics. The logp difference is what quantization makes it: zero
+    would mean the rollouts did not come from the quantized copy, and Q4_0 differs more
+    than Q8_0."""
+    differences = {}
+    for quantization in ("q8_0", "q4_0"):
+        out = tmp_path / quantization
+        trainer = tiny_trainer(tiny_dir, tiny_config(out, tiny_dir, max_steps=2, rollout_quantization=quantization,
+                                                     vllm_importance_sampling_mode="token_truncate"))
+        group = trainer.rollout([0])[0]
+        assert [len(s) for s in group.sampling_log_probs] == [len(c) for c in group.completion_ids]
+        assert trainer.inference_plan().quantization == quantization
+        trainer.train()
+        rows = records(out)
+        assert len(rows) == 2
+        for row in rows:
+            assert 0 < row["sampling/importance_sampling_ratio/min"] <= row["sampling/importance_sampling_ratio/mean"]
+            assert row["sampling/importance_sampling_ratio/max"] <= 3.0  # clip_max truncates
+            assert row["sampling/sampling_logp_difference/max"] >= row["sampling/sampling_logp_difference/mean"]
+        differences[quantization] = sum(row["sampling/sampling_logp_difference/mean"] for row in rows)
+    assert 1e-5 < differences["q8_0"] < differences["q4_0"] < 1.0, differences
+
+    out = tmp_path / "uncorrected"
+    tiny_trainer(tiny_dir, tiny_config(out, tiny_dir, max_steps=1, rollout_quantization="q8_0",
+                                       vllm_importance_sampling_correction=False)).train()
+    assert not any(key.startswith("sampling/") for key in records(out)[0])
+
+
+def test_rollout_quantization_refusals(tiny_dir: Path) -> None:
+    with pytest.raises(ThriftyError, match=r"rollout_quantization = 'q4_0': must be null when quantize = 'nf4'"):
+        tiny_config(Path("unused"), tiny_dir, rollout_quantization="q4_0", quantize="nf4")
+    with pytest.raises(ThriftyError, match=r"rollout_quantization = 'q5_k'"):
+        tiny_config(Path("unused"), tiny_dir, rollout_quantization="q5_k")
+    with pytest.raises(ThriftyError, match=r"vllm_importance_sampling_clip_min = 2.0: \(2.0\) must be less than"):
+        tiny_config(Path("unused"), tiny_dir, vllm_importance_sampling_clip_min=2.0,
+                    vllm_importance_sampling_clip_max=1.5)
+    with pytest.raises(ThriftyError, match=r"vllm_importance_sampling_clip_max = None: or .*_truncate"):
+        tiny_config(Path("unused"), tiny_dir, vllm_importance_sampling_mode="token_truncate",
+                    vllm_importance_sampling_clip_max=None)
+    with pytest.raises(ThriftyError, match=r"vllm_importance_sampling_mode = 'sequence'"):
+        tiny_config(Path("unused"), tiny_dir, vllm_importance_sampling_mode="sequence")

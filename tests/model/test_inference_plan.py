@@ -14,6 +14,7 @@ from thrifty.formats.build import build_model
 from thrifty.formats.hf import load_hf_config, load_hf_state_dict
 from thrifty.generation.engine import generate_tokens
 from thrifty.generation.sampling import SamplingParams
+from thrifty.kernels import gguf_blocks
 from thrifty.layers.lora import LoraConfig, apply_lora, disable_lora
 from thrifty.model.inference_plan import InferencePlan
 from thrifty.model.weights_epoch import advance_weights_epoch, weights_epoch
@@ -159,3 +160,78 @@ def test_plans_live_outside_the_model(tiny) -> None:
     assert weights_epoch(clone) == weights_epoch(model)
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(modules_logits(clone, ids), modules_logits(model, ids))
+
+
+def round_trip(weight: torch.Tensor, qtype: int) -> torch.Tensor:
+    """weight as a quantized plan multiplies by it: quantized to GGUF blocks and back."""
+    blocks = gguf_blocks.quantize(weight, qtype)
+    return gguf_blocks.dequantize(blocks, qtype, weight.shape[1], torch.float32).to(weight.dtype)
+
+
+@pytest.mark.parametrize("quantization", ["q8_0", "q4_0"])
+def test_a_quantized_plan_computes_with_the_blocks_of_its_base_weights(tiny, quantization: str) -> None:
+    """The plan's logits are those of the modules with every whole-block base weight
+    replaced by its quantized-and-dequantized self, LoRA on top at full precision. Catches
+    a plan that quantizes the adapters, skips a group, or forgets the q/k/v biases."""
+    model = tiny.float()
+    model = apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    plan = InferencePlan.build(model, quantization=quantization)
+    reference = copy.deepcopy(model)
+    # The plan quantizes the head, not the embedding lookup: untie them in the reference.
+    reference.lm_head.weight = torch.nn.Parameter(reference.lm_head.weight.detach().clone())
+    qtype = gguf_blocks.QUANTIZE_TO[quantization]
+    quantized = 0
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lora_" not in name and module.in_features % 32 == 0:
+                module.weight.copy_(round_trip(module.weight, qtype))
+                quantized += 1
+    assert quantized > 0 and plan.decoding_step is None
+    expected, full = modules_logits(reference, ids), modules_logits(model, ids)
+    got = plan_logits(plan, ids)
+    # Measured 3e-6 (the kernels sum in another order); quantization itself moves the logits
+    # by ~1e-2 (q8_0) to ~1e-1 (q4_0), so a plan on the unquantized weights fails this.
+    assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    assert (got - full).abs().max().item() > 1e-3 * full.abs().max().item()
+
+
+def test_a_quantized_plan_quantizes_a_frozen_base_once(tiny) -> None:
+    model = tiny.float()
+    model = apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    plan = InferencePlan.build(model, quantization="q8_0")
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.q_proj.lora_B.weight.fill_(0.1)
+    advance_weights_epoch(model, trainable_only=True)
+    later = plan.for_current_weights()
+    assert later is not plan and later.quantization == "q8_0"
+    assert later.group(attn, "qkv").base is plan.group(attn, "qkv").base  # the blocks, not made again
+    plain = InferencePlan.build(model, previous=later)  # another quantization never lends its packs
+    assert plain.group(attn, "qkv").base is not later.group(attn, "qkv").base
+    assert plain.group(attn, "qkv").base.qtype is None
+    with pytest.raises(ThriftyError, match="q8_0 or q4_0, not 'q3'"):
+        InferencePlan.build(model, quantization="q3")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_log_probs_are_the_models_own(tiny, temperature: float) -> None:
+    """What the engine reports for each sampled token is the log-softmax of the model's
+    logits at the sampling temperature: teacher-forced on prompt + completion, the modules
+    give the same numbers (so GRPO's importance ratio is 1 when nothing differs)."""
+    model = tiny.float()
+    prompts = [[5, 6, 7], [9, 3]]
+    sampled: list[list[float]] = []
+    tokens, _ = generate_tokens(model, prompts, max_new_tokens=6, sampling=SamplingParams(temperature=temperature),
+                                seed=3, num_return_sequences=2, sampled_log_probs=sampled)
+    assert [len(s) for s in sampled] == [len(t) for t in tokens]
+    for row, (completion, log_probs) in enumerate(zip(tokens, sampled)):
+        ids = torch.tensor([prompts[row // 2] + completion])
+        logits = modules_logits(model, ids)[0, len(prompts[row // 2]) - 1:-1]
+        expected = torch.log_softmax(logits / temperature, dim=-1).gather(1, torch.tensor(completion)[:, None])
+        torch.testing.assert_close(torch.tensor(log_probs), expected.squeeze(1), rtol=0, atol=1e-5)

@@ -154,12 +154,17 @@ def generate_tokens(
     min_new_tokens: int = 0,
     row_seeds: Sequence[int] | None = None,
     plan: InferencePlan | None = None,
+    sampled_log_probs: list[list[float]] | None = None,
 ) -> tuple[list[list[int]], list[FinishReason]]:
     """The engine on token ids. Returns, per output row (prompt-major), the generated ids
     and why each row finished. Before min_new_tokens tokens, the stop tokens get no
     probability (transformers' min_new_tokens). row_seeds (one per output row, instead of
     `seed`) give each row its own random stream (RowGenerators). plan: the model's current
-    InferencePlan (None: one is built for this call)."""
+    InferencePlan (None: one is built for this call). sampled_log_probs, an empty list if
+    given, receives per output row the log-probability of each generated token under the
+    weights that sampled it, at the sampling temperature and before top-k/top-p/min-p and
+    min_new_tokens (what a trainer's forward computes for the same tokens: GRPO compares
+    the two when rollouts come from quantized weights)."""
     if max_new_tokens < 1:
         raise ThriftyError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     if not 0 <= min_new_tokens <= max_new_tokens:
@@ -175,13 +180,15 @@ def generate_tokens(
         raise ThriftyError("generate: the inference plan was built for another model.")
     with plan.active():
         return _generate(model, plan, prompt_ids, max_new_tokens, sampling, num_return_sequences, seed,
-                         stop_token_ids, pad_token_id, stop_checker, on_step, min_new_tokens, row_seeds)
+                         stop_token_ids, pad_token_id, stop_checker, on_step, min_new_tokens, row_seeds,
+                         sampled_log_probs)
 
 
 def _generate(model: CausalLM, plan: InferencePlan, prompt_ids: list[list[int]], max_new_tokens: int,
               sampling: SamplingParams, num_return_sequences: int, seed: int | None, stop_token_ids: Sequence[int],
               pad_token_id: int, stop_checker: Callable[[list[int]], bool] | None, on_step: StepCallback | None,
-              min_new_tokens: int, row_seeds: Sequence[int] | None) -> tuple[list[list[int]], list[FinishReason]]:
+              min_new_tokens: int, row_seeds: Sequence[int] | None,
+              sampled_log_probs: list[list[float]] | None) -> tuple[list[list[int]], list[FinishReason]]:
     device = model.device
     num_rows = len(prompt_ids) * num_return_sequences
     # The random numbers come from one generator, or from one per row; only the one in use
@@ -232,12 +239,20 @@ def _generate(model: CausalLM, plan: InferencePlan, prompt_ids: list[list[int]],
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), device=device, dtype=torch.long)
     done = [False] * num_rows  # per batch row: finished, its further tokens dropped
     decoding_step = plan.decoding_step
+    if sampled_log_probs is not None:
+        sampled_log_probs[:] = [[] for _ in range(num_rows)]
+    temperature = sampling.temperature or 1.0
 
     for step in range(max_new_tokens):
+        unfiltered = logits
         if step < min_new_tokens and len(stop_ids):
             logits = logits.index_fill(1, stop_ids, float("-inf"))
         uniform = None if row_generators is None or sampling.greedy else row_generators.uniform(active)
         next_tokens = sample_next_tokens(logits, sampling, generator, uniform)
+        token_log_probs = None
+        if sampled_log_probs is not None:
+            token_log_probs = torch.log_softmax(unfiltered.float() / temperature, dim=-1).gather(
+                1, next_tokens.unsqueeze(1)).squeeze(1).tolist()
         # NaN propagates through amax, so one reduction per step catches a broken model or
         # kernel instead of sampling token 0 forever (~0.1 ms at 16 x 49k).
         finite = torch.isfinite(logits.amax(dim=-1))
@@ -249,6 +264,8 @@ def _generate(model: CausalLM, plan: InferencePlan, prompt_ids: list[list[int]],
         for i in live:
             row = active[i]
             generated[row].append(new_tokens[i])
+            if token_log_probs is not None:
+                sampled_log_probs[row].append(token_log_probs[i])  # type: ignore[index]
             if finished[i] or (stop_checker is not None and stop_checker(generated[row])):
                 reasons[row] = "stop"
                 done[i] = True

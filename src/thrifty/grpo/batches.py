@@ -53,6 +53,17 @@ class MicroBatch:
     completion_ids: torch.Tensor  # [B, T], right-padded
     completion_mask: torch.Tensor  # [B, T] float: 1 on tokens that count in the loss
     advantages: torch.Tensor  # [B]
+    sampling_log_probs: torch.Tensor | None = None  # [B, T]: the sampler's, when other weights sampled
+
+
+@dataclass
+class RankSlice:
+    """This rank's part of one micro-batch (all of it in a world of one)."""
+
+    batch: MicroBatch  # this rank's completions (a stand-in if it has none: weight 0)
+    weight: float  # 1, or 0 for the stand-in
+    sequences: int  # completions in the whole micro-batch, all ranks
+    tokens: float  # loss tokens in the whole micro-batch, all ranks
 
 
 def pack_groups(prompts: list[list[int]], completions: list[list[int]], completion_mask: torch.Tensor,

@@ -40,6 +40,8 @@ from thrifty.training.config import TrainingConfig, launched_world_size
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")  # see grpo/loss.py
 SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_MODES: tuple[str, ...] = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+IMPORTANCE_SAMPLING_QUANTIZATIONS: tuple[str, ...] = ("q8_0", "q4_0")  # kernels/gguf_blocks.QUANTIZE_TO
 
 
 @refuse_unknown_fields
@@ -65,6 +67,15 @@ class GRPOConfig(TrainingConfig):
     top_k: int = 0  # 0: off
     min_p: float = 0.0
     use_vllm: bool = False  # TRL's; Thrifty's own engine generates (vLLM needs a GPU)
+    # Sample the rollouts from a copy of the model quantized to GGUF blocks ("q8_0", "q4_0";
+    # Thrifty's own field), while training updates the weights themselves. The mismatch
+    # between the two is corrected as TRL corrects vLLM's, with TRL's fields below.
+    rollout_quantization: Literal["q8_0", "q4_0"] | None = None
+    vllm_importance_sampling_correction: bool = True  # applies only with rollout_quantization
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate",
+                                           "sequence_mask"] = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
 
     # -- the GRPO objective ----------------------------------------------------------------
     beta: float = 0.0  # KL coefficient (k3, to the reference model); 0 as TRL >= 0.19
@@ -125,6 +136,7 @@ class GRPOConfig(TrainingConfig):
         need(0 <= self.min_p < 1, "min_p", "must be in [0, 1)")
         need(not self.use_vllm, "use_vllm", "must be false: Thrifty generates with its own engine (vLLM needs a "
              "GPU server); remove it")
+        self._check_rollout_fields()
         need(self.beta >= 0, "beta", "must be 0 or more")
         need(self.epsilon > 0, "epsilon", "must be positive")
         need(self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "must be positive, or null")
@@ -137,6 +149,21 @@ class GRPOConfig(TrainingConfig):
             raise ThriftyError(f"task = {self.task!r} and train_file = {self.train_file!r} are both set; use one: "
                                "a built-in task supplies its own prompts.")
 
+    def _check_rollout_fields(self) -> None:
+        need = partial(require, self)
+        need(self.rollout_quantization in (None, *IMPORTANCE_SAMPLING_QUANTIZATIONS), "rollout_quantization",
+             f"use one of {', '.join(IMPORTANCE_SAMPLING_QUANTIZATIONS)}, or null")
+        need(self.rollout_quantization is None or self.quantize is None, "rollout_quantization",
+             f"must be null when quantize = {self.quantize!r}: the model's weights are quantized already and "
+             "the rollouts sample from them")
+        need(self.vllm_importance_sampling_mode in IMPORTANCE_SAMPLING_MODES, "vllm_importance_sampling_mode",
+             f"use one of {', '.join(IMPORTANCE_SAMPLING_MODES)}")
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        need(low is None or high is None or low < high, "vllm_importance_sampling_clip_min",
+             f"({low}) must be less than vllm_importance_sampling_clip_max ({high})")
+        need(not (self.vllm_importance_sampling_correction and self.vllm_importance_sampling_mode.endswith("truncate")
+                  and low is None and high is None), "vllm_importance_sampling_clip_max",
+             "or vllm_importance_sampling_clip_min must be set for a *_truncate vllm_importance_sampling_mode")
 
     def _check_batch_fields(self) -> None:
         need = partial(require, self)

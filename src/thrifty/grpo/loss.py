@@ -144,6 +144,7 @@ def grpo_loss(
     gradient_accumulation_steps: int = 1,
     num_sequences: int | None = None,
     num_tokens: float | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-surrogate GRPO loss of one micro-batch, ready for `.backward()`, and its metrics.
 
@@ -155,7 +156,9 @@ def grpo_loss(
 
     Per token: ratio = exp(logp - old_logp); loss = -min(ratio * A, clip(ratio, 1-eps,
     1+eps_high) * A) (with `delta`, ratio is also capped at delta: two-sided clipping)
-    + beta * (exp(ref - logp) - (ref - logp) - 1) (the k3 KL estimator). Aggregation:
+    [times importance_sampling_ratio, [B, T] or [B, 1], when the completions were sampled
+    by other weights: rollout_importance_ratio] + beta * (exp(ref - logp) - (ref - logp) - 1)
+    (the k3 KL estimator). Aggregation:
       grpo:    mean over each sequence's tokens, then mean over sequences;
       bnpo:    sum over the micro-batch's tokens / their number;
       dr_grpo: sum / (B * max_completion_length);
@@ -199,6 +202,8 @@ def grpo_loss(
     if delta is not None:
         ratio = torch.clamp(ratio, max=delta)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if importance_sampling_ratio is not None:
+        per_token = per_token * importance_sampling_ratio
     if beta != 0.0:
         assert ref_logp is not None
         diff = ref_logp - logp
@@ -231,6 +236,44 @@ def grpo_loss(
         if beta != 0.0:
             metrics["kl"] = _masked_mean(per_token_kl.detach(), mask)
     return loss, metrics
+
+
+def rollout_importance_ratio(old_logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, *,
+                             mode: str = "sequence_mask", clip_min: float | None = None,
+                             clip_max: float | None = 3.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """TRL's vLLM importance-sampling correction, for completions sampled by other weights
+    than the ones trained (GRPO's rollout_quantization): the ratio pi_train / pi_sampler
+    that grpo_loss multiplies each token's loss by, and its metrics under TRL's names.
+
+    old_logp: [B, T] the trained weights' log-probs of the sampled tokens (no grad);
+    sampling_logp: the sampler's (NaN where unknown: no correction there). token_* modes:
+    a ratio per token [B, T]; sequence_* modes: the product over the sequence's tokens
+    [B, 1]. *_truncate clamps the ratio to [clip_min, clip_max]; *_mask sets it to 0 outside."""
+    mask = mask.to(old_logp.dtype)
+    diff = torch.nan_to_num((old_logp - sampling_logp) * mask, nan=0.0)
+    per_sequence = mode.startswith("sequence")
+    ratio = torch.exp(diff.sum(dim=-1, keepdim=True) if per_sequence else diff)
+    if mode.endswith("truncate"):
+        ratio = torch.clamp(ratio, min=clip_min, max=clip_max)
+    elif mode.endswith("mask"):
+        low = -math.inf if clip_min is None else clip_min
+        high = math.inf if clip_max is None else clip_max
+        ratio = ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+    else:
+        raise ThriftyError(f"vllm_importance_sampling_mode must be token_truncate, token_mask, sequence_truncate "
+                           f"or sequence_mask; got {mode!r}.")
+    counted = mask.bool()
+    delta = (old_logp - sampling_logp).abs()[counted & ~torch.isnan(sampling_logp)]
+    flat = ratio.flatten() if per_sequence else ratio[counted]
+
+    def extreme(values: torch.Tensor, op) -> float:  # type: ignore[no-untyped-def]
+        return float(op(values)) if values.numel() else 0.0
+
+    return ratio, {"sampling/sampling_logp_difference/mean": extreme(delta, torch.mean),
+                   "sampling/sampling_logp_difference/max": extreme(delta, torch.max),
+                   "sampling/importance_sampling_ratio/min": extreme(flat, torch.min),
+                   "sampling/importance_sampling_ratio/mean": extreme(flat, torch.mean),
+                   "sampling/importance_sampling_ratio/max": extreme(flat, torch.max)}
 
 
 def _loss_metrics(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,

@@ -107,3 +107,32 @@ def _one_line(text: str, width: int = 100) -> str:
 
 def nan_to_none(value: float) -> float | None:
     return None if value != value else round(value, 4)
+
+
+def average_micro_batch_metrics(per_rank: list[list[dict[str, float] | None]]) -> dict[str, float]:
+    """grpo_loss's metrics over the ranks (rank lists of micro-batch dicts, None for a
+    stand-in), then averaged over micro-batches as TRL logs them: per micro-batch,
+    policy_loss adds up over the ranks (each normalised by the whole micro-batch), means
+    are weighted by the ranks' tokens, extremes are the ranks' extremes."""
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for parts in zip(*per_rank):
+        parts = [m for m in parts if m is not None]
+        tokens = sum(m["num_tokens"] for m in parts)
+        combined: dict[str, float] = {}
+        for key in parts[0]:
+            values = [m[key] for m in parts if m[key] == m[key]]  # NaN: no sequence to take an extreme of
+            if key == "num_tokens" or not values:
+                continue
+            if key == "policy_loss":
+                combined[key] = sum(values)
+            elif key.endswith(("_min", "/min")):
+                combined[key] = min(values)
+            elif key.endswith(("_max", "/max")):
+                combined[key] = max(values)
+            else:
+                combined[key] = sum(m[key] * m["num_tokens"] for m in parts) / max(tokens, 1.0)
+        for key, value in combined.items():
+            totals[key] = totals.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+    return {key: totals[key] / counts[key] for key in totals}

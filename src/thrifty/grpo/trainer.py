@@ -54,7 +54,7 @@ import torch
 from thrifty.errors import ThriftyError
 from thrifty.generation.engine import generate_tokens, render_prompt
 from thrifty.generation.sampling import SamplingParams
-from thrifty.grpo.batches import MicroBatch, completion_log_probs, pack_groups
+from thrifty.grpo.batches import MicroBatch, RankSlice, completion_log_probs, pack_groups
 from thrifty.grpo.config import RESUME_MUST_MATCH, GRPOConfig
 from thrifty.grpo.evaluation import EvalResult, evaluate_rows, merge_eval_results
 from thrifty.grpo.loss import (
@@ -64,9 +64,11 @@ from thrifty.grpo.loss import (
     group_advantages,
     grpo_loss,
     reward_metrics,
+    rollout_importance_ratio,
 )
 from thrifty.grpo.reporting import (
     GRPOResult,
+    average_micro_batch_metrics,
     average_records,
     before_and_after,
     describe_run,
@@ -78,6 +80,7 @@ from thrifty.grpo.rewards import RewardFunc, call_reward_function, reward_functi
 from thrifty.grpo.tasks import Task, get_task
 from thrifty.layers.lora import disable_lora
 from thrifty.model.decoder import CausalLM
+from thrifty.model.inference_plan import InferencePlan
 from thrifty.model.tokenizer import Tokenizer
 from thrifty.training.metrics import (
     MetricsLog,
@@ -109,6 +112,7 @@ class Group:
     truncated: list[bool]
     rewards: torch.Tensor  # [num_reward_funcs, G], NaN where a function returned None
     correct: list[bool] | None  # the task's checker, when there is a task
+    sampling_log_probs: list[list[float]] | None = None  # per token, under rollout_quantization's weights
 
 
 class GRPOTrainer:
@@ -229,12 +233,14 @@ class GRPOTrainer:
         prompt_ids = [self._prompt_ids(i) for i in indices]
         started = time.perf_counter()
         self.model.eval()  # no dropout while sampling; generate_tokens runs under inference_mode
+        sampled = [] if cfg.rollout_quantization else None
         tokens, reasons = generate_tokens(self.model, prompt_ids, max_new_tokens=cfg.max_completion_length,
                                           sampling=self.sampling, num_return_sequences=G,
                                           row_seeds=[self._sample_seed(draw, p, j) for p in positions for j in range(G)],
                                           stop_token_ids=self.tokenizer.stop_token_ids,
                                           pad_token_id=self.tokenizer.pad_token_id,
-                                          min_new_tokens=cfg.min_completion_length, plan=self.run.inference_plan())
+                                          min_new_tokens=cfg.min_completion_length, plan=self.inference_plan(),
+                                          sampled_log_probs=sampled)
         self.model.train()
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         scored = time.perf_counter()
@@ -247,8 +253,13 @@ class GRPOTrainer:
         return [Group(row=rows[g], prompt_ids=prompt_ids[g], completion_ids=tokens[g * G:(g + 1) * G],
                       texts=texts[g * G:(g + 1) * G], truncated=[r == "length" for r in reasons[g * G:(g + 1) * G]],
                       rewards=per_function[:, g * G:(g + 1) * G],
-                      correct=None if correct is None else correct[g * G:(g + 1) * G])
+                      correct=None if correct is None else correct[g * G:(g + 1) * G],
+                      sampling_log_probs=None if sampled is None else sampled[g * G:(g + 1) * G])
                 for g in range(len(rows))]
+
+    def inference_plan(self) -> InferencePlan:
+        """What rollouts and evaluations sample with: the weights, or their quantized copy."""
+        return self.run.inference_plan(quantization=self.config.rollout_quantization)
 
     def score(self, rows: list[dict[str, Any]], texts: list[str], tokens: list[list[int]]) -> torch.Tensor:
         """[num_funcs, N] rewards of the N = len(rows) * G completions (NaN for None).
@@ -299,6 +310,7 @@ class GRPOTrainer:
         advantages = advantages.flatten()  # group-major, as the completions below
         prompts = [g.prompt_ids for g in groups for _ in g.completion_ids]
         completions = [c for g in groups for c in g.completion_ids]
+        sampled = [s for g in groups for s in g.sampling_log_probs or [None] * len(g.completion_ids)]
         truncated = torch.tensor([t for g in groups for t in g.truncated])
         lengths = torch.tensor([len(c) for c in completions])
         loss_tokens = completion_mask(lengths, int(lengths.max()), truncated, cfg.mask_truncated_completions).sum(1)
@@ -310,16 +322,21 @@ class GRPOTrainer:
             # A rank with no share still takes part in DDP's reduction, with zero weight.
             idx = mine if len(mine) else chunk[:1]
             batch = self._micro_batch([prompts[i] for i in idx], [completions[i] for i in idx], truncated[idx],
-                                      advantages[idx])
+                                      advantages[idx], [sampled[i] for i in idx])
             slices.append(RankSlice(batch, float(len(mine) > 0), len(chunk), float(loss_tokens[chunk].sum())))
         return slices
 
     def _micro_batch(self, prompts: list[list[int]], completions: list[list[int]], truncated: torch.Tensor,
-                     advantages: torch.Tensor) -> MicroBatch:
+                     advantages: torch.Tensor, sampled: list[list[float] | None]) -> MicroBatch:
         lengths = torch.tensor([len(c) for c in completions])
         mask = completion_mask(lengths, int(lengths.max()), truncated, self.config.mask_truncated_completions)
-        return pack_groups(prompts, completions, mask, advantages, pad_token_id=self.tokenizer.pad_token_id,
-                           sliding_window=self.model.config.sliding_window, device=self.model.device)
+        batch = pack_groups(prompts, completions, mask, advantages, pad_token_id=self.tokenizer.pad_token_id,
+                            sliding_window=self.model.config.sliding_window, device=self.model.device)
+        if all(s is not None for s in sampled):
+            width = mask.shape[1]
+            batch.sampling_log_probs = torch.tensor([s + [0.0] * (width - len(s)) for s in sampled],  # type: ignore
+                                                    device=self.model.device)
+        return batch
 
     def log_probs(self, batch: MicroBatch, model: CausalLM | None = None) -> torch.Tensor:
         """[B, T] log-probs of the completion tokens (at the sampling temperature)."""
@@ -339,11 +356,20 @@ class GRPOTrainer:
         step); their metrics."""
         cfg, world = self.config, self.dist.world_size
         batches = [s.batch for s in slices]
-        # Old log-probs matter only when the weights move before a micro-batch's last use:
-        # for a single optimizer step they equal the current ones (grpo_loss then uses logp.detach()).
+        # Old log-probs matter only when the weights move before a micro-batch's last use
+        # (for a single optimizer step they equal the current ones: grpo_loss then uses
+        # logp.detach()), or when other weights sampled the completions (TRL's vLLM case).
+        correcting = cfg.rollout_quantization is not None and cfg.vllm_importance_sampling_correction
         with torch.no_grad():
-            old = ([self.log_probs(b) for b in batches] if cfg.updates_per_generation > 1
+            old = ([self.log_probs(b) for b in batches] if cfg.updates_per_generation > 1 or correcting
                    else [None] * len(batches))
+        ratios: list[torch.Tensor | None] = [None] * len(batches)
+        sampling_metrics: list[dict[str, float]] = [{} for _ in batches]
+        if correcting:
+            for i, b in enumerate(batches):
+                ratios[i], sampling_metrics[i] = rollout_importance_ratio(
+                    old[i], b.sampling_log_probs, b.completion_mask, mode=cfg.vllm_importance_sampling_mode,
+                    clip_min=cfg.vllm_importance_sampling_clip_min, clip_max=cfg.vllm_importance_sampling_clip_max)
         ref = [self.reference_log_probs(b) for b in batches] if cfg.beta > 0 else [None] * len(batches)
         accumulation = cfg.gradient_accumulation_steps
         windows = [list(range(start, min(start + accumulation, len(batches))))
@@ -363,7 +389,8 @@ class GRPOTrainer:
                     beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                     max_completion_length=cfg.max_completion_length, num_items_in_batch=items,
                     gradient_accumulation_steps=len(window), num_sequences=slices[i].sequences,
-                    num_tokens=slices[i].tokens)
+                    num_tokens=slices[i].tokens, importance_sampling_ratio=ratios[i])
+                metrics.update(sampling_metrics[i])
                 # DDP averages the ranks' gradients; each rank's loss is its part of the sum.
                 (loss * (world * slices[i].weight)).backward()
                 micro_batch_metrics.append(metrics if slices[i].weight else None)
@@ -503,7 +530,7 @@ class GRPOTrainer:
                              max_new_tokens=self.config.max_completion_length, seed=self.config.seed,
                              system_prompt=self.config.system_prompt,
                              max_prompt_length=self.config.max_prompt_length,
-                             plan=self.run.inference_plan()) if rows else None
+                             plan=self.inference_plan()) if rows else None
         result = merge_eval_results([r for r in self.dist.gather(mine) if r is not None])
         self.model.train()
         self._last_eval = result
@@ -547,45 +574,6 @@ class GRPOTrainer:
 
     def _describe_run(self) -> str:
         return describe_run(self)
-
-
-@dataclass
-class RankSlice:
-    """This rank's part of one micro-batch (all of it in a world of one)."""
-
-    batch: MicroBatch  # this rank's completions (a stand-in if it has none: weight 0)
-    weight: float  # 1, or 0 for the stand-in
-    sequences: int  # completions in the whole micro-batch, all ranks
-    tokens: float  # loss tokens in the whole micro-batch, all ranks
-
-
-def average_micro_batch_metrics(per_rank: list[list[dict[str, float] | None]]) -> dict[str, float]:
-    """grpo_loss's metrics over the ranks (rank lists of micro-batch dicts, None for a
-    stand-in), then averaged over micro-batches as TRL logs them: per micro-batch,
-    policy_loss adds up over the ranks (each normalised by the whole micro-batch), means
-    are weighted by the ranks' tokens, extremes are the ranks' extremes."""
-    totals: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for parts in zip(*per_rank):
-        parts = [m for m in parts if m is not None]
-        tokens = sum(m["num_tokens"] for m in parts)
-        combined: dict[str, float] = {}
-        for key in parts[0]:
-            values = [m[key] for m in parts if m[key] == m[key]]  # NaN: no sequence to take an extreme of
-            if key == "num_tokens" or not values:
-                continue
-            if key == "policy_loss":
-                combined[key] = sum(values)
-            elif key.endswith("_min"):
-                combined[key] = min(values)
-            elif key.endswith("_max"):
-                combined[key] = max(values)
-            else:
-                combined[key] = sum(m[key] * m["num_tokens"] for m in parts) / max(tokens, 1.0)
-        for key, value in combined.items():
-            totals[key] = totals.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + 1
-    return {key: totals[key] / counts[key] for key in totals}
 
 
 def _per_function(groups: list[Group]) -> torch.Tensor:

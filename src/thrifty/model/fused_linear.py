@@ -29,6 +29,11 @@ against a [8960, 1536] weight: 53 ms in bf16, 5 ms in float32, AMD EPYC Milan): 
 fused copy is kept in float32 and the products are rounded once to bf16, as oneDNN's
 bf16 kernels round (float32 sums, one rounding).
 
+A plan may instead hold the base weights quantized to GGUF blocks (Q8_0, Q4_0: GRPO's
+`rollout_quantization`), multiplied by kernels/gguf_blocks.py: a quarter to an eighth of
+the bytes a decoding step streams, and a quarter to an eighth of the memory the copy
+takes. The LoRA branch stays in float32 on top.
+
 A FusedLinear is a snapshot of its layers' weights, made for one weights epoch by an
 InferencePlan (inference_plan.py), which decides when it is current; nothing here
 checks whether the layers changed since.
@@ -43,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thrifty.kernels import gguf_blocks
 from thrifty.kernels.matmul import bf16_gemm_is_native
 from thrifty.kernels.native import native_kernel
 from thrifty.layers.lora import LoraLinear
@@ -67,19 +73,27 @@ class BasePack:
     """The base weights of a group, concatenated (and packed for the kernel that will
     read them): what a new weights epoch that left the frozen weights alone can reuse."""
 
-    weight: torch.Tensor  # [sum out, in], or its native / oneDNN packing
+    weight: torch.Tensor  # [sum out, in], or its native / oneDNN packing, or GGUF blocks
     bias: torch.Tensor | None
     native: ModuleType | None  # the native module when its decode kernel holds the weight
     prepacked: bool  # oneDNN's blocked layout
     upcast: bool  # bf16 layers, weight kept in float32 (no native bf16 products on this CPU)
+    qtype: int | None = None  # the GGUF block type of a quantized weight
+    in_features: int = 0
 
     @classmethod
-    def build(cls, bases: list[nn.Linear]) -> BasePack:
+    def build(cls, bases: list[nn.Linear], quantization: str | None = None) -> BasePack:
+        """quantization: None (the layers' dtype), or a name in gguf_blocks.QUANTIZE_TO."""
         weight = torch.cat([base.weight.detach() for base in bases])
         bias = None
         if any(base.bias is not None for base in bases):
             bias = torch.cat([base.bias.detach() if base.bias is not None else weight.new_zeros(base.out_features)
                               for base in bases])
+        # A row that is not whole blocks (32 values) stays in its dtype: never in a real
+        # model's projections, but in tiny test models.
+        if quantization is not None and weight.shape[1] % gguf_blocks.BLOCK_VALUES == 0:
+            qtype = gguf_blocks.QUANTIZE_TO[quantization]
+            return cls(gguf_blocks.quantize(weight, qtype), bias, None, False, False, qtype, weight.shape[1])
         native = None
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             native = native_kernel("decode_linear")
@@ -100,11 +114,12 @@ class FusedLinear:
     """y = concat(layer(x) for layer in layers), as one matmul over the base weights plus
     each LoRA layer's low-rank branch, with the weights the layers had when it was made."""
 
-    def __init__(self, layers: list[nn.Module], base: BasePack | None = None) -> None:
+    def __init__(self, layers: list[nn.Module], base: BasePack | None = None,
+                 quantization: str | None = None) -> None:
         self.layers = layers
         self.bases: list[nn.Linear] = [base_linear(layer) for layer in layers]  # type: ignore[misc]
         self.sizes = [b.out_features for b in self.bases]
-        self.base = base if base is not None else BasePack.build(self.bases)
+        self.base = base if base is not None else BasePack.build(self.bases, quantization)
         self.adapters = stacked_adapters(layers, self.bases)  # (stacked A^T, block-diagonal B^T) or None
         self.native_op = None  # the native DecodeLinear over base and adapters
         if self.base.native is not None:
@@ -126,7 +141,11 @@ class FusedLinear:
         if self.native_op is not None and flat.shape[0] <= DECODE_ROWS:
             outs = list(self.native_op(flat.contiguous()).split(self.sizes, dim=1))
         else:
-            if base.native is not None:
+            if base.qtype is not None:
+                outs = [gguf_blocks.matmul(flat, base.weight, base.qtype, base.in_features)]
+                if base.bias is not None:
+                    outs[0].add_(base.bias)
+            elif base.native is not None:
                 # Many rows (prefill, scoring): compute-bound matmuls on the layers' own weights.
                 outs = [F.linear(flat, b.weight, b.bias) for b in self.bases]
             elif base.prepacked:

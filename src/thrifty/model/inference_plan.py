@@ -12,6 +12,10 @@ handed to the generation engine, which refuses a plan whose epoch has passed:
     ... an optimizer step advances the epoch ...
     plan = plan.for_current_weights()          # the trainer's and chat's one plan
 
+A plan built with `quantization="q8_0"` (or "q4_0") holds the base weights as GGUF blocks
+instead (GRPO's rollout_quantization): generation then samples from a quantized copy of
+the model while training runs on the weights themselves.
+
 Inside `plan.active()` the decoder's projection seam (projections.py) reads the plan's
 groups when no gradients are needed; outside it the modules compute as they are. The
 plan owns its copies: nothing is cached on the modules.
@@ -26,6 +30,7 @@ import torch
 from torch import nn
 
 from thrifty.errors import ThriftyError
+from thrifty.kernels.gguf_blocks import QUANTIZE_TO
 from thrifty.model.decoder import CausalLM, projection_group
 from thrifty.model.decoding_step import DecodingStep
 from thrifty.model.fused_linear import FusedLinear, base_linear
@@ -35,21 +40,29 @@ from thrifty.model.weights_epoch import WeightsEpoch, weights_epoch
 
 class InferencePlan:
     def __init__(self, model: CausalLM, epoch: WeightsEpoch, groups: dict[nn.Module, dict[str, FusedLinear]],
-                 fuse: bool) -> None:
+                 fuse: bool, quantization: str | None = None) -> None:
         self.model = model
         self.epoch = epoch
         self.groups = groups  # owner module -> group name -> its fused layers
         self.fuse = fuse
-        self.decoding_step = DecodingStep.build(model, groups) if fuse else None
+        self.quantization = quantization
+        self.decoding_step = DecodingStep.build(model, groups) if fuse and quantization is None else None
 
     @classmethod
-    def build(cls, model: CausalLM, *, fuse: bool = True, previous: InferencePlan | None = None) -> InferencePlan:
+    def build(cls, model: CausalLM, *, fuse: bool = True, previous: InferencePlan | None = None,
+              quantization: str | None = None) -> InferencePlan:
         """The plan for `model`'s weights now. fuse=False: the modules' own forwards (for
         weights a plan cannot copy, such as FSDP2's shards). `previous`, a plan for an
         earlier epoch of the same model, lends the packed base weights of the groups
-        whose weights are frozen, if only trainable weights changed since."""
+        whose weights are frozen, if only trainable weights changed since. quantization:
+        None, or the GGUF block type the base weights are held in ("q8_0", "q4_0")."""
+        if quantization is not None and quantization not in QUANTIZE_TO:
+            raise ThriftyError(f"an inference plan quantizes to {' or '.join(QUANTIZE_TO)}, not {quantization!r}.")
+        if quantization is not None and not fuse:
+            raise ThriftyError("a quantized inference plan needs whole weights to quantize (not FSDP2's shards).")
         epoch = weights_epoch(model)
         reusable = (previous is not None and previous.model is model and previous.fuse
+                    and previous.quantization == quantization
                     and previous.epoch.frozen_number == epoch.frozen_number)
         groups: dict[nn.Module, dict[str, FusedLinear]] = {}
         if fuse:
@@ -61,15 +74,17 @@ class InferencePlan:
                         continue  # quantized, DoRA, merged: the layers' own forwards
                     old = previous.group(owner, name) if reusable else None  # type: ignore[union-attr]
                     frozen = all(not p.requires_grad for base in bases for p in base.parameters())
-                    groups.setdefault(owner, {})[name] = FusedLinear(layers, old.base if old and frozen else None)
-        return cls(model, epoch, groups, fuse)
+                    groups.setdefault(owner, {})[name] = FusedLinear(layers, old.base if old and frozen else None,
+                                                                     quantization)
+        return cls(model, epoch, groups, fuse, quantization)
 
     def is_current(self) -> bool:
         return self.epoch == weights_epoch(self.model)
 
     def for_current_weights(self) -> InferencePlan:
         """This plan while its epoch lasts, else a new one (reusing what it can)."""
-        return self if self.is_current() else InferencePlan.build(self.model, fuse=self.fuse, previous=self)
+        return self if self.is_current() else InferencePlan.build(self.model, fuse=self.fuse, previous=self,
+                                                                  quantization=self.quantization)
 
     def check_current(self) -> None:
         if not self.is_current():

@@ -214,7 +214,12 @@ def plan_grpo(facts: ModelFacts, config: Any, prompt_tokens: int | None = None) 
     if config.beta > 0 and not config.use_lora:
         plan.parts.append(("reference model (beta > 0)", facts.params * _dtype_bytes(config.dtype)))
     if config.quantize is None:  # generation runs on the inference plan's fused q/k/v, gate/up copies
-        plan.parts.append(("fused projections for generation", facts.linear_params * _dtype_bytes(config.dtype)))
+        if config.rollout_quantization is None:
+            plan.parts.append(("fused projections for generation", facts.linear_params * _dtype_bytes(config.dtype)))
+        else:  # GGUF blocks: 34 (Q8_0) or 18 (Q4_0) bytes per 32 weights
+            block_bytes = 34 if config.rollout_quantization == "q8_0" else 18
+            plan.parts.append((f"{config.rollout_quantization} projections for generation",
+                               facts.linear_params * block_bytes // 32))
     plan.parts.append(("generation (KV cache, sampling) or training step, the larger",
                        max(kv + sampling, training)))
     return plan

@@ -124,13 +124,15 @@ class TrainingRun:
                                  config.lr_scheduler_type)
         return self.schedule
 
-    def inference_plan(self) -> InferencePlan:
+    def inference_plan(self, quantization: str | None = None) -> InferencePlan:
         """What generation inside the run (rollouts, evaluation) runs on: one plan, rebuilt
         when the weights have changed since (reusing the frozen base's packed weights).
         FSDP2's sharded weights exist whole only inside each layer's forward, so a sharded
-        model's plan runs the modules themselves."""
-        if self._plan is None:
-            self._plan = InferencePlan.build(self.model, fuse=not self.dist.sharded)
+        model's plan runs the modules themselves. quantization: the plan's base weights as
+        GGUF blocks (InferencePlan.build)."""
+        if self._plan is None or self._plan.quantization != quantization:
+            self._plan = None  # the old plan's copies go before the new ones are made
+            self._plan = InferencePlan.build(self.model, fuse=not self.dist.sharded, quantization=quantization)
         self._plan = self._plan.for_current_weights()
         return self._plan
 
