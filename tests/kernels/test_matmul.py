@@ -65,3 +65,38 @@ def test_operands_larger_than_a_panel(path: bool, transposed: bool) -> None:
     buffer = torch.randn(5, b.shape[1], generator=g).bfloat16()
     start = buffer.double()
     assert close(matmul.addmm_(buffer, a, b), exact + start, size + start.abs())
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["no grad", "forward and backward"])
+def test_pytorch_attention_on_both_paths(path: bool, training: bool, monkeypatch) -> None:  # type: ignore
+    """kernels/attention.py where Thrifty's native kernels do not run (they are switched off
+    here): bf16 attention through PyTorch, in float32 where bf16 products are not native,
+    against float64 softmax(q k^T / sqrt(d) + mask) v, values and gradients within bf16's
+    rounding. Catches a dropped mask, a lost GQA expansion or a missing cast back."""
+    from thrifty.kernels import attention
+
+    monkeypatch.setattr(attention, "native_kernel", lambda name: None)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 40, 32, generator=g).bfloat16().requires_grad_(training)
+    k, v = (torch.randn(2, 2, 40, 32, generator=g).bfloat16().requires_grad_(training) for _ in range(2))
+    mask = torch.rand(2, 1, 40, 40, generator=g) < 0.7
+    mask |= torch.eye(40, dtype=torch.bool)  # every query sees a key
+    with torch.set_grad_enabled(training):
+        out = attention.scaled_dot_product_attention(q, k, v, mask, is_causal=False)
+    assert out.dtype == torch.bfloat16
+
+    def exact(q64, k64, v64):  # type: ignore[no-untyped-def]
+        k64, v64 = k64.repeat_interleave(3, dim=1), v64.repeat_interleave(3, dim=1)
+        scores = (q64 @ k64.transpose(-1, -2)) * 32 ** -0.5
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v64
+
+    leaves = [t.detach().double().requires_grad_(training) for t in (q, k, v)]
+    expected = exact(*leaves)
+    assert close(out, expected.detach(), v.detach().double().abs().amax() * torch.ones_like(expected))
+    if training:
+        upstream = torch.randn(out.shape, generator=g).bfloat16()
+        out.backward(upstream)
+        expected.backward(upstream.double())
+        for got, want in zip((q.grad, k.grad, v.grad), leaves):
+            scale = want.grad.abs().amax() * torch.ones_like(want.grad)
+            assert close(got, want.grad, 4 * scale)

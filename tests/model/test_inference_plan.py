@@ -174,7 +174,8 @@ def test_a_quantized_plan_computes_with_the_blocks_of_its_base_weights(tiny, qua
     replaced by its quantized-and-dequantized self, LoRA on top at full precision. Catches
     a plan that quantizes the adapters, skips a group, or forgets the q/k/v biases."""
     model = tiny.float()
-    model = apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+    targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+    model = apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():

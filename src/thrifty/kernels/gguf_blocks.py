@@ -45,11 +45,20 @@ QUANTIZE_TO = {"q8_0": int(gguf.GGMLQuantizationType.Q8_0), "q4_0": int(gguf.GGM
 BLOCK_VALUES = 32  # values per block of both
 
 
+# Rows quantized at once: the quantizer's float32 temporaries, several times the rows'
+# size, stay tens of MB (whole, a 1.5B model's head made a GiB of them).
+QUANTIZE_ROWS = 1024
+
+
 def quantize(weight: torch.Tensor, qtype: int) -> torch.Tensor:
     """Blocks [rows, bytes per row] of a float weight [rows, in_features], as llama.cpp's
     reference quantizer makes them."""
-    values = weight.detach().to(torch.float32).cpu().numpy()
-    return torch.from_numpy(gguf.quants.quantize(values, gguf.GGMLQuantizationType(qtype)))
+    out = torch.empty(weight.shape[0], row_bytes(qtype, weight.shape[1]), dtype=torch.uint8)
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+        rows = weight[start:start + QUANTIZE_ROWS].detach().to(torch.float32).cpu().numpy()
+        out[start:start + rows.shape[0]] = torch.from_numpy(
+            gguf.quants.quantize(rows, gguf.GGMLQuantizationType(qtype)))
+    return out
 
 
 def row_bytes(qtype: int, in_features: int) -> int:

@@ -84,16 +84,19 @@ class BasePack:
     @classmethod
     def build(cls, bases: list[nn.Linear], quantization: str | None = None) -> BasePack:
         """quantization: None (the layers' dtype), or a name in gguf_blocks.QUANTIZE_TO."""
-        weight = torch.cat([base.weight.detach() for base in bases])
         bias = None
         if any(base.bias is not None for base in bases):
-            bias = torch.cat([base.bias.detach() if base.bias is not None else weight.new_zeros(base.out_features)
-                              for base in bases])
+            bias = torch.cat([base.bias.detach() if base.bias is not None
+                              else base.weight.new_zeros(base.out_features) for base in bases])
+        in_features = bases[0].in_features
         # A row that is not whole blocks (32 values) stays in its dtype: never in a real
-        # model's projections, but in tiny test models.
-        if quantization is not None and weight.shape[1] % gguf_blocks.BLOCK_VALUES == 0:
+        # model's projections, but in tiny test models. Each layer is quantized on its own
+        # (no concatenated float copy of the group first).
+        if quantization is not None and in_features % gguf_blocks.BLOCK_VALUES == 0:
             qtype = gguf_blocks.QUANTIZE_TO[quantization]
-            return cls(gguf_blocks.quantize(weight, qtype), bias, None, False, False, qtype, weight.shape[1])
+            blocks = torch.cat([gguf_blocks.quantize(base.weight, qtype) for base in bases])
+            return cls(blocks, bias, None, False, False, qtype, in_features)
+        weight = torch.cat([base.weight.detach() for base in bases])
         native = None
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             native = native_kernel("decode_linear")
