@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from thrifty.errors import ThriftyError
+from thrifty.training import torchrun_errors
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -475,9 +476,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.run(args)
     except ThriftyError as err:
         # Under torchrun every rank reports its own error, so say which rank speaks.
-        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"error{rank}: {err}", file=sys.stderr)
+        line = f"error{torchrun_errors.rank_label()}: {err}"
+        print(line, file=sys.stderr)
+        torchrun_errors.record_for_torchrun(line)
         return 2
+    except RuntimeError as err:
+        if not torchrun_errors.another_rank_failed(err):
+            raise
+        line = torchrun_errors.peer_failure_line()
+        print(line, file=sys.stderr)
+        torchrun_errors.record_for_torchrun(line, consequence=True)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -254,3 +254,41 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tiny_dir: Path, tmp_pa
     assert "vowel_share failed on purpose" in done.stderr
     assert time.monotonic() - started < 120
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_a_rank_that_loses_its_peer_says_so_in_one_line() -> None:
+    """The real gloo error of a collective whose peer died is recognised as such (a
+    RuntimeError naming a closed connection), and the line says where the message is."""
+    done = run(torchrun("--standalone", "--nproc-per-node", "2", str(HERE / "peer_failure_script.py")), check=False)
+    assert done.returncode != 0
+    assert "classified: True" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "error (rank 1): stopped because another process of this torchrun job stopped" in done.stdout
+
+
+def test_torchrun_cli_ends_with_the_failing_ranks_message(tiny_dir: Path, tmp_path: Path) -> None:
+    """`torchrun -m thrifty sft` into an output_dir another run holds: rank 0 refuses it,
+    rank 1 prints no gloo traceback (it is stopped, or says in one line why), and
+    torchrun's closing summary names rank 0's message as the root cause instead of
+    "To enable traceback see ..."."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write('pid 4242'); f.flush(); print('held', flush=True); time.sleep(120)"),
+        str(out / ".thrifty-run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        config = tmp_path / "sft.yaml"
+        config.write_text(json.dumps(dict(SFT, model_name_or_path=str(tiny_dir), dtype="float32",
+                                          output_dir=str(out), disable_tqdm=True)))
+        done = run(torchrun("--standalone", "--nproc-per-node", "2", "-m", "thrifty", "sft", str(config)),
+                   check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode != 0
+    message = f"error (rank 0): output_dir {out} is in use by another training run (pid 4242)"
+    assert message in done.stderr
+    assert "Connection closed by peer" not in done.stderr and 'thrifty/training' not in done.stderr
+    root_cause = done.stderr.split("Root Cause")[-1]
+    assert "traceback : " + message in root_cause, done.stderr[-2000:]

@@ -17,7 +17,8 @@ What the trainers do with it (see sft/trainer.py and grpo/trainer.py):
   average is the sum of per-rank losses normalised over the whole global step;
 * sums and per-rank results are exchanged with all_reduce / all_gather_object;
 * rank 0 alone writes files and prints; every rank raises its own errors, and torchrun
-  stops the other ranks when one exits with an error.
+  stops the other ranks when one exits with an error (a rank whose collective breaks
+  first says so in one line: torchrun_errors.py).
 
 With `shard_model` (SFT's fsdp: full_shard) FSDP2 replaces DDP: every decoder layer and
 the rest of the model hold 1/N of their weights, gradients and AdamW state per rank as
