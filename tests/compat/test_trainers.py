@@ -16,6 +16,7 @@ from applied_steps import record_applied_steps
 from tiny_tokenizer import save_tiny_model_dir
 
 from thrifty import GRPOConfig, GRPOTrainer, LoraConfig, SFTConfig, SFTTrainer
+from thrifty.compat.trl_config import from_trl_config
 from thrifty.errors import ThriftyError
 from thrifty.formats.loader import load_model
 
@@ -159,3 +160,35 @@ def test_report_to_tensorboard_writes_the_logged_metrics(tiny_dir: Path, tmp_pat
     logged = [(r["step"], r["loss"]) for r in records(tmp_path) if "loss" in r]
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, pytest.approx(v)) for s, v in logged]
     assert len(logged) == 3 and "lr" in events.Tags()["scalars"]
+
+
+def test_trls_own_config_objects_are_read_field_by_field(tiny_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """trl.GRPOConfig(...) handed to the trainer: the same run, metric for metric, as
+    Thrifty's GRPOConfig with the same fields; a set field Thrifty lacks is named; the
+    fields left at TRL's defaults that Thrifty defaults otherwise are listed in a notice."""
+    rows = [{"prompt": p} for p in PROMPTS]
+    fields = dict(max_steps=2, per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
+                  learning_rate=1e-2, logging_steps=1, seed=7)
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
+    GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=Counter(), train_dataset=rows,
+                args=GRPOConfig(output_dir=str(tmp_path / "ours"), dtype="float32", disable_tqdm=True, **fields),
+                peft_config=LoraConfig(**lora), log=lambda _: None).train()
+    model, tokenizer = load_model(tiny_dir, dtype="float32", device="cpu")
+    theirs = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, disable_tqdm=True, **fields)
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=Counter(), train_dataset=rows,
+                          args=theirs, peft_config=LoraConfig(**lora), log=lambda _: None)
+    assert trainer.config.seed == 7 and trainer.config.output_dir == str(tmp_path / "trl")
+    notice = capsys.readouterr().err
+    assert "read trl.GRPOConfig's fields" in notice and "adam_beta2 (0.99; TRL: 0.999)" in notice
+    trainer.train()
+    assert records(tmp_path / "ours") == records(tmp_path / "trl")
+
+    # TRL's bf16=False (fp16 left False) trains in float32: the pair is read together.
+    assert from_trl_config(trl.SFTConfig(use_cpu=True, bf16=False), SFTConfig).dtype == "float32"
+    with pytest.raises(ThriftyError, match=r"SFTConfig: 'neftune_noise_alpha' is not a setting Thrifty has"):
+        SFTTrainer(model="x", args=trl.SFTConfig(use_cpu=True, neftune_noise_alpha=5.0))
+    with pytest.raises(ThriftyError, match=r"args must be thrifty.SFTConfig or trl.SFTConfig, got "
+                                           r"trl.trainer.grpo_config.GRPOConfig"):
+        SFTTrainer(model="x", args=trl.GRPOConfig(use_cpu=True))

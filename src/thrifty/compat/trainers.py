@@ -21,6 +21,7 @@ from thrifty.compat.arguments import reject_unknown
 from thrifty.compat.lora import LoraConfig
 from thrifty.compat.model import PreTrainedModel, thrifty_model
 from thrifty.compat.tokenizer import thrifty_tokenizer
+from thrifty.compat.trl_config import from_trl_config, is_trl_config
 from thrifty.errors import ThriftyError
 from thrifty.formats.loader import load_model
 from thrifty.grpo.config import GRPOConfig
@@ -69,8 +70,11 @@ def _config(config: Any, args: Any, kind: type) -> Any:
     if config is not None and args is not None:
         raise ThriftyError("both config= and args= were given; pass one (args= is TRL's name for it).")
     chosen = args if args is not None else config
+    if chosen is not None and is_trl_config(chosen, kind):
+        return from_trl_config(chosen, kind)
     if chosen is not None and not isinstance(chosen, kind):
-        raise ThriftyError(f"args must be thrifty.{kind.__name__}, got {type(chosen).__name__}.")
+        raise ThriftyError(f"args must be thrifty.{kind.__name__} or trl.{kind.__name__}, got "
+                           f"{type(chosen).__module__}.{type(chosen).__name__}.")
     return chosen if chosen is not None else kind()
 
 
