@@ -30,14 +30,23 @@ TMP_PREFIX = ".tmp-"
 
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory; on success it replaces `final`."""
+    """Yield an empty temporary directory; on success it replaces `final`.
+
+    As atomic_file's, the temporary directory is locked while it is filled: a second
+    writer of the same `final` is refused, and the temporary directories of killed
+    writers (unlocked) are removed."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    # Locked before the others are looked at: of two writers starting together, at
+    # least one sees the other's lock (both may, and both stop: never both written).
+    lock = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
+        _claim(final, tmp, re.compile(rf"^{re.escape(TMP_PREFIX + final.name)}-\d+$"), "directory")
         with _disk_full_said(final):
             yield tmp
         _fsync_tree(tmp)
@@ -57,6 +66,8 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
 
 
 def atomic_file(path: Path, write: Callable[[str], None]) -> None:
@@ -75,7 +86,7 @@ def atomic_file(path: Path, write: Callable[[str], None]) -> None:
                            "write to, or change its permissions.") from error
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours alone: the file is new
-        _claim(path, Path(tmp))
+        _claim(path, Path(tmp), re.compile(rf"^\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp$"), "file")  # mkstemp's
         with _disk_full_said(path):
             write(tmp)
         # mkstemp makes the file owner-only; give it the permissions a plain open() would.
@@ -91,12 +102,12 @@ def atomic_file(path: Path, write: Callable[[str], None]) -> None:
         os.close(fd)
 
 
-def _claim(path: Path, own: Path) -> None:
-    """Refuse when another process is writing `path` now (its temporary file is locked);
-    remove the temporary files killed writers left (unlocked)."""
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp$")  # mkstemp's names
-    for other in path.parent.iterdir():
-        if other == own or not pattern.match(other.name):
+def _claim(destination: Path, own: Path, temporaries: re.Pattern[str], what: str) -> None:
+    """Refuse when another process is writing `destination` now (its temporary file or
+    directory, named by `temporaries`, is locked); remove those killed writers left
+    (unlocked)."""
+    for other in destination.parent.iterdir():
+        if other == own or not temporaries.match(other.name):
             continue
         try:
             fd = os.open(other, os.O_RDONLY)
@@ -106,9 +117,12 @@ def _claim(path: Path, own: Path) -> None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ThriftyError(f"{path}: another process is writing this file now. Wait for it to finish, or "
-                                   "write to another path.") from None
-            os.remove(other)
+                raise ThriftyError(f"{destination}: another process is writing this {what} now. Wait for it to "
+                                   "finish, or write to another path.") from None
+            if other.is_dir():
+                shutil.rmtree(other, ignore_errors=True)
+            else:
+                os.remove(other)
         finally:
             os.close(fd)
 
