@@ -40,9 +40,10 @@ atomic_file(target, write)
 """
 
 
-def start_writer(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
-    target, started, release = tmp_path / "model.gguf", tmp_path / "started", tmp_path / "release"
-    writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target), str(started), str(release)])
+def start_writer(tmp_path: Path, script: str = SLOW_WRITER,
+                 name: str = "model.gguf") -> tuple[subprocess.Popen, Path, Path]:
+    target, started, release = tmp_path / name, tmp_path / "started", tmp_path / "release"
+    writer = subprocess.Popen([sys.executable, "-c", script, str(target), str(started), str(release)])
     deadline = time.monotonic() + 60
     while not started.exists():
         assert writer.poll() is None, "the writer died before writing"
@@ -109,14 +110,7 @@ with atomic_directory(target) as tmp:
 
 
 def start_directory_writer(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
-    target, started, release = tmp_path / "merged", tmp_path / "started", tmp_path / "release"
-    writer = subprocess.Popen([sys.executable, "-c", SLOW_DIRECTORY_WRITER, str(target), str(started), str(release)])
-    deadline = time.monotonic() + 60
-    while not started.exists():
-        assert writer.poll() is None, "the writer died before writing"
-        assert time.monotonic() < deadline, "the writer never started"
-        time.sleep(0.05)
-    return writer, target, release
+    return start_writer(tmp_path, SLOW_DIRECTORY_WRITER, "merged")
 
 
 def hidden_directories(directory: Path) -> list[str]:
