@@ -61,17 +61,14 @@ def scaled_dot_product_attention(
         return result[0]
     if q.shape[2] == 1 and _native_decode_applies(q, k, v):
         return native_kernel("decode_attention").decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)
-    if in_float32(q):
-        # PyTorch's CPU attention multiplies bf16 with the slow generic kernel where bf16
-        # products are not native (kernels/matmul.py): there it runs on float32 copies of
-        # q, k, v and its output is rounded once to bf16.
-        with _pytorch_training_kernel(q):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                 is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1])
-        return out.to(q.dtype)
+    # PyTorch's CPU attention multiplies bf16 with the slow generic kernel where bf16
+    # products are not native (kernels/matmul.py): there it runs on float32 copies of
+    # q, k, v and its output is rounded once to bf16.
+    dtype = torch.float32 if in_float32(q) else q.dtype
     with _pytorch_training_kernel(q):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
+                                             is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1])
+    return out.to(q.dtype)
 
 
 def attention_with_logsumexp(
