@@ -14,7 +14,7 @@ from thrifty.formats.build import build_model
 from thrifty.formats.hf import load_hf_config, load_hf_state_dict
 from thrifty.generation.engine import generate_tokens
 from thrifty.generation.sampling import SamplingParams
-from thrifty.kernels import gguf_blocks
+from thrifty.kernels import gguf_blocks, matmul
 from thrifty.layers.lora import LoraConfig, apply_lora, disable_lora
 from thrifty.model.inference_plan import InferencePlan
 from thrifty.model.weights_epoch import advance_weights_epoch, weights_epoch
@@ -57,6 +57,27 @@ def test_a_plan_computes_what_the_modules_compute(tiny, dtype: torch.dtype) -> N
         # difference is at most a few such roundings of the largest logit, not a wrong weight
         # (a stale or missing q/k/v block moves the logits by ~its whole size).
         assert (fused.float() - separate.float()).abs().max().item() <= 2.0**-6 * separate.float().abs().max().item()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 70])  # the bf16 matvec (a row, a remainder group); float32 panels
+def test_without_native_bf16_products_a_plan_reads_the_layers_weights(tiny, rows: int, monkeypatch) -> None:  # type: ignore
+    """Where bf16 products are not native (forced here on any CPU), a plan holds no copy of a
+    bf16 base: the matvec widens the layers' own weights (a few rows), float32 panels of them
+    the rest; LoRA on top, biases added, one rounding. A plan that multiplied by a stale,
+    transposed or missing weight moves the logits by their whole size."""
+    monkeypatch.setattr(matmul, "bf16_gemm_is_native", lambda: False)
+    model = apply_lora(tiny, LoraConfig(r=4, lora_alpha=8)).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    plan = InferencePlan.build(model)
+    attn = model.model.layers[0].self_attn
+    assert plan.group(attn, "qkv").base.weight is None and plan.group(attn, "qkv").base.bias is not None
+    assert plan.group(model, "lm_head").base.weight is None
+    ids = torch.randint(0, 97, (rows, 1), generator=torch.Generator().manual_seed(rows))
+    got, expected = plan_logits(plan, ids), modules_logits(model, ids)
+    assert (got.float() - expected.float()).abs().max().item() <= 2.0**-6 * expected.float().abs().max().item()
 
 
 def test_a_plan_outlives_no_change_and_the_engine_refuses_a_stale_one(tiny) -> None:

@@ -70,8 +70,8 @@ def portable_module() -> ModuleType | None:
 
 # The native kernels by name: what native_kernel() and THRIFTY_NATIVE_OFF take.
 KERNELS = ("attention_forward", "attention_backward", "token_log_probs", "elementwise", "decode_linear",
-           "decode_attention", "sampling", "gguf_blocks", "adamw_8bit")
-PORTABLE_KERNELS = ("gguf_blocks", "adamw_8bit")  # in portable_module(), for any CPU
+           "decode_attention", "sampling", "gguf_blocks", "adamw_8bit", "bf16_matvec")
+PORTABLE_KERNELS = ("gguf_blocks", "adamw_8bit", "bf16_matvec")  # in portable_module(), for any CPU
 
 
 def native_kernel(name: str) -> ModuleType | None:

@@ -25,8 +25,12 @@ multiply by the layers' own weights, compute-bound there, so no second packed co
 the weights is kept.
 
 On a CPU without AVX-512, PyTorch multiplies bf16 with a slow generic kernel (16 rows
-against a [8960, 1536] weight: 53 ms in bf16, 5 ms in float32, AMD EPYC Milan): there the
-fused copy is kept in float32 and the products are rounded once to bf16, as oneDNN's
+against a [8960, 1536] weight: 53 ms in bf16, 5 ms on a float32 copy, AMD EPYC Milan).
+There a plan makes no copy at all: decoding-sized batches go through
+kernels/portable_csrc/bf16_matvec.cpp, which widens the layers' own bf16 weights to
+float32 in registers (2.5 ms at 16 rows: half the bytes of a float32 copy, and none of
+its memory, which was 6 GiB for a 1.5B model), bigger batches through float32 panels
+of them (kernels/matmul.float32_mm); the products are rounded once to bf16, as oneDNN's
 bf16 kernels round (float32 sums, one rounding).
 
 A plan may instead hold the base weights quantized to GGUF blocks (Q8_0, Q4_0: GRPO's
@@ -49,11 +53,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from thrifty.kernels import gguf_blocks
-from thrifty.kernels.matmul import bf16_gemm_is_native
+from thrifty.kernels.matmul import bf16_gemm_is_native, float32_mm, in_float32
 from thrifty.kernels.native import native_kernel
 from thrifty.layers.lora import LoraLinear
 
-# Rows up to which the native decode kernel runs (it was 0.5-1.4x oneDNN's speed at 100+).
+# Rows up to which the native decode kernel runs (it was 0.5-1.4x oneDNN's speed at 100+),
+# and the bf16 matvec (1.2-1.4x MKL's float32 product at 64 rows on an AMD EPYC Milan).
 DECODE_ROWS = 64
 
 
@@ -73,11 +78,11 @@ class BasePack:
     """The base weights of a group, concatenated (and packed for the kernel that will
     read them): what a new weights epoch that left the frozen weights alone can reuse."""
 
-    weight: torch.Tensor  # [sum out, in], or its native / oneDNN packing, or GGUF blocks
+    weight: torch.Tensor | None  # [sum out, in], or its native / oneDNN packing, or GGUF blocks
     bias: torch.Tensor | None
     native: ModuleType | None  # the native module when its decode kernel holds the weight
     prepacked: bool  # oneDNN's blocked layout
-    upcast: bool  # bf16 layers, weight kept in float32 (no native bf16 products on this CPU)
+    widened: bool  # bf16 layers read where they lie, products in float32 (no native bf16 products here)
     qtype: int | None = None  # the GGUF block type of a quantized weight
     in_features: int = 0
 
@@ -96,21 +101,19 @@ class BasePack:
             qtype = gguf_blocks.QUANTIZE_TO[quantization]
             blocks = torch.cat([gguf_blocks.quantize(base.weight, qtype) for base in bases])
             return cls(blocks, bias, None, False, False, qtype, in_features)
+        if in_float32(bases[0].weight):  # nothing to copy: the layers' weights are read as they are
+            return cls(None, None if bias is None else bias.float(), None, False, True)
         weight = torch.cat([base.weight.detach() for base in bases])
         native = None
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             native = native_kernel("decode_linear")
         prepacked = native is None and can_prepack(weight)
-        upcast = (native is None and not prepacked and weight.dtype == torch.bfloat16
-                  and weight.device.type == "cpu" and not bf16_gemm_is_native())
         if native is not None:
             weight = native.decode_linear_pack(weight)
         elif prepacked:
             # The batch-size hint only tunes the packing; any batch size works.
             weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
-        elif upcast:
-            weight, bias = weight.float(), None if bias is None else bias.float()
-        return cls(weight, bias, native, prepacked, upcast)
+        return cls(weight, bias, native, prepacked, False)
 
 
 class FusedLinear:
@@ -153,18 +156,31 @@ class FusedLinear:
                 outs = [F.linear(flat, b.weight, b.bias) for b in self.bases]
             elif base.prepacked:
                 outs = [torch.ops.mkldnn._linear_pointwise(flat, base.weight, base.bias, "none", [], "")]
+            elif base.widened:
+                outs = [_widened_product(flat, b.weight) for b in self.bases]
+                if base.bias is not None:
+                    for out, bias in zip(outs, base.bias.split(self.sizes)):
+                        out.add_(bias)
             else:
-                outs = [F.linear(flat.float() if base.upcast else flat, base.weight, base.bias)]
+                outs = [F.linear(flat, base.weight, base.bias)]
             if self.adapters is not None:
                 lora_at, lora_bt = self.adapters
                 delta = torch.mm(torch.mm(flat.float(), lora_at), lora_bt)  # fp32 sum, one rounding
                 for out, columns in zip(outs, delta.split([out.shape[1] for out in outs], dim=1)):
                     out.add_(columns)
-            if base.upcast:
+            if base.widened:
                 outs = [out.to(x.dtype) for out in outs]
             if len(outs) == 1:
                 outs = list(outs[0].split(self.sizes, dim=1))
         return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
+
+
+def _widened_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T in float32 for a bf16 weight on a CPU without native bf16 products."""
+    kernel = native_kernel("bf16_matvec")
+    if kernel is not None and x.shape[0] <= DECODE_ROWS:
+        return kernel.bf16_matvec(x.float(), weight.detach().contiguous())
+    return float32_mm(x, weight.detach().t())
 
 
 def _active_lora(layer: nn.Module) -> bool:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from thrifty.errors import ThriftyError
+from thrifty.kernels.matmul import bf16_gemm_is_native
 from thrifty.layers.lora import LoraConfig, find_target_modules
 from thrifty.model.config import ModelConfig
 from thrifty.model.decoder import CausalLM
@@ -215,7 +216,10 @@ def plan_grpo(facts: ModelFacts, config: Any, prompt_tokens: int | None = None) 
         plan.parts.append(("reference model (beta > 0)", facts.params * _dtype_bytes(config.dtype)))
     if config.quantize is None:  # generation runs on the inference plan's fused q/k/v, gate/up copies
         if config.rollout_quantization is None:
-            plan.parts.append(("fused projections for generation", facts.linear_params * _dtype_bytes(config.dtype)))
+            # Where bf16 products are not native, the plan reads bf16 weights in place (fused_linear.py).
+            if config.dtype == "float32" or bf16_gemm_is_native():
+                plan.parts.append(("fused projections for generation",
+                                   facts.linear_params * _dtype_bytes(config.dtype)))
         else:  # GGUF blocks: 34 (Q8_0) or 18 (Q4_0) bytes per 32 weights
             block_bytes = 34 if config.rollout_quantization == "q8_0" else 18
             plan.parts.append((f"{config.rollout_quantization} projections for generation",
