@@ -32,6 +32,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2": dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", rope_theta=1000000.0, tie_word_embeddings=False, head_dim=24),
     "mistral": dict(model_type="mistral", rope_theta=10000.0, tie_word_embeddings=False, sliding_window=5),
+    # Local layers (window 5, RoPE base 10k) around a global one (1M, linear scaling), and a
+    # query_pre_attn_scalar other than head_dim (as Gemma 3 27B's).
+    "gemma3": dict(model_type="gemma3_text", tie_word_embeddings=True, head_dim=32, num_hidden_layers=3,
+                   sliding_window=5, query_pre_attn_scalar=24,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                       "rope_theta": 1000000.0}}),
 }
 
 
@@ -48,10 +56,12 @@ def make_hf_model(family: str, seed: int = 0, **overrides: Any) -> Any:
         config._attn_implementation = "eager"  # sdpa in transformers ignores nothing, but eager is the clearest reference
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Norms scale by w (Gemma: by 1 + w, w zero-initialised): random around their identity.
+    identity = 0.0 if model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
-                param.copy_(torch.randn_like(param) * 0.1 + (1.0 if "norm" in name else 0.0))
+                param.copy_(torch.randn_like(param) * 0.1 + (identity if "norm" in name else 0.0))
     return model.eval()
 
 

@@ -125,9 +125,9 @@ def test_min_new_tokens_holds_back_stop_tokens_as_transformers(tmp_path: Path) -
     assert held == expected and len(held) >= 6 and stop not in held[:6]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma3"])
 def test_left_padded_batch_equals_transformers_greedy(family: str, tmp_path: Path) -> None:
-    """Tiny models: mixed prompt lengths, enough tokens to cross Mistral's sliding window."""
+    """Tiny models: mixed prompt lengths, enough tokens to cross Mistral's and Gemma 3's local layers' windows."""
     reference = save_hf_model(family, tmp_path)
     ours = build_model(load_hf_config(tmp_path), load_hf_state_dict(tmp_path), str(tmp_path)).eval()
     gen = torch.Generator().manual_seed(3)

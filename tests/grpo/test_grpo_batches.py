@@ -30,6 +30,7 @@ def reference_log_probs(model, prompt: list[int], completion: list[int], tempera
 
 @pytest.mark.parametrize(("family", "row_tokens"), [
     ("llama", ROW_TOKENS), ("qwen2", ROW_TOKENS), ("mistral", ROW_TOKENS),  # plain, qkv bias, sliding window of 5
+    ("gemma3", ROW_TOKENS),  # local layers' window of 5 beside a global layer
     ("llama", 1),  # a row per group
 ])
 def test_packed_log_probs_and_gradients_equal_one_row_per_completion(family: str, row_tokens: int,

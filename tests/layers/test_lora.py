@@ -40,7 +40,7 @@ def loss_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases under the adapter
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])  # qwen2: q/k/v biases under the adapter
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_and_gradients_match_peft(family: str, case: str, tmp_path: Path) -> None:
     import peft

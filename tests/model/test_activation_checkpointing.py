@@ -61,7 +61,7 @@ class _CountingAttentionForward:
         return getattr(self.module, name)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_checkpointing_keeps_gradients_and_keeping_outputs_skips_their_work(
         tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = lora_model(tmp_path, family, torch.bfloat16, rank_pattern={}, alpha_pattern={})
@@ -92,12 +92,13 @@ def test_checkpointing_keeps_gradients_and_keeping_outputs_skips_their_work(
             assert torch.equal(grads[key], plain[key]), (name, key)
 
     # The recomputation skips gate/up (2 x hidden x intermediate) and down (intermediate x
-    # hidden) per token and layer, then q/k/v (hidden x (q + 2 kv)) and the attention
-    # forward: nothing else changes.
+    # hidden; not in Gemma 3, whose post-MLP norm reads its output) per token and layer,
+    # then q/k/v (hidden x (q + 2 kv)) and the attention forward: nothing else changes.
     cfg = model.config
     tokens, layers = batch.input_ids.numel(), cfg.num_hidden_layers
+    skipped_mlp_matmuls = 2 if cfg.gemma_norms else 3
     assert runs["checkpointed"][1] - runs["keeping the MLP"][1] == (
-        2 * tokens * 3 * cfg.hidden_size * cfg.intermediate_size * layers)
+        2 * tokens * skipped_mlp_matmuls * cfg.hidden_size * cfg.intermediate_size * layers)
     assert runs["keeping the MLP"][1] - runs["keeping the MLP and attention"][1] == (
         2 * tokens * cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) * layers)
     # Attention forwards: one per layer, and one more per layer in the recomputation

@@ -1,9 +1,11 @@
-"""The path training runs, bf16 with gradients on, through the native kernels (attention,
-RMSNorm, SwiGLU, RoPE), against an independent reference: transformers in float64 on the
-same bf16-rounded weights, for every family at head_dim 128 (the size of most models above
-1B; Qwen3 with its q/k norms included). The bound: Thrifty's bf16 error is no larger than
-transformers' own bf16 forward's error on the same weights and inputs (plus a margin),
-since both round every activation to bf16 (8-bit mantissa, unit roundoff 2^-9)."""
+"""The path training runs, bf16 with gradients on, against an independent reference:
+transformers in float64 on the same bf16-rounded weights, for every family at head_dim 128
+(the size of most models above 1B; Qwen3's and Gemma 3's q/k norms included), on both CPU
+paths: through the native kernels (attention, RMSNorm, SwiGLU, RoPE) where the CPU has
+AVX-512 BF16, through float32 products rounded once to bf16 where it has not. The bound:
+Thrifty's bf16 error is no larger than transformers' own bf16 forward's error on the same
+weights and inputs (plus a margin), since both round every activation to bf16 (8-bit
+mantissa, unit roundoff 2^-9)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,7 @@ WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_k
             vocab_size=512)
 
 
-@needs_native
-@pytest.mark.parametrize("family", ["llama", "llama3-scaled", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "llama3-scaled", "qwen2", "qwen3", "mistral", "gemma3"])
 def test_bf16_logits_as_close_to_float64_as_transformers_own(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reference = make_hf_model(family, seed=3, **WIDE).to(torch.bfloat16)
     reference.save_pretrained(tmp_path)
@@ -45,7 +46,7 @@ def test_bf16_logits_as_close_to_float64_as_transformers_own(family: str, tmp_pa
 
 @needs_native
 @pytest.mark.parametrize(("family", "head_dim"), [("llama", 128), ("llama", 256), ("qwen2", 128), ("qwen3", 128),
-                                                  ("mistral", 128)])
+                                                  ("mistral", 128), ("gemma3", 256)])
 def test_bf16_greedy_generation_follows_float64(family: str, head_dim: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The path generation runs (bf16, eval: prefill, then the native decoding step or the
     modules' step, left padding, growing KV cache) against transformers in float64 on the
@@ -66,9 +67,9 @@ def test_bf16_greedy_generation_follows_float64(family: str, head_dim: int, tmp_
     new_tokens = 24
     plan = InferencePlan.build(ours)
     # The native decoding step takes every step where it applies (the modules' step is checked
-    # where it does not: Qwen3's q/k norms, and heads of 256: its attention kernel has sizes
+    # where it does not: Qwen3's and Gemma's q/k norms, and heads of 256: its attention kernel has sizes
     # 64 and 128). Asserted first, so a dispatch change cannot compare PyTorch with float64 unseen.
-    assert (plan.decoding_step is not None) == (family != "qwen3" and head_dim == 128)
+    assert (plan.decoding_step is not None) == (family not in ("qwen3", "gemma3") and head_dim == 128)
     generated, _ = generate_tokens(ours, prompts, max_new_tokens=new_tokens, sampling=SamplingParams(),
                                    stop_token_ids=[], pad_token_id=0, plan=plan)
     near_ties = 0
@@ -85,10 +86,9 @@ def test_bf16_greedy_generation_follows_float64(family: str, head_dim: int, tmp_
     assert near_ties <= 3  # most steps are the exact argmax
 
 
-@needs_native
-@pytest.mark.parametrize("family", ["llama", "llama3-scaled", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "llama3-scaled", "qwen2", "qwen3", "mistral", "gemma3"])
 def test_bf16_gradients_as_close_to_float64_as_transformers_own(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Every weight's gradient through the native training kernels (bf16, head_dim 128)
+    """Every weight's gradient through the training kernels of this CPU (bf16, head_dim 128)
     against transformers' float64 gradient of the same loss on the same weights, no further
     from it than transformers' own bf16 gradient. Measured: 1.01-1.15x transformers' error,
     whose relative norm is 1.1-1.9% here."""

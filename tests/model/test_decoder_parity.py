@@ -47,3 +47,23 @@ def test_kv_cache_decoding_equals_full_forward(family: str, tmp_path: Path) -> N
             steps.append(model(ids[:, t:t + 1], cache=cache))
     incremental = torch.cat(steps, dim=1)
     assert (incremental - full).abs().max().item() <= 1e-4
+
+
+def test_a_gemma3_model_saved_by_thrifty_is_read_by_transformers(tmp_path: Path) -> None:
+    """config.json written from our config (layer types, windows, both RoPE bases, the
+    query scalar, GeGLU) describes the same model to transformers."""
+    import transformers
+
+    from thrifty.formats.hf_export import save_hf_model as save_ours
+    from thrifty.formats.loader import load_model
+
+    from tiny_tokenizer import save_tiny_model_dir
+
+    save_tiny_model_dir("gemma3", tmp_path / "source")
+    model, tokenizer = load_model(tmp_path / "source", dtype="float32", device="cpu")
+    save_ours(model, tokenizer, tmp_path / "saved")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "Gemma3ForCausalLM"
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (theirs(ids).logits - model(ids)).abs().max().item() <= 1e-4

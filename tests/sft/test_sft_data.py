@@ -306,7 +306,7 @@ def test_data_order_resumes_mid_epoch() -> None:
 # ---------------------------------------------------------------- batches through a tiny model
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral"])  # mistral: sliding window of 5
+@pytest.fixture(scope="module", params=["llama", "mistral", "gemma3"])  # mistral, gemma3's local layers: window of 5
 def tiny_model(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     save_hf_model(request.param, directory)

@@ -26,12 +26,12 @@ from thrifty.formats.build import GGUFBlocks
 from thrifty.formats.gguf_reader import metadata_value, open_gguf
 from thrifty.formats.gguf_tokenizer import tokenizer_from_gguf
 from thrifty.kernels.gguf_blocks import BLOCK_LAYOUTS
-from thrifty.model.config import ModelConfig
+from thrifty.model.config import GLOBAL_LAYER, LOCAL_LAYER, ModelConfig
 from thrifty.model.tokenizer import Tokenizer
 
-# GGUF `general.architecture` values this loader maps onto our Llama-family decoder.
+# GGUF `general.architecture` values this loader maps onto our decoder.
 # Mistral GGUFs are written with architecture "llama".
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
 # llama.cpp tensor name -> Hugging Face name. "{i}" is the layer index.
 LAYER_NAMES = {
@@ -49,6 +49,14 @@ LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Gemma 3's norms: llama.cpp's ffn_norm is the MLP's input norm, as Llama's
+# post_attention_layernorm is; Gemma's post_attention_layernorm norms the attention's output.
+GEMMA3_LAYER_NAMES = {
+    **LAYER_NAMES,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -100,7 +108,7 @@ class GGUFTensors:
         matrices of the block types Thrifty's kernels read as GGUFBlocks over the file's
         own bytes (mapped, not copied; llama's q/k rows are reordered into a copy)."""
         for name, t in self.tensors.items():
-            hf = _hf_name(name)
+            hf = _hf_name(name, self.arch)
             if hf is None:
                 if name in _DERIVED_TENSORS:
                     continue
@@ -126,6 +134,8 @@ class GGUFTensors:
             if heads:
                 w = _unpermute_rows(w, heads)
             w = np.ascontiguousarray(w, dtype=np.float32)
+            if self.arch == "gemma3" and name.endswith("norm.weight"):
+                w = w - 1.0  # llama.cpp's converter stores Gemma's norms as the 1 + w they scale by
             if not w.flags.writeable:  # F32 tensors come straight from the read-only file mapping
                 w = w.copy()
             yield hf, torch.from_numpy(w).to(dtype)
@@ -176,6 +186,10 @@ def _config_from_metadata(reader: gguf.GGUFReader, arch: str, tensors: dict[str,
     if arch in ("qwen2", "qwen3"):
         sliding = None  # Qwen checkpoints carry a window they do not use (use_sliding_window=false)
     theta = float(get("rope.freq_base", 10000.0))
+    gemma: dict[str, Any] = {}
+    if arch == "gemma3":
+        gemma = _gemma3_fields(get, need("block_count"), hidden, heads, head_dim, sliding)
+        model_type, sliding = "gemma3_text", None
     return ModelConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -196,6 +210,23 @@ def _config_from_metadata(reader: gguf.GGUFReader, arch: str, tensors: dict[str,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_ids=list(tokenizer.stop_token_ids),
         pad_token_id=metadata_value(reader, "tokenizer.ggml.padding_token_id"),
+        **gemma,
+    )
+
+
+def _gemma3_fields(get: Any, layers: int, hidden: int, heads: int, head_dim: int,
+                   window: int | None) -> dict[str, Any]:
+    """What llama.cpp's gemma3 loader knows without metadata: every 6th layer global, the
+    others local with RoPE base 10k; scores scaled by head_dim^-1/2 except in the 27B
+    model (62 layers: hidden / heads)."""
+    return dict(
+        hidden_act="gelu_pytorch_tanh",
+        gemma_norms=True,
+        embedding_scale=float(hidden) ** 0.5,
+        query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
+        layer_types=[GLOBAL_LAYER if (i + 1) % 6 == 0 else LOCAL_LAYER for i in range(layers)],
+        local_window=window,
+        local_rope_theta=float(get("rope.freq_base_swa", 10000.0)),
     )
 
 
@@ -258,12 +289,13 @@ def _llama3_scaling(tensor: Any, theta: float, head_dim: int, path: Path) -> dic
 # ---------------------------------------------------------------- tensors
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str) -> str | None:
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
+    names = GEMMA3_LAYER_NAMES if arch == "gemma3" else LAYER_NAMES
     m = _LAYER_RE.match(gguf_name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None
 
 
@@ -278,9 +310,12 @@ def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, path:
     expected = ["model.embed_tokens.weight", "model.norm.weight"]
     if not config.tie_word_embeddings:
         expected.append("lm_head.weight")
-    per_layer = [LAYER_NAMES[k] for k in ("attn_norm.weight", "ffn_norm.weight", "attn_q.weight",
-                                          "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                                          "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")]
+    names = GEMMA3_LAYER_NAMES if config.gemma_norms else LAYER_NAMES
+    kinds = ["attn_norm.weight", "ffn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+             "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
+    if config.gemma_norms:
+        kinds += ["post_attention_norm.weight", "post_ffw_norm.weight"]
+    per_layer = [names[k] for k in kinds]
     if config.attention_bias:
         per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
     if config.qk_norm:

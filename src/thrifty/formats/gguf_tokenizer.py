@@ -57,18 +57,71 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, path: Path) -> Tokenizer:
     add_eos = bool(meta("add_eos_token", False))
     set_post_processor(backend, bos if add_bos else None, eos if add_eos else None)
     extra_stops = [i for i in (meta("eot_token_id"), meta("eom_token_id")) if i is not None]
+    chat_template = metadata_value(reader, "tokenizer.chat_template")
+    if metadata_value(reader, "general.architecture") == "gemma3":
+        # Some Gemma 3 conversions carry no template; turns end with <end_of_turn> either way
+        # (llama.cpp stops on it by its text).
+        chat_template = chat_template or GEMMA3_CHAT_TEMPLATE
+        if "<end_of_turn>" in tokens:
+            extra_stops.append(tokens.index("<end_of_turn>"))
     return Tokenizer(
         backend=backend,
         eos_token_id=eos,
         bos_token_id=bos,
         pad_token_id=meta("padding_token_id"),
         unk_token_id=meta("unknown_token_id"),
-        chat_template=metadata_value(reader, "tokenizer.chat_template"),
+        chat_template=chat_template,
         add_bos_token=add_bos,
         add_eos_token=add_eos,
         stop_token_ids=extra_stops,
         source=str(path),
     )
+
+
+# Gemma 3's chat template (its instruction-tuned models' tokenizer_config.json): a system
+# message joins the first user turn; the assistant's role is "model".
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
 
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)

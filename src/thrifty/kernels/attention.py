@@ -53,27 +53,29 @@ def _pytorch_training_kernel(q: torch.Tensor) -> ContextManager[None]:
 
 def scaled_dot_product_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """SDPA over [batch, heads, seq, head_dim] with grouped kv heads; `mask` is boolean
-    [batch, 1, queries, keys], True where a query may attend."""
-    result = attention_with_logsumexp(q, k, v, mask, is_causal)
+    [batch, 1, queries, keys], True where a query may attend; scores scaled by `scale`
+    (None: head_dim^-1/2)."""
+    result = attention_with_logsumexp(q, k, v, mask, is_causal, scale=scale)
     if result is not None:
         return result[0]
     if q.shape[2] == 1 and _native_decode_applies(q, k, v):
-        return native_kernel("decode_attention").decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)
+        return native_kernel("decode_attention").decode_attention(q, k, v, mask, _scale(q, scale))
     # PyTorch's CPU attention multiplies bf16 with the slow generic kernel where bf16
     # products are not native (kernels/matmul.py): there it runs on float32 copies of
     # q, k, v and its output is rounded once to bf16.
     dtype = torch.float32 if in_float32(q) else q.dtype
     with _pytorch_training_kernel(q):
         out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
-                                             is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1])
+                                             is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1], scale=scale)
     return out.to(q.dtype)
 
 
 def attention_with_logsumexp(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-    known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(output, logsumexp) of training attention through the native backward, or None
     where it does not apply. `known`: the (output, logsumexp) of an earlier forward of
@@ -81,7 +83,7 @@ def attention_with_logsumexp(
     the node is rebuilt without running the forward kernel."""
     if not _native_backward_applies(q, k) or (is_causal and q.shape[2] != k.shape[2]):
         return None
-    return _FlashAttentionNativeBackward.apply(q, k, v, mask, is_causal, known)
+    return _FlashAttentionNativeBackward.apply(q, k, v, mask, is_causal, known, _scale(q, scale))
 
 
 def _native_backward_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -103,18 +105,18 @@ class _FlashAttentionNativeBackward(torch.autograd.Function):
     the module lacks it); the backward of kernels/csrc/attention_backward.cpp."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, is_causal, known):  # type: ignore[no-untyped-def]
+    def forward(ctx, q, k, v, mask, is_causal, known, scale):  # type: ignore[no-untyped-def]
         module = native_kernel("attention_forward")
         if module is not None:  # the backward reads its inputs in the layout the forward takes
             q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         if known is not None:
             out, logsumexp = (t.detach() for t in known)  # new tensors: apply() attaches this node
         elif module is not None:
-            out, logsumexp = module.attention_forward(q, k, v, mask, is_causal, q.shape[-1] ** -0.5)
+            out, logsumexp = module.attention_forward(q, k, v, mask, is_causal, scale)
         else:
-            out, logsumexp = _pytorch_flash_forward(q, k, v, mask, is_causal)
+            out, logsumexp = _pytorch_flash_forward(q, k, v, mask, is_causal, scale)
         ctx.save_for_backward(q, k, v, out, logsumexp, mask)
-        ctx.is_causal = is_causal
+        ctx.is_causal, ctx.scale = is_causal, scale
         ctx.mark_non_differentiable(logsumexp)
         return out, logsumexp
 
@@ -124,7 +126,7 @@ class _FlashAttentionNativeBackward(torch.autograd.Function):
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         grad_q, grad_k, grad_v = native_kernel("attention_backward").attention_backward(
-            grad_out, q, k, v, out, logsumexp, mask, ctx.is_causal, q.shape[-1] ** -0.5)
+            grad_out, q, k, v, out, logsumexp, mask, ctx.is_causal, ctx.scale)
         batch, heads, _, head_dim = q.shape
         kv_heads, keys = k.shape[1], k.shape[2]
 
@@ -133,15 +135,19 @@ class _FlashAttentionNativeBackward(torch.autograd.Function):
             grad = grad.view(batch, kv_heads, -1, head_dim, grad.shape[-1]).sum(2)
             return grad[..., :keys].transpose(-1, -2).to(q.dtype)
 
-        return grad_q, per_kv_head(grad_k), per_kv_head(grad_v), None, None, None
+        return grad_q, per_kv_head(grad_k), per_kv_head(grad_v), None, None, None, None
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else scale
 
 
 def _pytorch_flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                           is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                           is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, logsumexp) of PyTorch's CPU flash attention, in the form the native backward takes."""
     additive = None
     if mask is not None:  # what SDPA does with a boolean mask
         additive = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, is_causal, attn_mask=additive)
+        q, k, v, 0.0, is_causal, attn_mask=additive, scale=scale)
     return out, logsumexp

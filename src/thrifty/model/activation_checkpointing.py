@@ -15,7 +15,8 @@ projection and attention seams (model/projections.py) read the call from a conte
   (2 x intermediate_size values per token, ~5x the layer input), so the recomputation
   skips the MLP's matmuls, ~3/4 of its work: the gate/up outputs are known, and the
   down projection's output is never read (backward needs only the saved tensors, and
-  the layer output is the last thing a layer computes).
+  the layer output is the last thing a layer computes; not so in Gemma 3, which norms
+  it: there the down projection is recomputed).
 * keep_attention_outputs: it also keeps its q/k/v projections' outputs and the
   attention's output and logsumexp (q + 2 kv + q widths plus one float per head per
   token, ~2.7x the layer input for SmolLM2), so the recomputation skips the q/k/v
@@ -46,6 +47,7 @@ class LayerCall:
     """One checkpointed call of a layer: which outputs it keeps, and those it kept."""
 
     keep: frozenset[str]  # "qkv", "gate_up" (projection groups) and "attention"
+    last_output_unread: bool = True  # whether backward never reads LAST_PROJECTION's output
     kept: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     recomputing: bool = False
 
@@ -65,7 +67,7 @@ class LayerCall:
             return None
         if name in self.kept:
             return self.kept[name]
-        if name == LAST_PROJECTION and "gate_up" in self.kept:
+        if name == LAST_PROJECTION and "gate_up" in self.kept and self.last_output_unread:
             rows = x.shape[:-1].numel()
             return tuple(x.new_empty(()).expand(rows, layer.out_features) for layer in layers)
         return None
@@ -83,9 +85,10 @@ def enable_activation_checkpointing(model: nn.Module, keep_mlp_outputs: bool = F
                                     keep_attention_outputs: bool = False) -> None:
     """Checkpoint every layer in `model.model.layers` while gradients are enabled."""
     keep = frozenset((["gate_up"] if keep_mlp_outputs else []) + (["qkv", "attention"] if keep_attention_outputs else []))
+    unread = not model.config.gemma_norms  # Gemma's post_feedforward_layernorm reads it
     for layer in model.model.layers:
         if "forward" not in layer.__dict__:  # not wrapped already
-            layer.forward = _checkpointed(layer, keep)
+            layer.forward = _checkpointed(layer, keep, unread)
 
 
 def disable_activation_checkpointing(model: nn.Module) -> None:
@@ -93,7 +96,7 @@ def disable_activation_checkpointing(model: nn.Module) -> None:
         layer.__dict__.pop("forward", None)
 
 
-def _checkpointed(layer: nn.Module, keep: frozenset[str]) -> Any:
+def _checkpointed(layer: nn.Module, keep: frozenset[str], last_output_unread: bool) -> Any:
     forward = type(layer).forward.__get__(layer)
 
     def run(*args: Any) -> Any:
@@ -104,7 +107,7 @@ def _checkpointed(layer: nn.Module, keep: frozenset[str]) -> Any:
         # backward, outside any `sdpa_kernel` context the forward ran in: re-enter the
         # same attention kernel choice, or it would save different tensors (an error).
         backends = _enabled_sdpa_backends()
-        call = LayerCall(keep)
+        call = LayerCall(keep, last_output_unread)
         return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True,
                           context_fn=lambda: (_inside(call), _recomputing(call, backends)))
 

@@ -1,4 +1,7 @@
-"""One decoder for the Llama family: Llama 2/3, SmolLM/SmolLM2, Qwen2/2.5, Qwen3, Mistral.
+"""One decoder for the Llama family (Llama 2/3, SmolLM/SmolLM2, Qwen2/2.5, Qwen3, Mistral)
+and Gemma 3's text models, which differ in a few places the config names (config.py):
+(1 + w) norms around attention and MLP, GeGLU, scaled embeddings, and local layers with a
+sliding window and a RoPE base of their own between global ones.
 
 Module and parameter names follow Hugging Face's (`model.layers.0.self_attn.q_proj`),
 so checkpoints load without renaming and LoRA adapters use PEFT's key names.
@@ -10,23 +13,39 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from thrifty.errors import ThriftyError
 from thrifty.kernels.elementwise import apply_rope, rms_norm, swiglu
-from thrifty.model.config import ModelConfig
+from thrifty.model.config import LOCAL_LAYER, ModelConfig
 from thrifty.model.kv_cache import KVCache
 from thrifty.model.projections import attention, project
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, gemma: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.gemma = gemma  # Gemma's: scale by (1 + weight), weight zero-initialised
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemma:
+            # All in float32, rounded once at the end (Llama's rounds before the weight).
+            x32 = x.float()
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (normed * (1.0 + self.weight.float())).type_as(x)
         return rms_norm(x, self.weight, self.eps)
+
+
+def rope_local_inverse_frequencies(config: ModelConfig) -> torch.Tensor | None:
+    """Gemma 3's local layers' frequencies (their own base, never scaled), or None."""
+    if not config.has_local_layers:
+        return None
+    dim = config.head_dim
+    theta = config.local_rope_theta or config.rope_theta
+    return (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))).float()
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -78,8 +97,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.gemma_norms)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.gemma_norms)
+        self.local = config.layer_types is not None and config.layer_types[layer_index] == LOCAL_LAYER
+        # Scores are scaled by head_dim^-1/2 unless the config says otherwise (Gemma 3).
+        scalar = config.query_pre_attn_scalar
+        self.scale = None if scalar is None else scalar**-0.5
 
     def forward(
         self,
@@ -102,7 +125,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        out = attention(q, k, v, mask, is_causal=mask is None and seq > 1)
+        out = attention(q, k, v, mask, is_causal=mask is None and seq > 1, scale=self.scale)
         (out,) = project(self, "o", projection_group(self, "o"), out.transpose(1, 2).reshape(batch, seq, -1))
         return out
 
@@ -115,10 +138,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.geglu = config.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(self, "gate_up", projection_group(self, "gate_up"), x)
-        (down,) = project(self, "down", projection_group(self, "down"), swiglu(gate, up))
+        hidden = F.gelu(gate, approximate="tanh") * up if self.geglu else swiglu(gate, up)
+        (down,) = project(self, "down", projection_group(self, "down"), hidden)
         return down
 
 
@@ -130,12 +155,22 @@ def projection_group(owner: Attention | MLP, name: str) -> list[nn.Module]:
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        size, eps, gemma = config.hidden_size, config.rms_norm_eps, config.gemma_norms
+        self.input_layernorm = RMSNorm(size, eps, gemma)
         self.self_attn = Attention(config, layer_index)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Llama's post_attention_layernorm is the MLP's input norm; Gemma's (HF's names)
+        # norms the attention's output, and two more surround the MLP.
+        self.post_attention_layernorm = RMSNorm(size, eps, gemma)
+        if gemma:
+            self.pre_feedforward_layernorm = RMSNorm(size, eps, gemma)
+            self.post_feedforward_layernorm = RMSNorm(size, eps, gemma)
+        self.gemma = gemma
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, cache):  # type: ignore[no-untyped-def]
+        if self.gemma:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -157,7 +192,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma_norms)
 
 
 class CausalLM(nn.Module):
@@ -171,6 +206,7 @@ class CausalLM(nn.Module):
         # Deliberately not a buffer: model.to(bfloat16) would round the frequencies,
         # and RoPE at long positions needs them in float32 (as the reference keeps them).
         self.inv_freq = rope_inverse_frequencies(config)
+        self.local_inv_freq = rope_local_inverse_frequencies(config)
 
     # The final norm's weight: a plain tensor in the activations' dtype, whatever the
     # head's storage (it may be quantized).
@@ -182,11 +218,16 @@ class CausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.norm.weight.dtype
 
-    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape [batch, 1, seq, head_dim] for integer positions [batch, seq]."""
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype,
+                    local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape [batch, 1, seq, head_dim] for integer positions [batch, seq]
+        (local: for Gemma 3's local layers)."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        angles = positions.unsqueeze(-1).float() * self.inv_freq
+            if self.local_inv_freq is not None:
+                self.local_inv_freq = self.local_inv_freq.to(positions.device)
+        inv_freq = self.local_inv_freq if local else self.inv_freq
+        angles = positions.unsqueeze(-1).float() * inv_freq
         angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -212,12 +253,29 @@ class CausalLM(nn.Module):
             # or a sliding window the mask must be spelled out.
             mask = causal_mask(positions, cached + input_ids.shape[1], self.config.sliding_window)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope_tables(positions, x.dtype)
+        if self.config.embedding_scale != 1.0:  # rounded to the weights' dtype first, as HF's Gemma does
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        tables = self.rope_tables(positions, x.dtype)
+        if self.config.has_local_layers:
+            local_tables = self.rope_tables(positions, x.dtype, local=True)
+            local_mask = self._local_mask(mask, positions, cache)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if layer.self_attn.local:
+                x = layer(x, *local_tables, local_mask, cache)
+            else:
+                x = layer(x, *tables, mask, cache)
         if cache is not None:
-            cache.advance(input_ids.shape[1])
+            cache.advance(input_ids.shape[1], positions)
         return self.model.norm(x)
+
+    def _local_mask(self, mask: torch.Tensor | None, positions: torch.Tensor,
+                    cache: KVCache | None) -> torch.Tensor:
+        """The mask of Gemma 3's local layers: `mask` (or plain causal attention) and at
+        most local_window tokens back. Callers build one mask, without the local window;
+        the window is applied here by the keys' positions (the cache remembers them)."""
+        keys = positions if cache is None else torch.cat((cache.positions(), positions), dim=1)
+        window = causal_mask(positions, keys.shape[1], self.config.local_window, key_positions=keys)
+        return window if mask is None else mask & window
 
     def forward(
         self,

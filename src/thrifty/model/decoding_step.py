@@ -42,7 +42,8 @@ class DecodingStep:
         kernels do not apply."""
         config = model.config
         native = native_kernel("decode_linear")
-        if (model.dtype != torch.bfloat16 or model.device.type != "cpu" or config.qk_norm or native is None
+        if (model.dtype != torch.bfloat16 or model.device.type != "cpu" or config.qk_norm or config.gemma_norms
+                or native is None
                 or not native.decode_attention_supports(config.head_dim)):
             return None
         layers = [_native_layer(native, layer, groups) for layer in model.model.layers]
@@ -60,7 +61,7 @@ class DecodingStep:
         x = self.model.model.embed_tokens(token_ids)
         cos, sin = self.model.rope_tables(positions, x.dtype)
         x = self.layers.step(x, cos, sin, mask, cache.keys, cache.values, cache.length)
-        cache.advance(1)
+        cache.advance(1, positions)
         return self.model.model.norm(x)
 
 

@@ -25,6 +25,9 @@ class KVCache:
         shape = (batch_size, num_kv_heads, max_length, head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # The cached tokens' positions (rows are left-padded, so they differ by row): what a
+        # layer with a sliding window measures its keys' distance by.
+        self.key_positions = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
         self.length = 0
 
     @property
@@ -44,8 +47,14 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def advance(self, num_tokens: int) -> None:
+    def advance(self, num_tokens: int, positions: torch.Tensor) -> None:
+        """Count the `num_tokens` just stored, at `positions` [batch, num_tokens]."""
+        self.key_positions[:, self.length:self.length + num_tokens] = positions
         self.length += num_tokens
+
+    def positions(self) -> torch.Tensor:
+        """[batch, length]: the positions of the cached tokens."""
+        return self.key_positions[:, :self.length]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (and their order): drops finished sequences, or repeats a
@@ -55,3 +64,4 @@ class KVCache:
                 shrunk = layer.new_empty((len(rows),) + layer.shape[1:])
                 shrunk[:, :, : self.length] = layer[rows, :, : self.length]
                 cache[i] = shrunk
+        self.key_positions = self.key_positions[rows]

@@ -68,15 +68,15 @@ def project(owner: nn.Module, name: str, layers: list[nn.Module], x: torch.Tenso
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              is_causal: bool) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over [batch, heads, seq, head_dim], GQA; `mask` boolean
-    [batch, 1, queries, keys], True where a query may attend."""
+              is_causal: bool, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v over [batch, heads, seq, head_dim], GQA (scale None:
+    1 / sqrt(head_dim)); `mask` boolean [batch, 1, queries, keys], True where a query may attend."""
     call = current_layer_call()
     if call is not None and call.keeps("attention"):
         known = call.kept.get("attention") if call.recomputing else None
-        result = attention_with_logsumexp(q, k, v, mask, is_causal, known=known)
+        result = attention_with_logsumexp(q, k, v, mask, is_causal, known=known, scale=scale)
         if result is not None:  # the native kernels: their output and logsumexp can be kept
             out, logsumexp = result
             call.remember("attention", (out.detach(), logsumexp))
             return out
-    return scaled_dot_product_attention(q, k, v, mask, is_causal)
+    return scaled_dot_product_attention(q, k, v, mask, is_causal, scale)
