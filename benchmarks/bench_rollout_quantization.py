@@ -112,7 +112,7 @@ def rollouts(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|")
     base = statistics.median(r["rollout_s"] for r in results[variants[0]])
     for variant, rows in results.items():
-        name = "the weights (bf16 / their float32 copy)" if variant == "none" else f"`{variant}` blocks"
+        name = "the weights" if variant == "none" else f"`{variant}` blocks"
         seconds = statistics.median(r["rollout_s"] for r in rows)
         print(f"| {name} | {statistics.median(r['first_s'] for r in rows):.1f} | {seconds:.1f} | "
               f"{statistics.median(r['tokens_per_s'] for r in rows):.0f} | {base / seconds:.2f}x | "

@@ -14,7 +14,7 @@ import pytest
 from thrifty.errors import ThriftyError
 from thrifty.formats.loader import load_model
 from thrifty.generation.engine import generate
-from thrifty.grpo.config import load_grpo_config
+from thrifty.grpo.config import GRPOConfig, load_grpo_config
 from thrifty.grpo.rewards import call_reward_function
 from thrifty.sft.config import load_sft_config
 from thrifty.sft.examples import tokenize_dataset
@@ -135,7 +135,20 @@ CONFIG_CASES: dict[str, tuple[Case, str]] = {
                                   r"task 'countdown' has no setting numbers; its settings: .*num_numbers"),
     "eval-task-setting-type": (lambda d: eval_task_setting("operand_digits=abc"),
                                r"setting operand_digits takes a list of integers, not 'abc'"),
+    # TRL's log_completions is a switch; the count is num_completions_to_print.
+    "grpo-log-completions-count": (lambda d: grpo_config(d, "log_completions: 8\n"),
+                                   r"g\.yaml line 1: log_completions: expected true or false, got a number 8"),
+    "grpo-log-completions-count-in-python": (lambda d: GRPOConfig(log_completions=8),  # type: ignore[arg-type]
+                                             r"log_completions.*true or false.*num_completions_to_print"),
 }
+
+
+def hf_config(directory: Path, **fields: object) -> object:
+    """A model directory whose config.json holds `fields` over a tiny Llama's."""
+    config = {"model_type": "llama", "vocab_size": 97, "hidden_size": 64, "intermediate_size": 112,
+              "num_hidden_layers": 2, "num_attention_heads": 4, **fields}
+    write(directory, "config.json", json.dumps(config))
+    return load_model(directory)
 
 
 MODEL_CASES: dict[str, tuple[Case, str]] = {
@@ -145,6 +158,14 @@ MODEL_CASES: dict[str, tuple[Case, str]] = {
     "truncated-gguf": (lambda d: load_model(write(d, "t.gguf", "GGUF\x03\x00\x00\x00")),
                        r"t\.gguf.*(truncated|corrupt)"),
     "adapter-as-model": (lambda d: (write(d, "adapter_config.json", "{}"), load_model(d)), r"adapter|config\.json"),
+    "gemma3-image-model": (lambda d: hf_config(d, model_type="gemma3", text_config={}),
+                           r"config\.json.*Gemma3ForConditionalGeneration.*gemma3_text"),
+    "unknown-activation": (lambda d: hf_config(d, hidden_act="relu2"),
+                           r"config\.json.*hidden activation 'relu2'.*silu, gelu_pytorch_tanh"),
+    "gemma-softcapping": (lambda d: hf_config(d, model_type="gemma3_text", final_logit_softcapping=30.0),
+                          r"config\.json.*final_logit_softcapping = 30\.0 is not supported"),
+    "gemma-bad-layer-types": (lambda d: hf_config(d, model_type="gemma3_text", layer_types=["sliding_attention"]),
+                              r"config\.json.*layer_types.*each of the 2 layers"),
 }
 
 

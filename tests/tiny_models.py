@@ -32,6 +32,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2": dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", rope_theta=1000000.0, tie_word_embeddings=False, head_dim=24),
     "mistral": dict(model_type="mistral", rope_theta=10000.0, tie_word_embeddings=False, sliding_window=5),
+    # Layer 3 of 4 without RoPE (SmolLM3's every 4th).
+    "smollm3": dict(model_type="smollm3", rope_theta=2000000.0, tie_word_embeddings=True, num_hidden_layers=4),
     # Local layers (window 5, RoPE base 10k) around a global one (1M, linear scaling), and a
     # query_pre_attn_scalar other than head_dim (as Gemma 3 27B's).
     "gemma3": dict(model_type="gemma3_text", tie_word_embeddings=True, head_dim=32, num_hidden_layers=3,

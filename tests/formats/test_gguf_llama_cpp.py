@@ -121,10 +121,10 @@ def test_q8_0_perplexity_stays_near_float32(tmp_path: Path, default_model_fp32) 
     assert abs(weights_only / float32 - 1) < 0.012, (weights_only, float32)
 
 
-@pytest.mark.parametrize("family", ["llama", "llama-tied", "llama3-scaled", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "llama3-scaled", "qwen2", "qwen3", "mistral", "smollm3"])
 def test_llama_cpp_reads_every_family_as_thrifty_does(family: str, tmp_path: Path) -> None:
     """Tiny random models (q/k permutation, Llama 3 rope_freqs, qkv biases, q/k norms, tied
-    head): llama.cpp's logits for a sequence are Thrifty's on the same f32 file. Mistral's
+    head, SmolLM3's layer without RoPE): llama.cpp's logits for a sequence are Thrifty's on the same f32 file. Mistral's
     sequence stays inside its 5-token window, which llama.cpp's `llama` architecture does
     not apply."""
     model, tokenizer = tiny_byte_level_model(family, tmp_path / "hf")

@@ -94,7 +94,7 @@ def test_real_run_on_default_model_raises_reward(tmp_path: Path) -> None:
 
     config = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=4, num_generations=6,
                         per_device_train_batch_size=12, max_completion_length=3, learning_rate=3e-3,
-                        lora_r=8, lora_alpha=16, save_steps=0, disable_tqdm=True, seed=1, log_completions=2)
+                        lora_r=8, lora_alpha=16, save_steps=0, disable_tqdm=True, seed=1, num_completions_to_print=2)
     result = GRPOTrainer(model, tokenizer, reward_funcs=[starts_with_the], train_dataset=rows, config=config,
                          log=quiet).train()
     rewards = [r["reward"] for r in records(tmp_path / "run")]
@@ -353,7 +353,7 @@ def test_dynamic_sampling_drops_uninformative_groups_and_refills(tiny_dir: Path,
         return rewards
 
     config = tiny_config(tmp_path, tiny_dir, dynamic_sampling=True, max_dynamic_sampling_draws=4, max_steps=3,
-                         per_device_train_batch_size=8, gradient_accumulation_steps=1, log_completions=8)
+                         per_device_train_batch_size=8, gradient_accumulation_steps=1, num_completions_to_print=8)
     tiny_trainer(tiny_dir, config, reward_funcs=[some_prompts_tie]).train()
     logged = records(tmp_path)
     assert sum(r["dynamic_sampling/draws"] for r in logged) == len(draws)

@@ -31,7 +31,9 @@ from thrifty.model.tokenizer import Tokenizer
 
 # GGUF `general.architecture` values this loader maps onto our decoder.
 # Mistral GGUFs are written with architecture "llama".
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "gemma3")
+# Architectures whose converter permutes q/k rows (LlamaModel's permute in convert_hf_to_gguf).
+PERMUTED_ARCHITECTURES = ("llama", "smollm3")
 
 # llama.cpp tensor name -> Hugging Face name. "{i}" is the layer index.
 LAYER_NAMES = {
@@ -142,7 +144,7 @@ class GGUFTensors:
 
     def _permuted_heads(self, name: str) -> int:
         """llama's converter permutes the rows of q/k: the head count to undo it with, or 0."""
-        if self.arch != "llama":
+        if self.arch not in PERMUTED_ARCHITECTURES:
             return 0
         if name.endswith(("attn_q.weight", "attn_q.bias")):
             return self.config.num_attention_heads
@@ -186,10 +188,12 @@ def _config_from_metadata(reader: gguf.GGUFReader, arch: str, tensors: dict[str,
     if arch in ("qwen2", "qwen3"):
         sliding = None  # Qwen checkpoints carry a window they do not use (use_sliding_window=false)
     theta = float(get("rope.freq_base", 10000.0))
-    gemma: dict[str, Any] = {}
+    family: dict[str, Any] = {}  # the fields of one family
     if arch == "gemma3":
-        gemma = _gemma3_fields(get, need("block_count"), hidden, heads, head_dim, sliding)
+        family = _gemma3_fields(get, need("block_count"), hidden, heads, head_dim, sliding)
         model_type, sliding = "gemma3_text", None
+    if arch == "smollm3":  # llama.cpp's: no RoPE in every 4th layer (no metadata key says so)
+        family = {"no_rope_layers": smollm3_no_rope_layers(need("block_count"))}
     return ModelConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -210,8 +214,13 @@ def _config_from_metadata(reader: gguf.GGUFReader, arch: str, tensors: dict[str,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_ids=list(tokenizer.stop_token_ids),
         pad_token_id=metadata_value(reader, "tokenizer.ggml.padding_token_id"),
-        **gemma,
+        **family,
     )
+
+
+def smollm3_no_rope_layers(layers: int) -> list[int]:
+    """SmolLM3's RoPE layers as llama.cpp knows them: all but every 4th."""
+    return [int((i + 1) % 4 != 0) for i in range(layers)]
 
 
 def _gemma3_fields(get: Any, layers: int, hidden: int, heads: int, head_dim: int,

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from thrifty.errors import ThriftyError
 from thrifty.formats.atomic import atomic_file, require_finite
-from thrifty.formats.gguf import GLOBAL_NAMES, LAYER_NAMES, SUPPORTED_ARCHITECTURES
+from thrifty.formats.gguf import (GLOBAL_NAMES, LAYER_NAMES, PERMUTED_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
+                                  smollm3_no_rope_layers)
 from thrifty.formats.gguf_tokenizer import CONTROL, NORMAL, UNUSED, USER_DEFINED, pre_names, pre_tokenizer_for
 from thrifty.formats.gguf_types import GGUFType, encode, file_type, tensor_types
 from thrifty.formats.hf_export import hf_state_dict
@@ -49,10 +50,14 @@ def export_gguf(model: CausalLM, tokenizer: Tokenizer, path: str | Path, quantiz
     if path.is_dir():
         raise ThriftyError(f"{path} is a directory; give the path of the .gguf file to write.")
     config = model.config
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(config.model_type)
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+            "smollm3": "smollm3"}.get(config.model_type)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ThriftyError(f"model_type {config.model_type!r} cannot be written as GGUF (supported: llama, mistral, "
-                           "qwen2, qwen3).")
+                           "qwen2, qwen3, smollm3).")
+    if arch == "smollm3" and config.no_rope_layers != smollm3_no_rope_layers(config.num_hidden_layers):
+        raise ThriftyError("this SmolLM3 model's no_rope_layers are not every 4th layer, the only pattern "
+                           "llama.cpp runs; it cannot be written as GGUF.")
     state = hf_state_dict(model)  # refuses LoRA layers and quantized ones
     require_finite(state, path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +184,8 @@ def _tensor_sources(state: dict[str, torch.Tensor], model: CausalLM,
     out: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
     for hf_name, tensor in state.items():
         heads = None
-        if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+        if arch in PERMUTED_ARCHITECTURES and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight",
+                                                                 "k_proj.bias")):
             heads = config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads
         out[_gguf_name(hf_name)] = (tuple(tensor.shape), partial(_float32_values, tensor, heads))
     scaling = config.rope_scaling or {}

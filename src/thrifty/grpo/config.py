@@ -110,7 +110,10 @@ class GRPOConfig(TrainingConfig):
     # -- logging, evaluation, checkpoints ---------------------------------------------------
     output_dir: str = "output/grpo"
     logging_steps: int = 1
-    log_completions: int = 4  # sample completions per step written to completions.jsonl
+    # TRL's fields: whether sampled completions are logged (completions.jsonl; TRL's default
+    # is false, and it prints them), and how many per logging step (None: all).
+    log_completions: bool = True
+    num_completions_to_print: int | None = 4
     eval_steps: int | None = None  # None: held-out accuracy before and after training only
     num_eval_samples: int = 100  # held-out task problems for accuracy (0: no evaluation)
     eval_on_start: bool = True
@@ -143,7 +146,10 @@ class GRPOConfig(TrainingConfig):
         need(self.loss_type in LOSS_TYPES, "loss_type", f"use one of {', '.join(LOSS_TYPES)}")
         need(self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"use one of {', '.join(SCALE_REWARDS)}")
         need(self.num_eval_samples >= 0, "num_eval_samples", "must be 0 or more")
-        need(self.log_completions >= 0, "log_completions", "must be 0 or more")
+        need(isinstance(self.log_completions, bool), "log_completions",
+             "is true or false, as in TRL; the number of completions logged is num_completions_to_print")
+        need(self.num_completions_to_print is None or self.num_completions_to_print >= 0, "num_completions_to_print",
+             "must be 0 or more, or null for all")
         self._check_batch_fields()
         if self.task is not None and self.train_file is not None:
             raise ThriftyError(f"task = {self.task!r} and train_file = {self.train_file!r} are both set; use one: "

@@ -509,7 +509,8 @@ class GRPOTrainer:
 
     def _log_completions(self, groups: list[Group], rewards: torch.Tensor, advantages: torch.Tensor,
                          step: int) -> None:
-        n = min(self.config.log_completions, len(groups) * self.config.num_generations)
+        count, wanted = len(groups) * self.config.num_generations, self.config.num_completions_to_print
+        n = 0 if not self.config.log_completions else count if wanted is None else min(wanted, count)
         for i in range(n):
             g, j = i % len(groups), i // len(groups)  # the first completion of each group, then the second...
             group = groups[g]

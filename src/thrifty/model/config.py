@@ -2,7 +2,8 @@
 
 One dataclass covers the Llama family and Gemma 3; the families differ only in a
 few fields (qkv bias, q/k norm, tied embeddings, rope scaling, sliding window; for
-Gemma 3 its norms, GeGLU, scaled embeddings and per-layer local/global attention).
+Gemma 3 its norms, GeGLU, scaled embeddings and per-layer local/global attention; for
+SmolLM3 the layers without RoPE).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from thrifty.errors import ThriftyError
 
 # model_type values in a Hugging Face config.json that this decoder implements.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text")
 
 # The MLP's gate activations (HF's names): SwiGLU's silu, Gemma's GeGLU (tanh-approximated GELU).
 HIDDEN_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -56,6 +57,8 @@ class ModelConfig:
     layer_types: list[str] | None = None
     local_window: int | None = None
     local_rope_theta: float | None = None
+    # SmolLM3 (HF's name): per layer 1 if it applies RoPE, 0 if not (every 4th layer, "NoPE").
+    no_rope_layers: list[int] | None = None
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -69,11 +72,8 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    def layer_window(self, layer: int) -> int | None:
-        """How many past tokens layer `layer` attends to at most (None: all)."""
-        if self.layer_types is not None and self.layer_types[layer] == LOCAL_LAYER:
-            return self.local_window
-        return self.sliding_window
+    def layer_uses_rope(self, layer: int) -> bool:
+        return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
 
     @property
     def has_local_layers(self) -> bool:
@@ -140,6 +140,16 @@ class ModelConfig:
                                    f"each of the {layers} layers.")
             local_window, sliding = sliding, None  # Gemma's window is its local layers' only
             local_theta = float(local_rope.get("rope_theta") or hf.get("rope_local_base_freq") or 10000.0)
+        no_rope_layers = None
+        if model_type == "smollm3":
+            if hf.get("use_sliding_window"):
+                raise ThriftyError(f"{source}: SmolLM3 with use_sliding_window = true is not supported.")
+            sliding = None
+            layers, interval = need("num_hidden_layers"), hf.get("no_rope_layer_interval") or 4
+            no_rope_layers = [int(flag) for flag in (hf.get("no_rope_layers") or [
+                (i + 1) % interval != 0 for i in range(layers)])]
+            if len(no_rope_layers) != layers:
+                raise ThriftyError(f"{source}: no_rope_layers must hold one 0 or 1 for each of the {layers} layers.")
         if model_type == "qwen2" or model_type == "qwen3":
             # Qwen configs carry a sliding_window value but only use it when asked to.
             if not hf.get("use_sliding_window", False):
@@ -162,6 +172,7 @@ class ModelConfig:
             layer_types=layer_types,
             local_window=local_window,
             local_rope_theta=local_theta,
+            no_rope_layers=no_rope_layers,
             rope_theta=float(rope_theta),
             rope_scaling=scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
@@ -178,7 +189,8 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json a Hugging Face `transformers` model of this family reads."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}[self.model_type]
+                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM"}[self.model_type]
         out: dict[str, Any] = {
             "architectures": [arch],
             "model_type": self.model_type,
@@ -201,8 +213,10 @@ class ModelConfig:
             "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids,
             "pad_token_id": self.pad_token_id,
         }
-        if self.model_type in ("qwen2", "qwen3"):
+        if self.model_type in ("qwen2", "qwen3", "smollm3"):
             out["use_sliding_window"] = self.sliding_window is not None
+        if self.model_type == "smollm3":
+            out["no_rope_layers"] = self.no_rope_layers
         if self.model_type == "gemma3_text":
             del out["hidden_act"]
             out.update({

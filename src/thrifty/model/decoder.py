@@ -1,5 +1,5 @@
-"""One decoder for the Llama family (Llama 2/3, SmolLM/SmolLM2, Qwen2/2.5, Qwen3, Mistral)
-and Gemma 3's text models, which differ in a few places the config names (config.py):
+"""One decoder for the Llama family (Llama 2/3, SmolLM/SmolLM2/SmolLM3, Qwen2/2.5, Qwen3,
+Mistral) and Gemma 3's text models, which differ in a few places the config names (config.py):
 (1 + w) norms around attention and MLP, GeGLU, scaled embeddings, and local layers with a
 sliding window and a RoPE base of their own between global ones.
 
@@ -100,6 +100,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.gemma_norms)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.gemma_norms)
         self.local = config.layer_types is not None and config.layer_types[layer_index] == LOCAL_LAYER
+        self.rope = config.layer_uses_rope(layer_index)  # SmolLM3: every 4th layer has none
         # Scores are scaled by head_dim^-1/2 unless the config says otherwise (Gemma 3).
         scalar = config.query_pre_attn_scalar
         self.scale = None if scalar is None else scalar**-0.5
@@ -120,9 +121,9 @@ class Attention(nn.Module):
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         # [batch, heads, seq, head_dim] for SDPA; cos/sin broadcast over heads.
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        v = v.transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         out = attention(q, k, v, mask, is_causal=mask is None and seq > 1, scale=self.scale)

@@ -10,7 +10,8 @@ DecoderLayer.forward, so the results are identical, bit for bit (tested). Issued
 one from Python, those calls still cost ~5 ms of a ~45 ms step.
 
 It applies to what the native decoding kernels take: bf16 on a CPU with AVX-512 BF16, every
-projection group fused in the plan, no q/k norms, a head_dim the attention kernel takes,
+projection group fused in the plan, no q/k norms, RoPE in every layer, Llama's norms, a
+head_dim the attention kernel takes,
 and at most fused_linear.DECODE_ROWS rows; otherwise generation runs the modules.
 """
 
@@ -43,7 +44,7 @@ class DecodingStep:
         config = model.config
         native = native_kernel("decode_linear")
         if (model.dtype != torch.bfloat16 or model.device.type != "cpu" or config.qk_norm or config.gemma_norms
-                or native is None
+                or config.no_rope_layers is not None or native is None
                 or not native.decode_attention_supports(config.head_dim)):
             return None
         layers = [_native_layer(native, layer, groups) for layer in model.model.layers]
