@@ -68,26 +68,31 @@ def test_operands_larger_than_a_panel(path: bool, transposed: bool) -> None:
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["no grad", "forward and backward"])
-def test_pytorch_attention_on_both_paths(path: bool, training: bool, monkeypatch) -> None:  # type: ignore
+@pytest.mark.parametrize(("head_dim", "scale"), [(32, None), (256, None), (256, 168**-0.5)],
+                         ids=["d32", "d256", "d256-gemma27b-scale"])
+def test_pytorch_attention_on_both_paths(path: bool, training: bool, head_dim: int, scale: float | None,
+                                         monkeypatch) -> None:  # type: ignore
     """kernels/attention.py where Thrifty's native kernels do not run (they are switched off
     here): bf16 attention through PyTorch, in float32 where bf16 products are not native,
-    against float64 softmax(q k^T / sqrt(d) + mask) v, values and gradients within bf16's
-    rounding. Catches a dropped mask, a lost GQA expansion or a missing cast back."""
+    against float64 softmax(q k^T * scale + mask) v (scale 1/sqrt(d) unless given, as Gemma
+    3's query_pre_attn_scalar gives it), values and gradients within bf16's rounding, at
+    Gemma's head_dim 256 too. Catches a dropped mask or scale, a lost GQA expansion or a
+    missing cast back."""
     from thrifty.kernels import attention
 
     monkeypatch.setattr(attention, "native_kernel", lambda name: None)
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 6, 40, 32, generator=g).bfloat16().requires_grad_(training)
-    k, v = (torch.randn(2, 2, 40, 32, generator=g).bfloat16().requires_grad_(training) for _ in range(2))
+    q = torch.randn(2, 6, 40, head_dim, generator=g).bfloat16().requires_grad_(training)
+    k, v = (torch.randn(2, 2, 40, head_dim, generator=g).bfloat16().requires_grad_(training) for _ in range(2))
     mask = torch.rand(2, 1, 40, 40, generator=g) < 0.7
     mask |= torch.eye(40, dtype=torch.bool)  # every query sees a key
     with torch.set_grad_enabled(training):
-        out = attention.scaled_dot_product_attention(q, k, v, mask, is_causal=False)
+        out = attention.scaled_dot_product_attention(q, k, v, mask, is_causal=False, scale=scale)
     assert out.dtype == torch.bfloat16
 
     def exact(q64, k64, v64):  # type: ignore[no-untyped-def]
         k64, v64 = k64.repeat_interleave(3, dim=1), v64.repeat_interleave(3, dim=1)
-        scores = (q64 @ k64.transpose(-1, -2)) * 32 ** -0.5
+        scores = (q64 @ k64.transpose(-1, -2)) * (head_dim ** -0.5 if scale is None else scale)
         return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v64
 
     leaves = [t.detach().double().requires_grad_(training) for t in (q, k, v)]
