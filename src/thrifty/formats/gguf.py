@@ -90,7 +90,8 @@ def read_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, GGUFTensors]:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ThriftyError(
             f"{path}: GGUF architecture {arch!r} is not supported; Thrifty loads "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} GGUF files (Llama, SmolLM, Mistral, Qwen2/2.5, Qwen3). "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} GGUF files (Llama, SmolLM 1-3, Mistral, Qwen2/2.5, Qwen3, "
+            "Gemma 3). "
             "Use a model of one of those families, or its Hugging Face directory."
         )
     tokenizer = tokenizer_from_gguf(reader, path)
