@@ -26,7 +26,7 @@ from thrifty.formats.build import GGUFBlocks
 from thrifty.formats.gguf_reader import metadata_value, open_gguf
 from thrifty.formats.gguf_tokenizer import tokenizer_from_gguf
 from thrifty.kernels.gguf_blocks import BLOCK_LAYOUTS
-from thrifty.model.config import GLOBAL_LAYER, LOCAL_LAYER, ModelConfig
+from thrifty.model.config import ModelConfig, gemma3_layer_types, smollm3_no_rope_layers
 from thrifty.model.tokenizer import Tokenizer
 
 # GGUF `general.architecture` values this loader maps onto our decoder.
@@ -219,11 +219,6 @@ def _config_from_metadata(reader: gguf.GGUFReader, arch: str, tensors: dict[str,
     )
 
 
-def smollm3_no_rope_layers(layers: int) -> list[int]:
-    """SmolLM3's RoPE layers as llama.cpp knows them: all but every 4th."""
-    return [int((i + 1) % 4 != 0) for i in range(layers)]
-
-
 def _gemma3_fields(get: Any, layers: int, hidden: int, heads: int, head_dim: int,
                    window: int | None) -> dict[str, Any]:
     """What llama.cpp's gemma3 loader knows without metadata: every 6th layer global, the
@@ -234,7 +229,7 @@ def _gemma3_fields(get: Any, layers: int, hidden: int, heads: int, head_dim: int
         gemma_norms=True,
         embedding_scale=float(hidden) ** 0.5,
         query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
-        layer_types=[GLOBAL_LAYER if (i + 1) % 6 == 0 else LOCAL_LAYER for i in range(layers)],
+        layer_types=gemma3_layer_types(layers),
         local_window=window,
         local_rope_theta=float(get("rope.freq_base_swa", 10000.0)),
     )

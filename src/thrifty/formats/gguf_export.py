@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from thrifty.errors import ThriftyError
 from thrifty.formats.atomic import atomic_file, require_finite
-from thrifty.formats.gguf import (GLOBAL_NAMES, LAYER_NAMES, PERMUTED_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
-                                  smollm3_no_rope_layers)
+from thrifty.formats.gguf import GLOBAL_NAMES, LAYER_NAMES, PERMUTED_ARCHITECTURES, SUPPORTED_ARCHITECTURES
 from thrifty.formats.gguf_tokenizer import CONTROL, NORMAL, UNUSED, USER_DEFINED, pre_names, pre_tokenizer_for
 from thrifty.formats.gguf_types import GGUFType, encode, file_type, tensor_types
 from thrifty.formats.hf_export import hf_state_dict
+from thrifty.model.config import smollm3_no_rope_layers
 from thrifty.model.decoder import CausalLM, rope_inverse_frequencies
 from thrifty.model.tokenizer import Tokenizer
 

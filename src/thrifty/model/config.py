@@ -22,6 +22,18 @@ HIDDEN_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # Gemma 3's layer kinds (HF's layer_types): a sliding window with its own RoPE base, or global.
 LOCAL_LAYER, GLOBAL_LAYER = "sliding_attention", "full_attention"
 
+
+def gemma3_layer_types(layers: int, pattern: int = 6) -> list[str]:
+    """Gemma 3's layer kinds when a config does not list them: every `pattern`-th layer
+    global, the others local (llama.cpp's gemma3 loader always takes 6)."""
+    return [GLOBAL_LAYER if (i + 1) % pattern == 0 else LOCAL_LAYER for i in range(layers)]
+
+
+def smollm3_no_rope_layers(layers: int, interval: int = 4) -> list[int]:
+    """SmolLM3's RoPE flags (HF's no_rope_layers): 0 for every `interval`-th layer, 1 for the
+    others (llama.cpp's smollm3 always takes 4)."""
+    return [int((i + 1) % interval != 0) for i in range(layers)]
+
 # The dtype names a config or the CLI accepts -> torch's name for it (kept as strings so
 # configs are checked without importing torch).
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -132,8 +144,7 @@ class ModelConfig:
                 raise ThriftyError(f"{source}: RoPE scaling of the sliding-window layers is not supported.")
             layers = need("num_hidden_layers")
             pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
-            layer_types = list(hf.get("layer_types") or [
-                GLOBAL_LAYER if (i + 1) % pattern == 0 else LOCAL_LAYER for i in range(layers)])
+            layer_types = list(hf.get("layer_types") or gemma3_layer_types(layers, pattern))
             unknown = set(layer_types) - {LOCAL_LAYER, GLOBAL_LAYER}
             if len(layer_types) != layers or unknown:
                 raise ThriftyError(f"{source}: layer_types must name {LOCAL_LAYER!r} or {GLOBAL_LAYER!r} for "
@@ -146,8 +157,8 @@ class ModelConfig:
                 raise ThriftyError(f"{source}: SmolLM3 with use_sliding_window = true is not supported.")
             sliding = None
             layers, interval = need("num_hidden_layers"), hf.get("no_rope_layer_interval") or 4
-            no_rope_layers = [int(flag) for flag in (hf.get("no_rope_layers") or [
-                (i + 1) % interval != 0 for i in range(layers)])]
+            no_rope_layers = [int(flag) for flag in (hf.get("no_rope_layers")
+                                                     or smollm3_no_rope_layers(layers, interval))]
             if len(no_rope_layers) != layers:
                 raise ThriftyError(f"{source}: no_rope_layers must hold one 0 or 1 for each of the {layers} layers.")
         if model_type == "qwen2" or model_type == "qwen3":

@@ -39,13 +39,16 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def _unscaled_inverse_frequencies(theta: float, dim: int) -> torch.Tensor:
+    """RoPE's per-pair frequencies for base `theta`, float64, on the CPU."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
+
+
 def rope_local_inverse_frequencies(config: ModelConfig) -> torch.Tensor | None:
     """Gemma 3's local layers' frequencies (their own base, never scaled), or None."""
     if not config.has_local_layers:
         return None
-    dim = config.head_dim
-    theta = config.local_rope_theta or config.rope_theta
-    return (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))).float()
+    return _unscaled_inverse_frequencies(config.local_rope_theta or config.rope_theta, config.head_dim).float()
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -53,7 +56,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     on the CPU, whatever device the model is built on (meta, for loaders): a few numbers,
     moved to the activations' device on first use."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
+    inv_freq = _unscaled_inverse_frequencies(config.rope_theta, dim)
     scaling = config.rope_scaling
     if not scaling:
         return inv_freq.float()
